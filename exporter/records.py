@@ -1,0 +1,521 @@
+"""Typed, frozen records parsed from Connect's JSON, and the one error a bad record raises.
+
+Times are integer microseconds since the epoch (UTC) so that de-dup keys compare exactly; a float
+would round two distinct sessions onto one key. Parsing is strict about types (a record the
+exporter cannot trust is reported, not guessed at) and lenient about shape: unknown fields are
+ignored and fields added by newer servers become `None` when missing.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from typing import Any
+
+ENDPOINT_SHINY = "v1/instrumentation/shiny/usage"
+ENDPOINT_VISITS = "v1/instrumentation/content/visits"
+ENDPOINT_HITS = "v1/instrumentation/content/hits"
+ENDPOINT_CONTENT = "v1/content"
+ENDPOINT_USERS = "v1/users"
+ENDPOINT_GROUPS = "v1/groups"
+ENDPOINT_PERMISSIONS = "v1/content/{guid}/permissions"
+ENDPOINT_SERVER_SETTINGS = "server_settings"
+
+RECORD = "<record>"  # the `field` of a MalformedRecord about the record as a whole
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
+_US_PER_DAY = 86_400_000_000
+_fromisoformat = datetime.fromisoformat
+
+# The slow path: RFC 3339 forms `fromisoformat` refuses (lower-case `t`/`z`, a leap second).
+_RFC3339 = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?"
+    r"(?:([Zz])|([+-])(\d{2}):(\d{2}))\Z",
+    re.ASCII,
+)
+
+
+class MalformedRecord(ValueError):
+    """A record the exporter refuses to count; the poller skips it and reports it."""
+
+    def __init__(self, endpoint: str, field: str, reason: str) -> None:
+        self.endpoint = endpoint
+        self.field = field
+        self.reason = reason
+        super().__init__(f"malformed record from {endpoint}: field {field!r}: {reason}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # ValueError pickles args only; keep the three attributes across processes.
+        return (type(self), (self.endpoint, self.field, self.reason))
+
+
+@dataclass(frozen=True, slots=True)
+class ShinySession:
+    content_guid: str
+    user_guid: str | None
+    started: int
+    ended: int | None
+    data_version: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Visit:
+    content_guid: str
+    user_guid: str | None
+    time: int
+    variant_key: str | None
+    rendering_id: str | None
+    bundle_id: str | None
+    data_version: int | None
+    path: str | None
+    user_agent: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    id: str
+    content_guid: str
+    user_guid: str | None
+    timestamp: int
+    path: str | None
+    user_agent: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ContentItem:
+    guid: str
+    name: str
+    title: str | None
+    app_mode: str
+    access_type: str
+    owner_guid: str | None
+    owner_username: str | None
+    content_category: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    guid: str
+    username: str
+    role: str
+    locked: bool
+    confirmed: bool
+    active_time: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Group:
+    guid: str
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Permission:
+    content_guid: str
+    principal_guid: str
+    principal_type: str
+    role: str
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    version: str | None
+
+
+def _describe(value: object) -> str:
+    """A short, safe rendering of a bad value for the error message."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _slow_timestamp(value: str) -> int | None:
+    """RFC 3339 forms the C parser refuses; None if it is not RFC 3339 at all."""
+    match = _RFC3339.match(value)
+    if match is None:
+        return None
+    year, month, day, hour, minute, second, frac, zulu, sign, off_h, off_m = match.groups()
+    leap = second == "60"  # 23:59:60 is the same POSIX instant as the next 00:00:00
+    try:
+        days = date(int(year), int(month), int(day)).toordinal() - _EPOCH_ORDINAL
+    except ValueError:
+        return None
+    h, m, s = int(hour), int(minute), 59 if leap else int(second)
+    if h > 23 or m > 59 or s > 59:
+        return None
+    micros = int((frac + "00000")[:6]) if frac else 0
+    total = days * _US_PER_DAY + ((h * 60 + m) * 60 + s + leap) * 1_000_000 + micros
+    if zulu is not None:
+        return total
+    oh, om = int(off_h), int(off_m)
+    if oh > 23 or om > 59:
+        return None
+    offset = (oh * 60 + om) * 60_000_000
+    return total - offset if sign == "+" else total + offset
+
+
+def _fast_us(value: object) -> int | None:
+    """µs for a well-formed, offset-carrying string; None sends the caller to the checked path."""
+    if type(value) is not str:
+        return None
+    try:
+        parsed = _fromisoformat(value)
+    except ValueError:
+        return None
+    if parsed.tzinfo is None:
+        return None
+    delta = parsed - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def parse_timestamp(value: object, *, endpoint: str, field: str) -> int:
+    """RFC 3339 text -> integer µs since the epoch; digits beyond µs are truncated.
+
+    The hot path is `datetime.fromisoformat` (C, 3.11+): measured faster (~0.4 µs) than
+    pure-Python slicing with a per-day cache (~1.2 µs) or a regex (~1.7 µs). It also takes a few
+    other ISO 8601 spellings; they are just as unambiguous, so they are accepted. A time without
+    an offset is not: it is refused.
+    """
+    us = _fast_us(value)
+    if us is not None:
+        return us
+    if type(value) is not str:
+        raise MalformedRecord(
+            endpoint, field, f"expected an RFC 3339 string, got {_describe(value)}"
+        )
+    slow = _slow_timestamp(value)
+    if slow is not None:
+        return slow
+    try:
+        naive = _fromisoformat(value).tzinfo is None
+    except ValueError:
+        naive = False
+    reason = "timestamp has no UTC offset" if naive else "not an RFC 3339 timestamp"
+    raise MalformedRecord(endpoint, field, f"{reason}: {_describe(value)}")
+
+
+def format_query_time(us: int, *, ceil: bool) -> str:
+    """µs -> `YYYY-MM-DDTHH:MM:SSZ` for `from`/`to`; `ceil` so a `to` never cuts a record off."""
+    seconds, rest = divmod(us, 1_000_000)
+    if ceil and rest:
+        seconds += 1
+    days, secs = divmod(seconds, 86_400)
+    day = date.fromordinal(days + _EPOCH_ORDINAL)
+    hour, secs = divmod(secs, 3600)
+    minute, second = divmod(secs, 60)
+    return f"{day.year:04d}-{day.month:02d}-{day.day:02d}T{hour:02d}:{minute:02d}:{second:02d}Z"
+
+
+# --- field helpers: each raises MalformedRecord naming the endpoint and field ---------------
+
+
+def _require_dict(raw: object, endpoint: str) -> dict[str, Any]:
+    if type(raw) is not dict:
+        raise MalformedRecord(endpoint, RECORD, f"expected a JSON object, got {_describe(raw)}")
+    return raw
+
+
+def _str(raw: dict[str, Any], key: str, endpoint: str) -> str:
+    value = raw.get(key)
+    if type(value) is str and value:
+        return value
+    if value is None:
+        reason = "missing" if key not in raw else "null where a value is required"
+    else:
+        reason = f"expected a non-empty string, got {_describe(value)}"
+    raise MalformedRecord(endpoint, key, reason)
+
+
+def _opt_str(raw: dict[str, Any], key: str, endpoint: str) -> str | None:
+    value = raw.get(key)
+    if value is None or type(value) is str:
+        return value
+    raise MalformedRecord(endpoint, key, f"expected a string or null, got {_describe(value)}")
+
+
+def _opt_id(raw: dict[str, Any], key: str, endpoint: str) -> str | None:
+    """Ids were integers on older servers and strings on newer ones; keep both as text."""
+    value = raw.get(key)
+    if value is None or type(value) is str:
+        return value
+    if type(value) is int:
+        return str(value)
+    raise MalformedRecord(
+        endpoint, key, f"expected an id (integer or string), got {_describe(value)}"
+    )
+
+
+def _opt_int(raw: dict[str, Any], key: str, endpoint: str) -> int | None:
+    value = raw.get(key)
+    if value is None or type(value) is int:  # `type is`: a bool is no version number
+        return value
+    raise MalformedRecord(endpoint, key, f"expected an integer or null, got {_describe(value)}")
+
+
+def _bool(raw: dict[str, Any], key: str, endpoint: str) -> bool:
+    value = raw.get(key)
+    if type(value) is bool:
+        return value
+    reason = "missing" if key not in raw else f"expected true or false, got {_describe(value)}"
+    raise MalformedRecord(endpoint, key, reason)
+
+
+def _time(raw: dict[str, Any], key: str, endpoint: str) -> int:
+    if key not in raw:
+        raise MalformedRecord(endpoint, key, "missing")
+    return parse_timestamp(raw[key], endpoint=endpoint, field=key)
+
+
+def _opt_time(raw: dict[str, Any], key: str, endpoint: str) -> int | None:
+    value = raw.get(key)
+    if value is None:
+        return None
+    return parse_timestamp(value, endpoint=endpoint, field=key)
+
+
+# --- one parser per record type -------------------------------------------------------------
+
+
+# A frozen dataclass's `__init__` sets each field through `object.__setattr__`; that was half the
+# cost of parsing a visit. The hot parsers (Shiny sessions and visits: millions per catch-up walk)
+# build records through the slot descriptors instead, after checking every value. Measured on
+# 3.11: Visit(...) 1.29 µs, this 0.65 µs. Equality, hashing and repr are those of the dataclass.
+_new = object.__new__
+
+
+def _setters(cls: type) -> dict[str, Callable[[object, object], None]]:
+    slots: tuple[str, ...] = cls.__dict__["__slots__"]
+    return {name: cls.__dict__[name].__set__ for name in slots}
+
+
+def _session_builder() -> Callable[[str, str | None, int, int | None, int | None], ShinySession]:
+    s = _setters(ShinySession)
+    set_guid, set_user, set_started = s["content_guid"], s["user_guid"], s["started"]
+    set_ended, set_version = s["ended"], s["data_version"]
+
+    def build(
+        content_guid: str, user_guid: str | None, started: int, ended: int | None, dv: int | None
+    ) -> ShinySession:
+        obj: ShinySession = _new(ShinySession)
+        set_guid(obj, content_guid)
+        set_user(obj, user_guid)
+        set_started(obj, started)
+        set_ended(obj, ended)
+        set_version(obj, dv)
+        return obj
+
+    return build
+
+
+def _visit_builder() -> Callable[..., Visit]:
+    s = _setters(Visit)
+    set_guid, set_user, set_time = s["content_guid"], s["user_guid"], s["time"]
+    set_variant, set_rendering, set_bundle = s["variant_key"], s["rendering_id"], s["bundle_id"]
+    set_version, set_path, set_agent = s["data_version"], s["path"], s["user_agent"]
+
+    def build(  # noqa: PLR0917 - mirrors the positional dataclass constructor
+        content_guid: str,
+        user_guid: str | None,
+        time: int,
+        variant_key: str | None,
+        rendering_id: str | None,
+        bundle_id: str | None,
+        data_version: int | None,
+        path: str | None,
+        user_agent: str | None,
+    ) -> Visit:
+        obj: Visit = _new(Visit)
+        set_guid(obj, content_guid)
+        set_user(obj, user_guid)
+        set_time(obj, time)
+        set_variant(obj, variant_key)
+        set_rendering(obj, rendering_id)
+        set_bundle(obj, bundle_id)
+        set_version(obj, data_version)
+        set_path(obj, path)
+        set_agent(obj, user_agent)
+        return obj
+
+    return build
+
+
+_new_session = _session_builder()
+_new_visit = _visit_builder()
+
+
+def parse_shiny_session(raw: object) -> ShinySession:
+    """`ended` is null while the session runs; there is no record id (the poller keys on start)."""
+    if type(raw) is dict:  # fast path: every value well typed; else the checked path says why
+        get = raw.get
+        content_guid, user_guid = get("content_guid"), get("user_guid")
+        ended, data_version = get("ended"), get("data_version")
+        started = _fast_us(get("started"))
+        ended_us = None if ended is None else _fast_us(ended)
+        if (
+            type(content_guid) is str
+            and content_guid
+            and (user_guid is None or type(user_guid) is str)
+            and started is not None
+            and (ended is None or ended_us is not None)
+            and (data_version is None or type(data_version) is int)
+        ):
+            return _new_session(content_guid, user_guid, started, ended_us, data_version)
+    ep = ENDPOINT_SHINY
+    record = _require_dict(raw, ep)
+    return ShinySession(
+        content_guid=_str(record, "content_guid", ep),
+        user_guid=_opt_str(record, "user_guid", ep),
+        started=_time(record, "started", ep),
+        ended=_opt_time(record, "ended", ep),
+        data_version=_opt_int(record, "data_version", ep),
+    )
+
+
+def parse_visit(raw: object) -> Visit:
+    """`path` and `user_agent` exist only on newer servers; older ones give None."""
+    if type(raw) is dict:  # fast path: every value well typed; else the checked path says why
+        get = raw.get
+        content_guid, user_guid, variant_key = (
+            get("content_guid"),
+            get("user_guid"),
+            get("variant_key"),
+        )
+        rendering_id, bundle_id = get("rendering_id"), get("bundle_id")
+        data_version, path, user_agent = get("data_version"), get("path"), get("user_agent")
+        time = _fast_us(get("time"))
+        if type(rendering_id) is int:
+            rendering_id = str(rendering_id)
+        if type(bundle_id) is int:
+            bundle_id = str(bundle_id)
+        if (
+            type(content_guid) is str
+            and content_guid
+            and time is not None
+            and (user_guid is None or type(user_guid) is str)
+            and (variant_key is None or type(variant_key) is str)
+            and (rendering_id is None or type(rendering_id) is str)
+            and (bundle_id is None or type(bundle_id) is str)
+            and (data_version is None or type(data_version) is int)
+            and (path is None or type(path) is str)
+            and (user_agent is None or type(user_agent) is str)
+        ):
+            return _new_visit(
+                content_guid,
+                user_guid,
+                time,
+                variant_key,
+                rendering_id,
+                bundle_id,
+                data_version,
+                path,
+                user_agent,
+            )
+    ep = ENDPOINT_VISITS
+    record = _require_dict(raw, ep)
+    return Visit(
+        content_guid=_str(record, "content_guid", ep),
+        user_guid=_opt_str(record, "user_guid", ep),
+        time=_time(record, "time", ep),
+        variant_key=_opt_str(record, "variant_key", ep),
+        rendering_id=_opt_id(record, "rendering_id", ep),
+        bundle_id=_opt_id(record, "bundle_id", ep),
+        data_version=_opt_int(record, "data_version", ep),
+        path=_opt_str(record, "path", ep),
+        user_agent=_opt_str(record, "user_agent", ep),
+    )
+
+
+def parse_hit(raw: object) -> Hit:
+    """`path`/`user_agent` live in the nested `data` object, which may be null or absent."""
+    ep = ENDPOINT_HITS
+    record = _require_dict(raw, ep)
+    hit_id = _opt_id(record, "id", ep)
+    if hit_id is None:
+        raise MalformedRecord(ep, "id", "missing" if "id" not in record else "null")
+    data = record.get("data")
+    if data is None:
+        data = {}
+    elif type(data) is not dict:
+        raise MalformedRecord(ep, "data", f"expected an object or null, got {_describe(data)}")
+    return Hit(
+        hit_id,
+        _str(record, "content_guid", ep),
+        _opt_str(record, "user_guid", ep),
+        _time(record, "timestamp", ep),
+        _opt_str(data, "path", ep),
+        _opt_str(data, "user_agent", ep),
+    )
+
+
+def parse_content_item(raw: object) -> ContentItem:
+    """The owner's username comes from the embedded `owner` (`?include=owner`) when present.
+
+    `app_mode` and `access_type` null or absent read as "unknown" (Connect's own word for content
+    that was never deployed) so the item still gets its `_info` series.
+    """
+    ep = ENDPOINT_CONTENT
+    record = _require_dict(raw, ep)
+    owner = record.get("owner")
+    owner_guid = _opt_str(record, "owner_guid", ep)
+    owner_username: str | None = None
+    if owner is not None:
+        if type(owner) is not dict:
+            raise MalformedRecord(
+                ep, "owner", f"expected an object or null, got {_describe(owner)}"
+            )
+        owner_username = _opt_str(owner, "username", ep)
+        if owner_guid is None:
+            owner_guid = _opt_str(owner, "guid", ep)
+    return ContentItem(
+        guid=_str(record, "guid", ep),
+        name=_str(record, "name", ep),
+        title=_opt_str(record, "title", ep),
+        app_mode=_opt_str(record, "app_mode", ep) or "unknown",
+        access_type=_opt_str(record, "access_type", ep) or "unknown",
+        owner_guid=owner_guid,
+        owner_username=owner_username,
+        content_category=_opt_str(record, "content_category", ep),
+    )
+
+
+def parse_user(raw: object) -> User:
+    """`role` is Connect's `user_role`; `active_time` is null for users who never logged in."""
+    ep = ENDPOINT_USERS
+    record = _require_dict(raw, ep)
+    return User(
+        guid=_str(record, "guid", ep),
+        username=_str(record, "username", ep),
+        role=_str(record, "user_role", ep),
+        locked=_bool(record, "locked", ep),
+        confirmed=_bool(record, "confirmed", ep),
+        active_time=_opt_time(record, "active_time", ep),
+    )
+
+
+def parse_group(raw: object) -> Group:
+    ep = ENDPOINT_GROUPS
+    record = _require_dict(raw, ep)
+    return Group(guid=_str(record, "guid", ep), name=_str(record, "name", ep))
+
+
+def parse_permission(raw: object) -> Permission:
+    ep = ENDPOINT_PERMISSIONS
+    record = _require_dict(raw, ep)
+    return Permission(
+        content_guid=_str(record, "content_guid", ep),
+        principal_guid=_str(record, "principal_guid", ep),
+        principal_type=_str(record, "principal_type", ep),
+        role=_str(record, "role", ep),
+    )
+
+
+def parse_server_settings(raw: object) -> ServerSettings:
+    """Some servers hide the version (empty or absent); that is None, not an error."""
+    ep = ENDPOINT_SERVER_SETTINGS
+    record = _require_dict(raw, ep)
+    version = _opt_str(record, "version", ep)
+    if version is not None:
+        version = version.strip() or None
+    return ServerSettings(version=version)
