@@ -1,0 +1,516 @@
+"""The usage model: what the exporter knows, and the rules that make every count exactly-once.
+
+Records carry no ids (see the reference), so the model identifies them itself:
+- a Shiny session by `(content_guid, user_guid, started)`, with the state open/closed/abandoned;
+- a visit by all of its fields, as a multiset: a walk that meets a key more often than the stored
+  count has met new, identical visits.
+Keys are kept only for records at or after the counting epoch `counting_since` (older records
+change no counter, and the last-seen maps they feed are idempotent), and only while a walk can
+still return them: below `hwm - overlap` they are pruned.
+
+Every change is also noted as dirty, so that `take_delta()` hands the state store exactly what one
+transaction must write. The model never does I/O.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from exporter.records import ShinySession, Visit
+from exporter.snapshot import (
+    CONTENT_WINDOWS,
+    DURATION_BUCKETS,
+    USER_WINDOWS,
+    WINDOW_SECONDS,
+    HistogramValue,
+)
+
+US = 1_000_000
+OPEN, CLOSED, ABANDONED = 0, 1, 2
+MAX_WINDOW_US = max(WINDOW_SECONDS.values()) * US
+HOUR_US = 3600 * US
+
+ShinyKey = tuple[str, str, int]  # (content_guid, user_guid or "", started µs)
+PairKey = tuple[str, str]  # (content_guid, user_guid)
+CounterKey = tuple[str, str]  # (counter name, label)
+
+# Counter names as the state store keeps them.
+SESSIONS = "shiny_sessions"
+VISITS = "content_visits"
+ABANDONED_SESSIONS = "shiny_sessions_abandoned"
+EXCLUDED = "excluded"  # label "stream/reason"
+
+
+def _bucket_index(seconds: float) -> int:
+    for index, bound in enumerate(DURATION_BUCKETS):
+        if seconds <= bound:
+            return index
+    return len(DURATION_BUCKETS)
+
+
+def visit_key(visit: Visit) -> bytes:
+    """Identity of a visit: every field, since identical visits are distinct only by count."""
+    text = "\x1f".join(
+        (
+            visit.content_guid,
+            visit.user_guid or "",
+            str(visit.time),
+            visit.variant_key or "",
+            visit.rendering_id or "",
+            visit.bundle_id or "",
+            visit.path or "",
+            visit.user_agent or "",
+        )
+    )
+    return hashlib.blake2b(text.encode(), digest_size=16).digest()
+
+
+@dataclass(slots=True)
+class Delta:
+    """Rows one transaction writes; built by `UsageModel.take_delta()`."""
+
+    meta: dict[str, str] = field(default_factory=dict)
+    hwm: dict[str, int] = field(default_factory=dict)
+    counters: list[tuple[str, str, int]] = field(default_factory=list)
+    durations: list[tuple[str, str, float]] = field(default_factory=list)  # guid, counts csv, sum
+    shiny_upserts: list[tuple[str, str, int, int, int]] = field(default_factory=list)
+    shiny_deletes: list[tuple[str, str, int]] = field(default_factory=list)
+    visit_upserts: list[tuple[bytes, int, int]] = field(default_factory=list)
+    visit_deletes: list[tuple[bytes]] = field(default_factory=list)
+    user_last: list[tuple[str, int]] = field(default_factory=list)
+    pair_last: list[tuple[str, str, int]] = field(default_factory=list)
+    content_last: list[tuple[str, int]] = field(default_factory=list)
+    user_hours: list[tuple[str, int, int]] = field(default_factory=list)
+    prune_last_before: int | None = None
+
+    def is_empty(self) -> bool:
+        return not any(
+            (
+                self.meta,
+                self.hwm,
+                self.counters,
+                self.durations,
+                self.shiny_upserts,
+                self.shiny_deletes,
+                self.visit_upserts,
+                self.visit_deletes,
+                self.user_last,
+                self.pair_last,
+                self.content_last,
+                self.user_hours,
+                self.prune_last_before is not None,
+            )
+        )
+
+
+@dataclass(slots=True)
+class WalkTally:
+    """What one walk over a stream has met so far; multiset counts live only for one walk."""
+
+    start_us: int
+    visit_counts: dict[bytes, int] = field(default_factory=dict)
+    open_seen: set[ShinyKey] = field(default_factory=set)
+    new_events: int = 0
+    records: int = 0
+    malformed: int = 0
+    excluded: int = 0
+
+
+@dataclass(slots=True)
+class UsageView:
+    """The usage part of a snapshot, evaluated at one `now`."""
+
+    shiny_sessions_total: dict[str, int]
+    shiny_session_duration: dict[str, HistogramValue]
+    shiny_sessions_active: dict[str, int]
+    shiny_sessions_abandoned_total: dict[str, int]
+    content_visits_total: dict[str, int]
+    active_users: dict[str, int]
+    content_active_users: dict[tuple[str, str], int]
+    content_last_activity: dict[str, float]
+    excluded_events_total: dict[tuple[str, str], int]
+    user_events: dict[tuple[str, str], int]  # (user_guid, window) -> events, top-N applied later
+    usage_content: frozenset[str]
+
+
+class UsageModel:
+    """Counters, histograms, open sessions and last-seen maps, with exactly-once rules."""
+
+    def __init__(
+        self,
+        *,
+        overlap_us: int,
+        max_session_age_us: int,
+        exclude_user_agents: Sequence[str] = (),
+        track_user_hours: bool = False,
+    ) -> None:
+        self.overlap_us = overlap_us
+        self.max_session_age_us = max_session_age_us
+        self.exclude_user_agents = tuple(exclude_user_agents)
+        self.track_user_hours = track_user_hours
+        self.counting_since: int | None = None
+        self.hwm: dict[str, int] = {}
+        self.counters: dict[CounterKey, int] = {}
+        self.duration_counts: dict[str, list[int]] = {}
+        self.duration_sums: dict[str, float] = {}
+        self.shiny_keys: dict[ShinyKey, tuple[int, int]] = {}  # key -> (state, time µs)
+        self.visit_keys: dict[bytes, tuple[int, int]] = {}  # key -> (count, time µs)
+        self.user_last: dict[str, int] = {}
+        self.pair_last: dict[PairKey, int] = {}
+        self.content_last: dict[str, int] = {}
+        self.user_hours: dict[str, dict[int, int]] = {}
+        self._clear_dirty()
+
+    # -- dirty bookkeeping ------------------------------------------------------------------
+
+    def _clear_dirty(self) -> None:
+        self._dirty_meta: dict[str, str] = {}
+        self._dirty_hwm: set[str] = set()
+        self._dirty_counters: set[CounterKey] = set()
+        self._dirty_durations: set[str] = set()
+        self._dirty_shiny: set[ShinyKey] = set()
+        self._dirty_visits: set[bytes] = set()
+        self._dirty_users: set[str] = set()
+        self._dirty_pairs: set[PairKey] = set()
+        self._dirty_content: set[str] = set()
+        self._dirty_hours: set[tuple[str, int]] = set()
+        self._prune_last_before: int | None = None
+
+    def take_delta(self) -> Delta:
+        """Everything changed since the last call, as rows; the dirty marks are cleared."""
+        delta = Delta(meta=dict(self._dirty_meta))
+        delta.hwm = {stream: self.hwm[stream] for stream in self._dirty_hwm}
+        delta.counters = [
+            (name, label, self.counters[(name, label)]) for name, label in self._dirty_counters
+        ]
+        for guid in self._dirty_durations:
+            counts = ",".join(map(str, self.duration_counts[guid]))
+            delta.durations.append((guid, counts, self.duration_sums[guid]))
+        for key in self._dirty_shiny:
+            state = self.shiny_keys.get(key)
+            if state is None:
+                delta.shiny_deletes.append(key)
+            else:
+                delta.shiny_upserts.append((*key, state[0], state[1]))
+        for vkey in self._dirty_visits:
+            vstate = self.visit_keys.get(vkey)
+            if vstate is None:
+                delta.visit_deletes.append((vkey,))
+            else:
+                delta.visit_upserts.append((vkey, vstate[0], vstate[1]))
+        delta.user_last = [(u, self.user_last[u]) for u in self._dirty_users if u in self.user_last]
+        delta.pair_last = [
+            (*p, self.pair_last[p]) for p in self._dirty_pairs if p in self.pair_last
+        ]
+        delta.content_last = [(c, self.content_last[c]) for c in self._dirty_content]
+        delta.user_hours = [
+            (user, hour, self.user_hours[user][hour])
+            for user, hour in self._dirty_hours
+            if hour in self.user_hours.get(user, {})
+        ]
+        delta.prune_last_before = self._prune_last_before
+        self._clear_dirty()
+        return delta
+
+    def _add(self, name: str, label: str, amount: int = 1) -> None:
+        key = (name, label)
+        self.counters[key] = self.counters.get(key, 0) + amount
+        self._dirty_counters.add(key)
+
+    # -- epoch and high-water marks ---------------------------------------------------------
+
+    def start_counting(self, now_us: int, streams: Iterable[str]) -> None:
+        """First start: count from now; windows are back-filled from the largest window."""
+        self.counting_since = now_us
+        self._dirty_meta["counting_since"] = str(now_us)
+        for stream in streams:
+            # The first walk starts exactly at now - 30d: nothing before it has been seen.
+            self.set_hwm(stream, now_us - MAX_WINDOW_US + self.overlap_us)
+
+    def walk_start(self, stream: str) -> int:
+        """Where the next walk of `stream` begins: the overlap re-reads late writes."""
+        return max(0, self.hwm[stream] - self.overlap_us)
+
+    def set_hwm(self, stream: str, value_us: int) -> None:
+        if value_us > self.hwm.get(stream, -1):
+            self.hwm[stream] = value_us
+            self._dirty_hwm.add(stream)
+
+    def prune(self, stream: str) -> None:
+        """Forget keys that no walk can return again, and activity older than any window."""
+        bound = self.walk_start(stream)
+        if stream == "shiny":
+            stale = [
+                k for k, (state, t) in self.shiny_keys.items() if state == CLOSED and t < bound
+            ]
+            for key in stale:
+                del self.shiny_keys[key]
+                self._dirty_shiny.add(key)
+        else:
+            vstale = [k for k, (_count, t) in self.visit_keys.items() if t < bound]
+            for vkey in vstale:
+                del self.visit_keys[vkey]
+                self._dirty_visits.add(vkey)
+
+    def prune_windows(self, now_us: int) -> None:
+        """Drop last-seen entries older than the largest window; the gauges never read them."""
+        cutoff = now_us - MAX_WINDOW_US - HOUR_US
+        open_users = {k[1] for k, (state, _t) in self.shiny_keys.items() if state == OPEN}
+        for user in [u for u, t in self.user_last.items() if t < cutoff and u not in open_users]:
+            del self.user_last[user]
+        for pair in [p for p, t in self.pair_last.items() if t < cutoff and p[1] not in open_users]:
+            del self.pair_last[pair]
+        if self.track_user_hours:
+            first_hour = cutoff // HOUR_US
+            for hours in self.user_hours.values():
+                for hour in [h for h in hours if h < first_hour]:
+                    del hours[hour]
+            for user in [u for u, hours in self.user_hours.items() if not hours]:
+                del self.user_hours[user]
+        self._prune_last_before = cutoff
+
+    # -- activity ---------------------------------------------------------------------------
+
+    def _touch(self, content: str, user: str | None, when: int, *, new_event: bool) -> None:
+        if self.content_last.get(content, -1) < when:
+            self.content_last[content] = when
+            self._dirty_content.add(content)
+        if user is None:
+            return
+        if self.user_last.get(user, -1) < when:
+            self.user_last[user] = when
+            self._dirty_users.add(user)
+        pair = (content, user)
+        if self.pair_last.get(pair, -1) < when:
+            self.pair_last[pair] = when
+            self._dirty_pairs.add(pair)
+        if new_event and self.track_user_hours:
+            hour = when // HOUR_US
+            hours = self.user_hours.setdefault(user, {})
+            hours[hour] = hours.get(hour, 0) + 1
+            self._dirty_hours.add((user, hour))
+
+    # -- Shiny sessions ---------------------------------------------------------------------
+
+    def _observe(self, content: str, started: int, ended: int) -> None:
+        seconds = (ended - started) / US
+        counts = self.duration_counts.get(content)
+        if counts is None:
+            counts = self.duration_counts[content] = [0] * (len(DURATION_BUCKETS) + 1)
+            self.duration_sums[content] = 0.0
+        counts[_bucket_index(seconds)] += 1
+        self.duration_sums[content] += seconds
+        self._dirty_durations.add(content)
+
+    def apply_shiny(self, sessions: Iterable[ShinySession], walk: WalkTally, now_us: int) -> None:
+        """Apply a page of sessions: counted when first seen, duration observed when ended."""
+        t0 = self.counting_since
+        assert t0 is not None, "start_counting() or restore before applying records"
+        from_us = walk.start_us
+        max_age = self.max_session_age_us
+        keys = self.shiny_keys
+        for session in sessions:
+            walk.records += 1
+            ended = session.ended
+            if ended is not None and ended < from_us:
+                continue  # the query's `from` is whole seconds; this one lies before the walk
+            content = session.content_guid
+            key = (content, session.user_guid or "", session.started)
+            known = keys.get(key)
+            if known is None:
+                new = session.started >= t0
+                if new:
+                    self._add(SESSIONS, content)
+                    walk.new_events += 1
+                if ended is None:
+                    if session.started < now_us - max_age:
+                        keys[key] = (ABANDONED, session.started)
+                        self._add(ABANDONED_SESSIONS, content)
+                    else:
+                        keys[key] = (OPEN, session.started)
+                        walk.open_seen.add(key)
+                    self._dirty_shiny.add(key)
+                    self._touch(content, session.user_guid, session.started, new_event=new)
+                else:
+                    if ended >= t0:
+                        self._observe(content, session.started, ended)
+                    if new or ended >= t0:
+                        keys[key] = (CLOSED, ended)
+                        self._dirty_shiny.add(key)
+                    self._touch(content, session.user_guid, ended, new_event=new)
+                continue
+            state = known[0]
+            if state == OPEN:
+                if ended is not None:
+                    self._observe(content, session.started, ended)
+                    keys[key] = (CLOSED, ended)
+                    self._dirty_shiny.add(key)
+                    self._touch(content, session.user_guid, ended, new_event=False)
+                else:
+                    walk.open_seen.add(key)
+            elif state == ABANDONED:
+                if ended is None:
+                    walk.open_seen.add(key)
+                else:
+                    # Abandoned sessions keep no duration; the key now ages out like any closed one.
+                    keys[key] = (CLOSED, ended)
+                    self._dirty_shiny.add(key)
+                    self._touch(content, session.user_guid, ended, new_event=False)
+
+    def finish_shiny_walk(self, walk: WalkTally, now_us: int) -> int:
+        """After a complete walk: open sessions past the age limit, or gone, close as abandoned."""
+        closed = 0
+        limit = now_us - self.max_session_age_us
+        for key, (state, started) in list(self.shiny_keys.items()):
+            if state == ABANDONED and key not in walk.open_seen:
+                del self.shiny_keys[key]  # Connect no longer lists it: nothing left to de-dup
+                self._dirty_shiny.add(key)
+                continue
+            if state != OPEN:
+                continue
+            if started < limit or key not in walk.open_seen:
+                self.shiny_keys[key] = (ABANDONED, started)
+                self._dirty_shiny.add(key)
+                self._add(ABANDONED_SESSIONS, key[0])
+                closed += 1
+        return closed
+
+    # -- visits -----------------------------------------------------------------------------
+
+    def is_synthetic(self, user_agent: str | None) -> bool:
+        return bool(user_agent) and any(
+            user_agent.startswith(prefix)  # type: ignore[union-attr]
+            for prefix in self.exclude_user_agents
+        )
+
+    def apply_visits(self, visits: Iterable[Visit], walk: WalkTally) -> None:
+        """Apply one page of visits; identical visits count as often as Connect lists them."""
+        t0 = self.counting_since
+        assert t0 is not None, "start_counting() or restore before applying records"
+        from_us = walk.start_us
+        keys = self.visit_keys
+        tally = walk.visit_counts
+        for visit in visits:
+            walk.records += 1
+            when = visit.time
+            if when < from_us:
+                continue
+            synthetic = self.is_synthetic(visit.user_agent)
+            new = False
+            if when >= t0:
+                key = visit_key(visit)
+                seen = tally.get(key, 0) + 1
+                tally[key] = seen
+                stored = keys.get(key)
+                if stored is None or seen > stored[0]:
+                    keys[key] = (seen, when)
+                    self._dirty_visits.add(key)
+                    new = True
+            if synthetic:
+                if new:
+                    self._add(EXCLUDED, "visits/synthetic")
+                    walk.excluded += 1
+                continue
+            if new:
+                self._add(VISITS, visit.content_guid)
+                walk.new_events += 1
+            self._touch(visit.content_guid, visit.user_guid, when, new_event=new)
+
+    def count_malformed(
+        self, stream: str, raws: Iterable[bytes], anchor_us: int, walk: WalkTally
+    ) -> None:
+        """Malformed records are counted once each, keyed by their raw bytes like visits."""
+        t0 = self.counting_since
+        assert t0 is not None
+        if anchor_us < t0:
+            return
+        for raw in raws:
+            key = hashlib.blake2b(stream.encode() + b"\x1f" + raw, digest_size=16).digest()
+            seen = walk.visit_counts.get(key, 0) + 1
+            walk.visit_counts[key] = seen
+            stored = self.visit_keys.get(key)
+            if stored is None or seen > stored[0]:
+                self.visit_keys[key] = (seen, max(anchor_us, stored[1] if stored else 0))
+                self._dirty_visits.add(key)
+                self._add(EXCLUDED, f"{stream}/malformed")
+                walk.malformed += 1
+
+    # -- the view ---------------------------------------------------------------------------
+
+    def view(self, now_s: float) -> UsageView:
+        """Evaluate every gauge at one `now` (seconds), JupyterHub-style."""
+        now_us = int(now_s * US)
+        open_users: set[str] = set()
+        open_pairs: set[PairKey] = set()
+        active: dict[str, int] = {}
+        for (content, user, _started), (state, _t) in self.shiny_keys.items():
+            if state == OPEN:
+                active[content] = active.get(content, 0) + 1
+                if user:
+                    open_users.add(user)
+                    open_pairs.add((content, user))
+        user_thresholds = [(w, now_us - WINDOW_SECONDS[w] * US) for w in USER_WINDOWS]
+        active_users = dict.fromkeys(USER_WINDOWS, 0)
+        for user, last in self.user_last.items():
+            if user in open_users:
+                last = now_us
+            for window, threshold in user_thresholds:
+                if last >= threshold:
+                    active_users[window] += 1
+        content_thresholds = [(w, now_us - WINDOW_SECONDS[w] * US) for w in CONTENT_WINDOWS]
+        content_active: dict[tuple[str, str], int] = {}
+        for pair, last in self.pair_last.items():
+            if pair in open_pairs:
+                last = now_us
+            for window, threshold in content_thresholds:
+                if last >= threshold:
+                    k = (pair[0], window)
+                    content_active[k] = content_active.get(k, 0) + 1
+        last_activity = {c: t / US for c, t in self.content_last.items()}
+        for content in active:
+            last_activity[content] = now_s
+        totals: dict[str, dict[str, int]] = {
+            SESSIONS: {},
+            VISITS: {},
+            ABANDONED_SESSIONS: {},
+        }
+        excluded: dict[tuple[str, str], int] = {}
+        for (name, label), value in self.counters.items():
+            if name == EXCLUDED:
+                stream, _, reason = label.partition("/")
+                excluded[(stream, reason)] = value
+            else:
+                totals[name][label] = value
+        durations = {
+            c: HistogramValue(tuple(counts), self.duration_sums[c])
+            for c, counts in self.duration_counts.items()
+        }
+        user_events: dict[tuple[str, str], int] = {}
+        if self.track_user_hours:
+            hour_thresholds = [
+                (w, (now_us - WINDOW_SECONDS[w] * US) // HOUR_US) for w in USER_WINDOWS
+            ]
+            for user, hours in self.user_hours.items():
+                for hour, count in hours.items():
+                    for window, first_hour in hour_thresholds:
+                        if hour >= first_hour:
+                            k2 = (user, window)
+                            user_events[k2] = user_events.get(k2, 0) + count
+        usage_content = frozenset(
+            {*self.content_last, *totals[SESSIONS], *totals[VISITS], *durations, *active}
+        )
+        return UsageView(
+            shiny_sessions_total=totals[SESSIONS],
+            shiny_session_duration=durations,
+            shiny_sessions_active=active,
+            shiny_sessions_abandoned_total=totals[ABANDONED_SESSIONS],
+            content_visits_total=totals[VISITS],
+            active_users=active_users,
+            content_active_users=content_active,
+            content_last_activity=last_activity,
+            excluded_events_total=excluded,
+            user_events=user_events,
+            usage_content=usage_content,
+        )

@@ -1,0 +1,197 @@
+"""The exporter's state in one SQLite file: what makes counts survive restarts exactly-once.
+
+Each batch is written in one transaction together with its high-water mark, so a crash at any
+instant leaves either the whole batch or none of it. WAL mode keeps commits cheap.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+
+from exporter import __version__
+from exporter.model import Delta, UsageModel
+from exporter.snapshot import DURATION_BUCKETS
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS hwm (stream TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS counters (
+    name TEXT NOT NULL, label TEXT NOT NULL, value INTEGER NOT NULL, PRIMARY KEY (name, label));
+CREATE TABLE IF NOT EXISTS durations (
+    content_guid TEXT PRIMARY KEY, counts TEXT NOT NULL, sum REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS shiny_keys (
+    content_guid TEXT NOT NULL, user_guid TEXT NOT NULL, started INTEGER NOT NULL,
+    state INTEGER NOT NULL, time INTEGER NOT NULL,
+    PRIMARY KEY (content_guid, user_guid, started)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS visit_keys (
+    key BLOB PRIMARY KEY, count INTEGER NOT NULL, time INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS user_last (
+    user_guid TEXT PRIMARY KEY, last INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS pair_last (
+    content_guid TEXT NOT NULL, user_guid TEXT NOT NULL, last INTEGER NOT NULL,
+    PRIMARY KEY (content_guid, user_guid)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS content_last (content_guid TEXT PRIMARY KEY, last INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS user_hours (
+    user_guid TEXT NOT NULL, hour INTEGER NOT NULL, count INTEGER NOT NULL,
+    PRIMARY KEY (user_guid, hour)) WITHOUT ROWID;
+"""
+
+_WAY_OUT = (
+    "Move the file away (or delete it) to start afresh: counters then restart at zero from now "
+    "and the windowed gauges are back-filled from Connect."
+)
+
+
+class StateError(Exception):
+    """The state file cannot be used; the message names the file and the way out."""
+
+
+class StateStore:
+    """One SQLite connection used from worker threads, serialised by a lock."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        except (OSError, sqlite3.Error) as exc:
+            raise StateError(f"cannot open state file {path}: {exc}") from None
+        try:
+            self._check_and_create()
+        except sqlite3.DatabaseError as exc:
+            self._db.close()
+            raise StateError(
+                f"state file {path} is corrupt or not an exporter state file ({exc}). {_WAY_OUT}"
+            ) from None
+
+    def _check_and_create(self) -> None:
+        db = self._db
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        result = db.execute("PRAGMA quick_check").fetchone()
+        if result is None or result[0] != "ok":
+            raise sqlite3.DatabaseError(f"integrity check failed: {result}")
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if "meta" in tables:
+            row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            found = int(row[0]) if row else None
+            if found != SCHEMA_VERSION:
+                raise StateError(
+                    f"state file {self.path} has schema version {found}, this exporter "
+                    f"({__version__}) needs {SCHEMA_VERSION}. {_WAY_OUT}"
+                )
+            buckets = db.execute("SELECT value FROM meta WHERE key='duration_buckets'").fetchone()
+            if buckets and buckets[0] != _bucket_text():
+                raise StateError(
+                    f"state file {self.path} was written with other histogram buckets. {_WAY_OUT}"
+                )
+        elif tables:
+            raise sqlite3.DatabaseError("unknown tables, no exporter metadata")
+        # One transaction: a crash here leaves no half-made schema behind.
+        db.execute("BEGIN IMMEDIATE")
+        for statement in filter(str.strip, _SCHEMA.split(";")):
+            db.execute(statement)
+        db.executemany(
+            "INSERT OR IGNORE INTO meta VALUES (?, ?)",
+            [
+                ("schema_version", str(SCHEMA_VERSION)),
+                ("duration_buckets", _bucket_text()),
+                ("created_by", __version__),
+            ],
+        )
+        db.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def restore(self, model: UsageModel) -> bool:
+        """Load the committed state into `model`; False when the file holds no epoch yet."""
+        with self._lock:
+            db = self._db
+            row = db.execute("SELECT value FROM meta WHERE key='counting_since'").fetchone()
+            if row is None:
+                return False
+            model.counting_since = int(row[0])
+            model.hwm = dict(db.execute("SELECT stream, value FROM hwm"))
+            model.counters = {(n, lab): v for n, lab, v in db.execute("SELECT * FROM counters")}
+            for guid, counts, total in db.execute("SELECT * FROM durations"):
+                model.duration_counts[guid] = [int(x) for x in counts.split(",")]
+                model.duration_sums[guid] = total
+            model.shiny_keys = {
+                (c, u, s): (st, t) for c, u, s, st, t in db.execute("SELECT * FROM shiny_keys")
+            }
+            model.visit_keys = {k: (n, t) for k, n, t in db.execute("SELECT * FROM visit_keys")}
+            model.user_last = dict(db.execute("SELECT * FROM user_last"))
+            model.pair_last = {(c, u): t for c, u, t in db.execute("SELECT * FROM pair_last")}
+            model.content_last = dict(db.execute("SELECT * FROM content_last"))
+            for user, hour, count in db.execute("SELECT * FROM user_hours"):
+                model.user_hours.setdefault(user, {})[hour] = count
+            model.take_delta()  # what was just loaded is not a change
+            return True
+
+    def commit(self, delta: Delta) -> None:
+        """Write one batch atomically; on any error nothing of it is kept."""
+        if delta.is_empty():
+            return
+        with self._lock:
+            db = self._db
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                if delta.meta:
+                    db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", delta.meta.items())
+                if delta.hwm:
+                    db.executemany("INSERT OR REPLACE INTO hwm VALUES (?, ?)", delta.hwm.items())
+                _many(db, "INSERT OR REPLACE INTO counters VALUES (?, ?, ?)", delta.counters)
+                _many(db, "INSERT OR REPLACE INTO durations VALUES (?, ?, ?)", delta.durations)
+                _many(
+                    db,
+                    "INSERT OR REPLACE INTO shiny_keys VALUES (?, ?, ?, ?, ?)",
+                    delta.shiny_upserts,
+                )
+                _many(
+                    db,
+                    "DELETE FROM shiny_keys WHERE content_guid=? AND user_guid=? AND started=?",
+                    delta.shiny_deletes,
+                )
+                _many(db, "INSERT OR REPLACE INTO visit_keys VALUES (?, ?, ?)", delta.visit_upserts)
+                _many(db, "DELETE FROM visit_keys WHERE key=?", delta.visit_deletes)
+                _many(db, "INSERT OR REPLACE INTO user_last VALUES (?, ?)", delta.user_last)
+                _many(db, "INSERT OR REPLACE INTO pair_last VALUES (?, ?, ?)", delta.pair_last)
+                _many(db, "INSERT OR REPLACE INTO content_last VALUES (?, ?)", delta.content_last)
+                _many(db, "INSERT OR REPLACE INTO user_hours VALUES (?, ?, ?)", delta.user_hours)
+                if delta.prune_last_before is not None:
+                    cutoff = delta.prune_last_before
+                    # Users with an open session are kept in memory; keep them on disk too.
+                    db.execute(
+                        "DELETE FROM user_last WHERE last < ? AND user_guid NOT IN "
+                        "(SELECT user_guid FROM shiny_keys WHERE state = 0)",
+                        (cutoff,),
+                    )
+                    db.execute(
+                        "DELETE FROM pair_last WHERE last < ? AND user_guid NOT IN "
+                        "(SELECT user_guid FROM shiny_keys WHERE state = 0)",
+                        (cutoff,),
+                    )
+                    db.execute("DELETE FROM user_hours WHERE hour < ?", (cutoff // 3_600_000_000,))
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+
+
+def _many(
+    db: sqlite3.Connection, sql: str, rows: list[tuple[object, ...]] | list[tuple[bytes]]
+) -> None:
+    if rows:
+        db.executemany(sql, rows)
+
+
+def _bucket_text() -> str:
+    return ",".join(repr(b) for b in DURATION_BUCKETS)

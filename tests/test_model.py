@@ -1,0 +1,155 @@
+"""The exactly-once rules of the usage model, record by record."""
+
+from __future__ import annotations
+
+from exporter.model import ABANDONED, CLOSED, OPEN, US, UsageModel, WalkTally
+from exporter.records import ShinySession, Visit
+
+T0 = 1_700_000_000 * US
+OVERLAP = 120 * US
+
+
+def model(**kw: object) -> UsageModel:
+    m = UsageModel(
+        overlap_us=OVERLAP,
+        max_session_age_us=24 * 3600 * US,
+        exclude_user_agents=("ContentHealthMonitor/",),
+        **kw,  # type: ignore[arg-type]
+    )
+    m.start_counting(T0, ("shiny", "visits"))
+    return m
+
+
+def session(content: str, user: str | None, started: int, ended: int | None) -> ShinySession:
+    return ShinySession(content, user, started, ended, 1)
+
+
+def visit(content: str, user: str | None, t: int, ua: str | None = "Mozilla/5.0") -> Visit:
+    return Visit(content, user, t, None, None, "7", 3, "/", ua)
+
+
+def walk(m: UsageModel, stream: str) -> WalkTally:
+    return WalkTally(start_us=m.walk_start(stream))
+
+
+def test_session_counted_once_across_overlapping_walks_and_duration_on_end() -> None:
+    m = model()
+    s_open = session("a", "u1", T0 + 10 * US, None)
+    m.apply_shiny([s_open], walk(m, "shiny"), T0 + 20 * US)
+    m.apply_shiny([s_open], walk(m, "shiny"), T0 + 30 * US)
+    view = m.view((T0 + 30 * US) / US)
+    assert view.shiny_sessions_total == {"a": 1}
+    assert view.shiny_sessions_active == {"a": 1}
+    assert view.shiny_session_duration == {}
+    s_closed = session("a", "u1", T0 + 10 * US, T0 + 100 * US)
+    for _ in range(2):
+        m.apply_shiny([s_closed], walk(m, "shiny"), T0 + 200 * US)
+    view = m.view((T0 + 200 * US) / US)
+    assert view.shiny_sessions_total == {"a": 1}
+    assert view.shiny_sessions_active == {}
+    hist = view.shiny_session_duration["a"]
+    assert hist.count == 1
+    assert hist.sum == 90.0
+    assert m.shiny_keys[("a", "u1", T0 + 10 * US)] == (CLOSED, T0 + 100 * US)
+
+
+def test_history_before_epoch_fills_windows_but_not_counters() -> None:
+    m = model()
+    old = session("a", "u1", T0 - 3600 * US, T0 - 3000 * US)
+    running = session("a", "u2", T0 - 600 * US, None)
+    w = WalkTally(start_us=T0 - 30 * 86400 * US)
+    m.apply_shiny([old, running], w, T0)
+    view = m.view(T0 / US)
+    assert view.shiny_sessions_total == {}
+    assert view.active_users == {"1h": 2, "24h": 2, "7d": 2, "30d": 2}
+    assert ("a", "u1", T0 - 3600 * US) not in m.shiny_keys  # nothing to de-dup before T0
+    # The running session started before T0 is not counted, but its duration is once it ends.
+    m.apply_shiny([session("a", "u2", T0 - 600 * US, T0 + 60 * US)], walk(m, "shiny"), T0 + 90 * US)
+    view = m.view((T0 + 90 * US) / US)
+    assert view.shiny_sessions_total == {}
+    assert view.shiny_session_duration["a"].count == 1
+    assert view.shiny_session_duration["a"].sum == 660.0
+
+
+def test_identical_visits_count_as_a_multiset() -> None:
+    m = model()
+    v = visit("doc", "u1", T0 + 5 * US)
+    m.apply_visits([v, v], walk(m, "visits"))
+    m.apply_visits([v, v], walk(m, "visits"))  # the overlap re-reads both: no new count
+    assert m.view((T0 + 10 * US) / US).content_visits_total == {"doc": 2}
+    m.apply_visits([v, v, v], walk(m, "visits"))  # a third, identical, late-written visit
+    assert m.view((T0 + 10 * US) / US).content_visits_total == {"doc": 3}
+
+
+def test_multiset_spans_pages_of_one_walk() -> None:
+    m = model()
+    v = visit("doc", "u1", T0 + 5 * US)
+    w = walk(m, "visits")
+    m.apply_visits([v], w)
+    m.apply_visits([v], w)  # same walk, next page: a second identical visit
+    assert m.view((T0 + 10 * US) / US).content_visits_total == {"doc": 2}
+
+
+def test_synthetic_and_anonymous_visits() -> None:
+    m = model()
+    w = walk(m, "visits")
+    m.apply_visits(
+        [
+            visit("doc", None, T0 + 1 * US),
+            visit("doc", "u1", T0 + 2 * US),
+            visit("doc", "svc", T0 + 3 * US, ua="ContentHealthMonitor/2024.09.0"),
+        ],
+        w,
+    )
+    m.apply_visits(
+        [visit("doc", "svc", T0 + 3 * US, ua="ContentHealthMonitor/2024.09.0")], walk(m, "visits")
+    )
+    view = m.view((T0 + 10 * US) / US)
+    assert view.content_visits_total == {"doc": 2}
+    assert view.excluded_events_total == {("visits", "synthetic"): 1}
+    assert view.active_users["1h"] == 1
+    assert view.content_active_users == {("doc", "24h"): 1, ("doc", "7d"): 1, ("doc", "30d"): 1}
+
+
+def test_records_before_walk_start_are_ignored_and_keys_prune() -> None:
+    m = model()
+    v = visit("doc", "u1", T0 + 5 * US)
+    m.apply_visits([v], walk(m, "visits"))
+    m.set_hwm("visits", T0 + 5 * US + OVERLAP + 10 * US)
+    m.prune("visits")
+    assert m.visit_keys == {}
+    # A floor-to-the-second query may return it again: the walk start filters it exactly.
+    m.apply_visits([v], walk(m, "visits"))
+    assert m.view((T0 + 10 * US) / US).content_visits_total == {"doc": 1}
+
+
+def test_open_session_past_max_age_or_vanished_is_abandoned() -> None:
+    m = model()
+    s = session("a", "u1", T0 + 1 * US, None)
+    gone = session("a", "u2", T0 + 2 * US, None)
+    m.apply_shiny([s, gone], walk(m, "shiny"), T0 + 10 * US)
+    w = walk(m, "shiny")
+    later = T0 + 25 * 3600 * US
+    m.apply_shiny([s], w, later)
+    assert m.finish_shiny_walk(w, later) == 2
+    view = m.view(later / US)
+    assert view.shiny_sessions_abandoned_total == {"a": 2}
+    assert view.shiny_sessions_active == {}
+    assert m.shiny_keys[("a", "u1", T0 + 1 * US)][0] == ABANDONED
+    # When it finally ends, it is not counted again and no duration is observed.
+    m.apply_shiny([session("a", "u1", T0 + 1 * US, later + US)], walk(m, "shiny"), later)
+    view = m.view(later / US)
+    assert view.shiny_sessions_total == {"a": 2}
+    assert view.shiny_session_duration == {}
+
+
+def test_delta_holds_exactly_the_changes() -> None:
+    m = model()
+    m.take_delta()
+    assert m.take_delta().is_empty()
+    m.apply_shiny([session("a", "u1", T0 + 1 * US, None)], walk(m, "shiny"), T0 + 2 * US)
+    delta = m.take_delta()
+    assert delta.counters == [("shiny_sessions", "a", 1)]
+    assert delta.shiny_upserts == [("a", "u1", T0 + 1 * US, OPEN, T0 + 1 * US)]
+    assert delta.user_last == [("u1", T0 + 1 * US)]
+    assert m.take_delta().is_empty()
