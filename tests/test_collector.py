@@ -1,0 +1,234 @@
+"""SnapshotCollector: exact exposition text, bucket math, pre-initialised series, promtool lint."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from prometheus_client import generate_latest
+from prometheus_client.registry import CollectorRegistry
+
+from exporter.collector import SnapshotCollector, build_registry
+from exporter.snapshot import (
+    CONTENT_WINDOWS,
+    DELETED_APP_MODE,
+    DELETED_NAME,
+    DURATION_BUCKETS,
+    EXCLUDE_REASONS,
+    POLL_BUCKETS,
+    POLL_STREAMS,
+    STREAMS,
+    USER_WINDOWS,
+    ContentInfo,
+    HistogramValue,
+    Snapshot,
+)
+
+GOLDEN = Path(__file__).parent / "golden" / "collector.prom"
+APP = "6f300623-1e0c-48e6-a473-ddf630c0c0c3"
+DOC = "0f4e5b2a-9c1d-4b8e-8f00-1a2b3c4d5e6f"
+GONE = "deadbeef-0000-4000-8000-000000000000"
+
+
+def handcrafted() -> Snapshot:
+    """A small snapshot touching every family, with label values that need escaping."""
+    duration = [0] * (len(DURATION_BUCKETS) + 1)
+    duration[0], duration[3], duration[-1] = 2, 5, 1  # two ≤1 s, five ≤30 s, one > 1 day
+    poll = [0] * (len(POLL_BUCKETS) + 1)
+    poll[2] = 4
+    return Snapshot(
+        taken_at=1_736_000_000.0,
+        counting_since=1_735_000_000.0,
+        windows_evaluated_at=1_736_000_000.5,
+        shiny_sessions_total={APP: 8, GONE: 1},
+        shiny_session_duration={APP: HistogramValue(tuple(duration), 100_123.25)},
+        shiny_sessions_active={APP: 1},
+        shiny_sessions_abandoned_total={APP: 1},
+        content_visits_total={APP: 12, DOC: 3},
+        active_users={"24h": 4, "7d": 9},
+        content_active_users={(APP, "24h"): 2, (APP, "30d"): 5},
+        content_last_activity={APP: 1_735_999_999.25, DOC: 1_735_900_000.0},
+        content_info={
+            APP: ContentInfo("sales-app", 'Sales "live" \\ dashboard', "shiny", "acl", "alice"),
+            DOC: ContentInfo("report", "Quarterly\nreport", "rmd-static", "logged_in", "bob"),
+            GONE: ContentInfo(DELETED_NAME, "", DELETED_APP_MODE, "", ""),
+        },
+        content_items={("shiny", "acl"): 1, ("rmd-static", "logged_in"): 1},
+        users={("viewer", "active"): 10, ("publisher", "locked"): 1},
+        content_permissions={(APP, "user", "viewer"): 3, (APP, "group", "owner"): 1},
+        excluded_events_total={("visits", "synthetic"): 7},
+        user_events={("u-1", "alice", "7d"): 20},
+        user_series_dropped_total={"7d": 2},
+        up=True,
+        last_successful_poll={"shiny": 1_736_000_000.0, "metadata": 1_735_999_000.0},
+        poll_duration={"shiny": HistogramValue(tuple(poll), 0.35)},
+        poll_errors_total={"visits": 2},
+        api_requests_total={("/v1/instrumentation/shiny/usage", "200"): 5},
+        events_ingested_total={"shiny": 9},
+        high_water_mark={"shiny": 1_735_999_990.0},
+        server_version="2025.04.0",
+        exporter_version="9.9.9",
+    )
+
+
+def render(snapshot: Snapshot) -> str:
+    registry = CollectorRegistry()
+    registry.register(SnapshotCollector(lambda: snapshot))
+    return generate_latest(registry).decode()
+
+
+def samples(snapshot: Snapshot) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    out = {}
+    for family in SnapshotCollector(lambda: snapshot).collect():
+        for s in family.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+def key(name: str, **labels: str) -> tuple[str, frozenset[tuple[str, str]]]:
+    return (name, frozenset(labels.items()))
+
+
+def test_exposition_matches_golden_file() -> None:
+    text = render(handcrafted())
+    if os.environ.get("UPDATE_GOLDEN") == "1":
+        GOLDEN.parent.mkdir(exist_ok=True)
+        GOLDEN.write_text(text)
+    assert text == GOLDEN.read_text(), "exposition changed; rerun with UPDATE_GOLDEN=1 if intended"
+
+
+def test_histogram_buckets_are_cumulative_with_count_and_sum() -> None:
+    got = samples(handcrafted())
+    name = "connect_usage_shiny_session_duration_seconds"
+    les = ["1.0", "5.0", "15.0", "30.0", "60.0", "120.0", "300.0", "600.0", "1200.0", "1800.0"]
+    les += ["3600.0", "7200.0", "14400.0", "28800.0", "86400.0", "+Inf"]
+    expected = [2, 2, 2, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 8]
+    assert [got[key(name + "_bucket", content_guid=APP, le=le)] for le in les] == expected
+    assert got[key(name + "_count", content_guid=APP)] == 8
+    assert got[key(name + "_sum", content_guid=APP)] == 100_123.25
+    poll = "connect_usage_poll_duration_seconds"
+    assert got[key(poll + "_bucket", stream="shiny", le="0.05")] == 0
+    assert got[key(poll + "_bucket", stream="shiny", le="0.1")] == 4
+    assert got[key(poll + "_bucket", stream="shiny", le="+Inf")] == 4
+    assert got[key(poll + "_count", stream="shiny")] == 4
+
+
+def test_histogram_with_wrong_bucket_count_is_refused() -> None:
+    bad = Snapshot(shiny_session_duration={APP: HistogramValue((1, 2, 3), 1.0)})
+    with pytest.raises(ValueError, match="3 bucket counts for 16 buckets"):
+        list(SnapshotCollector(lambda: bad).collect())
+
+
+def test_empty_snapshot_preinitialises_series() -> None:
+    got = samples(Snapshot())
+    for window in USER_WINDOWS:
+        assert got[key("connect_usage_active_users", window=window)] == 0
+        assert got[key("connect_usage_user_series_dropped_total", window=window)] == 0
+    for stream in STREAMS:
+        assert got[key("connect_usage_events_ingested_total", stream=stream)] == 0
+        for reason in EXCLUDE_REASONS:
+            excluded = key("connect_usage_excluded_events_total", stream=stream, reason=reason)
+            assert got[excluded] == 0
+    for stream in POLL_STREAMS:
+        assert got[key("connect_usage_poll_errors_total", stream=stream)] == 0
+        assert got[key("connect_usage_poll_duration_seconds_count", stream=stream)] == 0
+        assert got[key("connect_usage_poll_duration_seconds_bucket", stream=stream, le="+Inf")] == 0
+    assert got[key("connect_usage_up")] == 0
+    assert got[key("connect_usage_exporter_build_info", version=Snapshot().exporter_version)] == 1
+    names = {name for name, _ in got}
+    # Unknown timestamps and an unknown server version are absent, not 0 (0 would read as 1970).
+    for absent in (
+        "connect_usage_last_successful_poll_timestamp_seconds",
+        "connect_usage_high_water_mark_timestamp_seconds",
+        "connect_usage_counting_since_timestamp_seconds",
+        "connect_usage_windows_evaluated_timestamp_seconds",
+        "connect_usage_server_info",
+    ):
+        assert absent not in names
+
+
+def test_content_active_users_has_every_window_for_every_known_content() -> None:
+    got = samples(handcrafted())
+    # APP has usage, DOC has visits, GONE has sessions and a deleted _info: all get all windows.
+    name = "connect_usage_content_active_users"
+    for guid in (APP, DOC, GONE):
+        for window in CONTENT_WINDOWS:
+            assert key(name, content_guid=guid, window=window) in got
+    assert got[key(name, content_guid=APP, window="24h")] == 2
+    assert got[key(name, content_guid=APP, window="7d")] == 0
+    assert got[key(name, content_guid=DOC, window="30d")] == 0
+
+
+def test_deleted_content_keeps_usage_and_says_so_in_info() -> None:
+    got = samples(handcrafted())
+    assert got[key("connect_usage_shiny_sessions_total", content_guid=GONE)] == 1
+    info = key(
+        "connect_usage_content_info",
+        content_guid=GONE,
+        content_name=DELETED_NAME,
+        title="",
+        app_mode=DELETED_APP_MODE,
+        access_type="",
+        owner="",
+    )
+    assert got[info] == 1
+
+
+def test_health_values() -> None:
+    got = samples(handcrafted())
+    assert got[key("connect_usage_up")] == 1
+    assert got[key("connect_usage_server_info", version="2025.04.0")] == 1
+    assert got[key("connect_usage_counting_since_timestamp_seconds")] == 1_735_000_000.0
+    last = "connect_usage_last_successful_poll_timestamp_seconds"
+    assert got[key(last, stream="metadata")] == 1_735_999_000.0
+    assert key(last, stream="visits") not in got
+
+
+def test_describe_does_not_read_the_snapshot_and_collect_reads_it_once() -> None:
+    calls: list[int] = []
+
+    def get_snapshot() -> Snapshot:
+        calls.append(1)
+        return handcrafted()
+
+    collector = SnapshotCollector(get_snapshot)
+    registry = CollectorRegistry()
+    registry.register(collector)
+    described = [m.name for m in collector.describe()]
+    assert calls == []
+    assert [m.name for m in collector.collect()] == described
+    assert calls == [1]
+    generate_latest(registry)
+    assert calls == [1, 1]
+
+
+def test_build_registry_adds_process_metrics() -> None:
+    text = generate_latest(build_registry(handcrafted)).decode()
+    assert "connect_usage_up 1.0" in text
+    assert "python_info" in text
+    if Path("/proc/self/stat").exists():
+        assert "process_resident_memory_bytes" in text
+
+
+def _promtool() -> str:
+    path = shutil.which("promtool")
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail("promtool not found on PATH (required when CI is set)")
+        pytest.skip("promtool not installed")
+    return path
+
+
+@pytest.mark.parametrize("snapshot", [handcrafted(), Snapshot()], ids=["full", "empty"])
+def test_promtool_check_metrics_is_silent(snapshot: Snapshot) -> None:
+    promtool = _promtool()
+    text = generate_latest(build_registry(lambda: snapshot))
+    result = subprocess.run(
+        [promtool, "check", "metrics"], input=text, capture_output=True, timeout=60, check=False
+    )
+    report = (result.stdout + result.stderr).decode()
+    assert result.returncode == 0, report
+    assert report.strip() == "", report
