@@ -1,0 +1,185 @@
+"""The Grafana dashboards: generated JSON is up to date, well formed, and uses the metric contract.
+
+Every PromQL expression is also parsed by Prometheus's own parser (through
+``promtool check rules`` on a throw-away rules file) with the template variables substituted.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+GRAFANA = ROOT / "grafana"
+CHART_DASHBOARDS = ROOT / "helm" / "connect-usage-exporter" / "dashboards"
+PROVISIONING = GRAFANA / "provisioning"
+
+
+def load_generator() -> ModuleType:
+    spec = importlib.util.spec_from_file_location(
+        "connect_usage_dashboards", GRAFANA / "dashboards.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+gen = load_generator()
+RENDERED: dict[str, str] = gen.rendered()
+DASHBOARDS = {name: json.loads(text) for name, text in RENDERED.items()}
+
+
+def contract_metrics() -> set[str]:
+    """Metric names from the table in docs/design.md."""
+    text = (ROOT / "docs" / "design.md").read_text(encoding="utf-8")
+    return set(re.findall(r"^\| `(connect_usage_[a-z_]+)` \|", text, flags=re.M))
+
+
+def recorded_metrics() -> set[str]:
+    rules = yaml.safe_load((ROOT / "prometheus" / "rules.yml").read_text(encoding="utf-8"))
+    return {r["record"] for g in rules["groups"] for r in g["rules"] if "record" in r}
+
+
+def all_queries() -> list[tuple[str, str, str]]:
+    return [
+        (name, title, expr)
+        for name, data in DASHBOARDS.items()
+        for title, expr in gen.panel_queries(data)
+    ]
+
+
+def test_three_dashboards_are_generated() -> None:
+    titles = {d["title"] for d in DASHBOARDS.values()}
+    assert titles == {
+        "Connect usage / Overview",
+        "Connect usage / Content detail",
+        "Connect usage / Exporter health",
+    }
+    assert len({d["uid"] for d in DASHBOARDS.values()}) == 3
+
+
+@pytest.mark.parametrize("directory", [GRAFANA / "dashboards", CHART_DASHBOARDS])
+def test_committed_json_is_what_the_generator_writes(directory: Path) -> None:
+    on_disk = {p.name: p.read_text(encoding="utf-8") for p in directory.glob("*.json")}
+    assert on_disk.keys() == RENDERED.keys(), "run: python grafana/dashboards.py"
+    for name, text in RENDERED.items():
+        assert on_disk[name] == text, (
+            f"{directory / name} is stale; run python grafana/dashboards.py"
+        )
+
+
+def test_generation_is_deterministic() -> None:
+    assert gen.rendered() == RENDERED
+
+
+@pytest.mark.parametrize("name", sorted(DASHBOARDS))
+def test_template_variables_and_datasource(name: str) -> None:
+    data = DASHBOARDS[name]
+    variables = {v["name"]: v for v in data["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    for var in ("job", "instance"):
+        assert variables[var]["type"] == "query"
+        assert variables[var]["datasource"]["uid"] == "${datasource}"
+    if name == "content-detail.json":
+        content = variables["content"]
+        assert "connect_usage_content_info" in content["query"]
+        assert "(?<text>" in content["regex"] and "(?<value>" in content["regex"]
+    ids = [p["id"] for p in data["panels"]]
+    assert len(ids) == len(set(ids))
+    for panel in data["panels"]:
+        if panel["type"] == "row":
+            continue
+        assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
+        targets = panel["targets"]
+        assert targets, panel["title"]
+        ref_ids = [t["refId"] for t in targets]
+        assert len(ref_ids) == len(set(ref_ids)), panel["title"]
+
+
+def test_every_query_is_scoped_to_job_and_uses_contract_metrics() -> None:
+    known = contract_metrics() | recorded_metrics() | {"up"}
+    assert len(contract_metrics()) >= 20, "could not read the metric table of docs/design.md"
+    for name, title, expr in all_queries():
+        assert 'job=~"$job"' in expr, (name, title)
+        for metric in re.findall(r"\b([a-z_]+:[a-z_]+:[a-z0-9_]+|connect_usage_[a-z_]+)\b", expr):
+            base = re.sub(r"_(bucket|sum|count)$", "", metric)
+            assert metric in known or base in known, (name, title, metric)
+    for var in (
+        v for d in DASHBOARDS.values() for v in d["templating"]["list"] if v["type"] == "query"
+    ):
+        for metric in re.findall(r"connect_usage_[a-z_]+", var["query"]):
+            assert metric in known, var["name"]
+
+
+USAGE_SERIES = re.compile(
+    r"connect_usage_(shiny_sessions_total|content_visits_total|shiny_sessions_active"
+    r"|content_items|shiny_session_duration_seconds_bucket)|instance_[a-z_]+:"
+)
+
+
+def test_usage_queries_deduplicate_replicas_before_summing() -> None:
+    """Two replicas serve identical counts: sum only after max without(instance, pod)."""
+    for name, title, expr in all_queries():
+        if name == "exporter-health.json" or not USAGE_SERIES.search(expr):
+            continue
+        if "sum" in expr:
+            assert "max without (instance, pod)" in expr, (name, title, expr)
+
+
+def test_content_names_come_from_the_info_join() -> None:
+    joined = [e for _, t, e in all_queries() if t.startswith("Top content")]
+    assert len(joined) == 3
+    for expr in joined:
+        assert "* on (content_guid) group_left (content_name)" in expr
+        assert "connect_usage_content_info" in expr
+
+
+def test_every_query_parses_with_prometheus(tmp_path: Path) -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        if os.environ.get("CI"):
+            pytest.fail("promtool not found (CI must install Debian's prometheus)")
+        pytest.skip("promtool not installed")
+    values = {"job": ".+", "instance": ".+", "content": "some-guid", "datasource": "x"}
+    rules = [
+        {"record": f"dashboard:query_{i}:check", "expr": gen.substitute(expr, values)}
+        for i, (_, _, expr) in enumerate(all_queries())
+    ]
+    for var in (v for d in DASHBOARDS.values() for v in d["templating"]["list"]):
+        if var["name"] == "content":
+            inner = re.fullmatch(r"query_result\((.*)\)", var["query"], flags=re.S)
+            assert inner is not None
+            rules.append(
+                {"record": "dashboard:variable:check", "expr": gen.substitute(inner[1], values)}
+            )
+    assert all("$" not in r["expr"] for r in rules)
+    path = tmp_path / "dashboard_queries.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboards", "rules": rules}]}))
+    result = subprocess.run(
+        [promtool, "check", "rules", str(path)], check=False, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"SUCCESS: {len(rules)} rules found" in result.stdout
+
+
+def test_provisioning_points_at_the_generated_dashboards() -> None:
+    datasources = yaml.safe_load((PROVISIONING / "datasources" / "prometheus.yml").read_text())
+    (ds,) = datasources["datasources"]
+    assert ds["type"] == "prometheus" and ds["url"].startswith("http")
+    providers = yaml.safe_load((PROVISIONING / "dashboards" / "connect-usage.yml").read_text())
+    (provider,) = providers["providers"]
+    assert provider["type"] == "file"
+    assert provider["options"]["path"]
