@@ -1,0 +1,739 @@
+"""`ConnectClient`: the only code that talks HTTP to Connect.
+
+It turns Connect's paging, flaky proxies and error bodies into typed records, typed errors and
+one observer call per attempt, so the poller above deals with usage, not with HTTP. The API key
+goes into one request header and nowhere else: no message, repr or log line carries it.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import logging
+import math
+import os
+import random
+import re
+import ssl
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC
+from types import TracebackType
+from typing import Any, Generic, Self, TypeVar
+from urllib.parse import quote
+
+import anyio
+import httpx
+
+from exporter import __version__
+from exporter.records import (
+    ENDPOINT_CONTENT,
+    ENDPOINT_GROUPS,
+    ENDPOINT_HITS,
+    ENDPOINT_PERMISSIONS,
+    ENDPOINT_SERVER_SETTINGS,
+    ENDPOINT_SHINY,
+    ENDPOINT_USERS,
+    ENDPOINT_VISITS,
+    ContentItem,
+    Group,
+    Hit,
+    MalformedRecord,
+    Permission,
+    ServerSettings,
+    ShinySession,
+    User,
+    Visit,
+    format_query_time,
+    parse_content_item,
+    parse_group,
+    parse_hit,
+    parse_permission,
+    parse_server_settings,
+    parse_shiny_session,
+    parse_user,
+    parse_visit,
+)
+
+logger = logging.getLogger("exporter.client")
+
+T = TypeVar("T")
+C = TypeVar("C")
+
+RequestObserver = Callable[[str, str, float], None]  # (endpoint template, outcome, seconds)
+SleepFunction = Callable[[float], Awaitable[None]]
+Jitter = Callable[[float], float]  # the cap of a backoff step -> the delay actually slept
+
+MAX_PAGE_LIMIT = 500  # Connect's largest cursor page
+OFFSET_PAGE_SIZE = 500  # Connect's largest `page_size`
+MAX_OFFSET_PAGES = 10_000  # 5 M users or groups: past this, the server is not paging
+RETRY_STATUSES = frozenset({429, 502, 503, 504})  # what proxies answer when Connect is busy
+HITS_MIN_VERSION = (2025, 4, 0)
+HITS_FILTER_MIN_VERSION = (2026, 1, 0)
+_VERSION = re.compile(r"\s*(\d+)\.(\d+)\.(\d+)")
+_MAX_BACKOFF_EXPONENT = 62  # keeps backoff_base * 2**attempt a finite float
+
+
+@dataclass(frozen=True, slots=True)
+class Page(Generic[T]):
+    """One response's worth of records; malformed ones are reported, the rest kept."""
+
+    records: list[T]
+    malformed: list[MalformedRecord]
+    server_time: float | None  # the response's Date header, epoch seconds
+
+
+# --- errors ---------------------------------------------------------------------------------
+
+
+class ConnectError(Exception):
+    """Anything that stopped the client from getting an answer out of Connect."""
+
+
+class ConnectHTTPError(ConnectError):
+    """Connect (or a proxy in front of it) answered with an error status."""
+
+    def __init__(
+        self,
+        status: int,
+        code: int | None,
+        endpoint: str,
+        message: str | None = None,
+        *,
+        error: str | None = None,
+    ) -> None:
+        self.status = status
+        self.code = code  # Connect's own error number from the body, not the HTTP status
+        self.endpoint = endpoint
+        self.error = error  # Connect's own error text from the body
+        super().__init__(message or f"{endpoint}: HTTP {status}{_connect_detail(code, error)}")
+
+
+class AuthenticationError(ConnectHTTPError):
+    """401: the key is missing, wrong, expired or revoked; retrying cannot help."""
+
+
+class PermissionDeniedError(ConnectHTTPError):
+    """403: the key's role may not read this endpoint."""
+
+
+class NotFoundError(ConnectHTTPError):
+    """404: wrong server URL, a deleted content item, or an endpoint this Connect lacks."""
+
+
+class RetriesExhaustedError(ConnectError):
+    """A retryable failure outlasted every retry; `last_error` is the final attempt's failure."""
+
+    def __init__(self, endpoint: str, attempts: int, last_error: BaseException, detail: str):
+        self.endpoint = endpoint
+        self.attempts = attempts
+        self.last_error = last_error
+        noun = "attempt" if attempts == 1 else "attempts"
+        super().__init__(f"{endpoint}: gave up after {attempts} {noun}; last error: {detail}")
+
+
+class PagingError(ConnectError):
+    """The server's paging would loop forever (a repeated cursor or page)."""
+
+
+class ResponseFormatError(ConnectError):
+    """The body is not the JSON the endpoint promises (HTML, truncated, wrong shape)."""
+
+
+class UnsupportedError(ConnectError):
+    """This Connect version cannot answer the request (hits before 2025.04.0, …)."""
+
+
+def _connect_detail(code: int | None, error: str | None) -> str:
+    if code is None and not error:
+        return ""
+    if code is None:
+        return f" ({error})"
+    return f" (Connect error {code}: {error})" if error else f" (Connect error {code})"
+
+
+def _forbidden_hint(template: str) -> str:
+    """What the key lacks, per endpoint: the fix differs for usage and for metadata."""
+    if template.startswith("v1/instrumentation/"):
+        return (
+            "reading instrumentation needs a publisher or administrator key (a viewer key "
+            "cannot); a publisher key only sees usage of its own content, use an administrator "
+            "key for the whole server"
+        )
+    if template in (ENDPOINT_USERS, ENDPOINT_GROUPS):
+        what = "users" if template == ENDPOINT_USERS else "groups"
+        return (
+            f"listing {what} needs a key whose user may list {what}; a publisher or viewer key "
+            "may be refused or see only part, use an administrator key for the whole server"
+        )
+    if template == ENDPOINT_PERMISSIONS:
+        return (
+            "reading a content item's permissions needs an administrator key or a key of its "
+            "owner or a collaborator; a publisher key only sees its own content, use an "
+            "administrator key for the whole server"
+        )
+    return "the key's role may not read it; use an administrator key"
+
+
+def _not_found_hint(template: str) -> str:
+    if template == ENDPOINT_PERMISSIONS:
+        return "the content item may have been deleted"
+    if template == ENDPOINT_HITS:
+        return "hits need Connect 2025.04.0 or later"
+    if template == ENDPOINT_GROUPS:
+        return "groups may be turned off on this server"
+    return "check that CONNECT_SERVER is the Connect URL (the exporter adds /__api__/)"
+
+
+# --- pure helpers ---------------------------------------------------------------------------
+
+
+def parse_version(version: str | None) -> tuple[int, int, int] | None:
+    """`YYYY.MM.PATCH[-suffix]` -> numbers for comparison; None when there is no usable version."""
+    if not version:
+        return None
+    match = _VERSION.match(version)
+    if match is None:
+        return None
+    return int(match.group(1)), int(match.group(2)), int(match.group(3))
+
+
+def _http_date(value: str | None) -> float | None:
+    """An HTTP date -> epoch seconds; None when absent or unreadable."""
+    if not value:
+        return None
+    try:
+        parsed = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if parsed.tzinfo is None:  # RFC 5322 "-0000": UTC, with no claim about local time
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.timestamp()
+
+
+def _server_time(response: httpx.Response) -> float | None:
+    return _http_date(response.headers.get("date"))
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    """Seconds to wait from `Retry-After`: delta-seconds or an HTTP date (against the server's
+    own Date header when it sent one, so clock skew does not stretch the wait)."""
+    value = response.headers.get("retry-after", "").strip()
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        pass
+    else:
+        return seconds if math.isfinite(seconds) and seconds >= 0 else None
+    at = _http_date(value)
+    if at is None:
+        return None
+    now = _server_time(response)
+    return max(0.0, at - (now if now is not None else time.time()))
+
+
+def _connect_error_body(response: httpx.Response) -> tuple[int | None, str | None]:
+    """Connect's `{"code", "error", "payload"}`, when the error came from Connect itself."""
+    try:
+        body = json.loads(response.content)
+    except ValueError:
+        return None, None
+    if not isinstance(body, dict):
+        return None, None
+    code = body.get("code")
+    error = body.get("error")
+    return (
+        code if type(code) is int else None,
+        error[:500] if isinstance(error, str) and error else None,
+    )
+
+
+def _describe_exception(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _ssl_context(verify: bool | str) -> ssl.SSLContext | bool:
+    """A CA bundle path (file or directory) becomes a context; True/False pass through."""
+    if isinstance(verify, bool):
+        return verify
+    try:
+        if os.path.isdir(verify):
+            return ssl.create_default_context(capath=verify)
+        return ssl.create_default_context(cafile=verify)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"cannot use the CA bundle {verify!r}: {exc}") from None
+
+
+def _api_base(server: str) -> str:
+    url = server.strip().rstrip("/")
+    if url.endswith("/__api__"):
+        url = url[: -len("/__api__")].rstrip("/")
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL:
+        parsed = None
+    if parsed is None or parsed.scheme not in ("http", "https") or not parsed.host:
+        raise ValueError(
+            "the Connect server must be an http(s) URL such as https://connect.example.com"
+        )
+    return url + "/__api__/"
+
+
+# --- response shape checks (a failure is a ResponseFormatError, retried like a 5xx) ---------
+
+
+def _check_array(body: Any) -> list[Any]:
+    if not isinstance(body, list):
+        raise ResponseFormatError(f"expected a JSON array, got a JSON {type(body).__name__}")
+    return body
+
+
+def _check_object(body: Any) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise ResponseFormatError(f"expected a JSON object, got a JSON {type(body).__name__}")
+    return body
+
+
+def _check_results(body: Any) -> tuple[dict[str, Any], list[Any]]:
+    obj = _check_object(body)
+    results = obj.get("results")
+    if not isinstance(results, list):
+        raise ResponseFormatError("expected an object with a `results` array")
+    return obj, results
+
+
+def _cursor_page_check(limit: int) -> Callable[[Any], tuple[list[Any], str | None]]:
+    def check(body: Any) -> tuple[list[Any], str | None]:
+        obj, results = _check_results(body)
+        if len(results) > limit:
+            raise ResponseFormatError(
+                f"a cursor page holds {len(results)} records, more than limit={limit}"
+            )
+        paging = obj.get("paging")
+        if paging is None:
+            return results, None
+        if not isinstance(paging, dict):
+            raise ResponseFormatError("`paging` is not an object")
+        cursors = paging.get("cursors")
+        if cursors is None:
+            return results, None
+        if not isinstance(cursors, dict):
+            raise ResponseFormatError("`paging.cursors` is not an object")
+        cursor = cursors.get("next")
+        if cursor is None or cursor is False or cursor == "":
+            return results, None
+        if type(cursor) not in (str, int):
+            raise ResponseFormatError("`paging.cursors.next` is neither a string nor a number")
+        return results, str(cursor)
+
+    return check
+
+
+def _offset_page_check(body: Any) -> tuple[list[Any], int | None, int | None]:
+    obj, results = _check_results(body)
+    total, current = obj.get("total"), obj.get("current_page")
+    return (
+        results,
+        total if type(total) is int else None,
+        current if type(current) is int else None,
+    )
+
+
+def _parse_all(
+    raw: list[Any], parse: Callable[[object], T]
+) -> tuple[list[T], list[MalformedRecord]]:
+    records: list[T] = []
+    malformed: list[MalformedRecord] = []
+    append = records.append
+    for item in raw:
+        try:
+            append(parse(item))
+        except MalformedRecord as exc:
+            malformed.append(exc)
+    return records, malformed
+
+
+async def _anyio_sleep(seconds: float) -> None:
+    await anyio.sleep(seconds)
+
+
+def _full_jitter(cap: float) -> float:
+    return random.uniform(0.0, cap)
+
+
+# --- the client -----------------------------------------------------------------------------
+
+
+class ConnectClient:
+    """Reads Connect's usage and metadata endpoints with paging, retries and typed errors.
+
+    `sleep` and `jitter` exist so tests can see (and skip) the backoff waits.
+    """
+
+    def __init__(
+        self,
+        server: str,
+        api_key: str,
+        *,
+        timeout: float = 30.0,
+        max_retries: int = 5,
+        backoff_base: float = 0.5,
+        backoff_max: float = 30.0,
+        verify: bool | str = True,
+        observer: RequestObserver | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        max_concurrency: int = 8,
+        sleep: SleepFunction | None = None,
+        jitter: Jitter | None = None,
+    ) -> None:
+        if timeout <= 0:
+            raise ValueError("timeout must be positive")
+        if max_retries < 0:
+            raise ValueError("max_retries must be 0 or more")
+        if backoff_base < 0 or backoff_max < 0:
+            raise ValueError("backoff_base and backoff_max must be 0 or more")
+        if max_concurrency < 1:
+            raise ValueError("max_concurrency must be 1 or more")
+        key = api_key.strip()
+        if not (key.isascii() and key.isprintable()):
+            # Never echo the key: say what is wrong with it, not what it is.
+            raise ValueError(
+                "the API key holds characters an HTTP header cannot carry "
+                "(a stray newline or non-ASCII character in the secret?)"
+            )
+        self._key = key
+        self.base_url = _api_base(server)
+        self._max_retries = max_retries
+        self._backoff_base = backoff_base
+        self._backoff_max = backoff_max
+        self._observer = observer
+        self._sleep: SleepFunction = sleep or _anyio_sleep
+        self._jitter: Jitter = jitter or _full_jitter
+        self._limiter = anyio.CapacityLimiter(max_concurrency)
+        self._settings: ServerSettings | None = None
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url,
+            headers={
+                "Authorization": f"Key {key}",
+                "User-Agent": f"connect-usage-exporter/{__version__}",
+                "Accept": "application/json",
+            },
+            timeout=httpx.Timeout(timeout),
+            verify=_ssl_context(verify),
+            transport=transport,
+            trust_env=True,  # HTTPS_PROXY / NO_PROXY / SSL_CERT_FILE, as users expect
+            follow_redirects=False,  # a redirect means a wrong URL or a login page: say so
+        )
+
+    def __repr__(self) -> str:
+        return f"ConnectClient({self.base_url!r})"
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    # --- usage streams ----------------------------------------------------------------------
+
+    def shiny_usage_pages(
+        self,
+        *,
+        start: int | None = None,
+        end: int | None = None,
+        content_guids: Sequence[str] = (),
+        limit: int = MAX_PAGE_LIMIT,
+    ) -> AsyncIterator[Page[ShinySession]]:
+        """Shiny sessions by `started`, one Page per response. Note Connect's filters:
+        `from` drops sessions that *ended* before it; running sessions always come back."""
+        return self._cursor_pages(
+            ENDPOINT_SHINY,
+            parse_shiny_session,
+            start=start,
+            end=end,
+            content_guids=content_guids,
+            limit=limit,
+        )
+
+    def visit_pages(
+        self,
+        *,
+        start: int | None = None,
+        end: int | None = None,
+        content_guids: Sequence[str] = (),
+        limit: int = MAX_PAGE_LIMIT,
+    ) -> AsyncIterator[Page[Visit]]:
+        """Visits to non-Shiny content by `time`, one Page per response."""
+        return self._cursor_pages(
+            ENDPOINT_VISITS,
+            parse_visit,
+            start=start,
+            end=end,
+            content_guids=content_guids,
+            limit=limit,
+        )
+
+    async def hits(self, *, start: int, end: int, content_guids: Sequence[str] = ()) -> Page[Hit]:
+        """All hits in `[start, end]` in one unpaged response (Connect >= 2025.04.0)."""
+        if self._settings is None:
+            await self.server_settings()
+        assert self._settings is not None
+        shown = self._settings.version
+        version = parse_version(shown)
+        if version is None:
+            raise UnsupportedError(
+                "hits need Connect 2025.04.0 or later, and this server does not report a usable "
+                f"version (server_settings.version is {shown!r}); hits are not read"
+            )
+        if version < HITS_MIN_VERSION:
+            raise UnsupportedError(f"hits need Connect 2025.04.0 or later; this server is {shown}")
+        params = {
+            "from": format_query_time(start, ceil=False),
+            "to": format_query_time(end, ceil=True),
+        }
+        if content_guids:
+            if version < HITS_FILTER_MIN_VERSION:
+                raise UnsupportedError(
+                    "filtering hits by content_guid needs Connect 2026.01.0 or later; "
+                    f"this server is {shown}"
+                )
+            params["content_guid"] = "|".join(content_guids)
+        raw, server_time = await self._request(ENDPOINT_HITS, ENDPOINT_HITS, params, _check_array)
+        return Page(*_parse_all(raw, parse_hit), server_time)
+
+    # --- metadata ---------------------------------------------------------------------------
+
+    async def content(self) -> Page[ContentItem]:
+        """Every content item the key may see, owners embedded (one request, not paged)."""
+        raw, server_time = await self._request(
+            ENDPOINT_CONTENT, ENDPOINT_CONTENT, {"include": "owner"}, _check_array
+        )
+        return Page(*_parse_all(raw, parse_content_item), server_time)
+
+    async def users(self) -> Page[User]:
+        return await self._offset_pages(ENDPOINT_USERS, parse_user)
+
+    async def groups(self) -> Page[Group]:
+        return await self._offset_pages(ENDPOINT_GROUPS, parse_group)
+
+    async def permissions(self, content_guid: str) -> Page[Permission]:
+        path = f"v1/content/{quote(content_guid, safe='')}/permissions"
+        raw, server_time = await self._request(ENDPOINT_PERMISSIONS, path, None, _check_array)
+        return Page(*_parse_all(raw, parse_permission), server_time)
+
+    async def server_settings(self) -> ServerSettings:
+        """Also remembered: `hits` needs the version to know what the server can answer."""
+
+        def check(body: Any) -> ServerSettings:
+            try:
+                return parse_server_settings(body)
+            except MalformedRecord as exc:
+                raise ResponseFormatError(str(exc)) from None
+
+        settings, _ = await self._request(
+            ENDPOINT_SERVER_SETTINGS, ENDPOINT_SERVER_SETTINGS, None, check
+        )
+        self._settings = settings
+        return settings
+
+    # --- paging -----------------------------------------------------------------------------
+
+    async def _cursor_pages(
+        self,
+        template: str,
+        parse: Callable[[object], T],
+        *,
+        start: int | None,
+        end: int | None,
+        content_guids: Sequence[str],
+        limit: int,
+    ) -> AsyncIterator[Page[T]]:
+        limit = min(max(int(limit), 1), MAX_PAGE_LIMIT)
+        params = {"limit": str(limit), "asc_order": "true"}
+        if start is not None:
+            params["from"] = format_query_time(start, ceil=False)
+        if end is not None:
+            params["to"] = format_query_time(end, ceil=True)
+        if content_guids:
+            params["content_guid"] = "|".join(content_guids)
+        check = _cursor_page_check(limit)
+        seen: set[str] = set()
+        query = params
+        while True:
+            (raw, cursor), server_time = await self._request(template, template, query, check)
+            yield Page(*_parse_all(raw, parse), server_time)
+            if cursor is None:
+                return
+            if cursor in seen:
+                raise PagingError(
+                    f"{template}: the server sent the cursor {cursor!r} a second time; "
+                    "stopping instead of reading the same pages forever"
+                )
+            seen.add(cursor)
+            query = {**params, "next": cursor}  # the filters ride along with every cursor
+
+    async def _offset_pages(self, template: str, parse: Callable[[object], T]) -> Page[T]:
+        records: list[T] = []
+        malformed: list[MalformedRecord] = []
+        server_time: float | None = None
+        collected = 0
+        previous: tuple[object, ...] | None = None
+        for page_number in range(1, MAX_OFFSET_PAGES + 1):
+            params = {"page_number": str(page_number), "page_size": str(OFFSET_PAGE_SIZE)}
+            (raw, total, current), server_time = await self._request(
+                template, template, params, _offset_page_check
+            )
+            if current is not None and current != page_number:
+                raise PagingError(f"{template}: asked for page {page_number}, got page {current}")
+            if not raw:
+                break
+            fingerprint = tuple(r.get("guid") if isinstance(r, dict) else r for r in raw)
+            if fingerprint == previous:
+                raise PagingError(
+                    f"{template}: page {page_number} repeats page {page_number - 1}; "
+                    "the server ignores page_number"
+                )
+            previous = fingerprint
+            page_records, page_malformed = _parse_all(raw, parse)
+            records.extend(page_records)
+            malformed.extend(page_malformed)
+            collected += len(raw)
+            if total is not None and collected >= total:
+                break
+            if total is None and len(raw) < OFFSET_PAGE_SIZE:
+                break  # a short page is the last one when the server gives no total
+        else:
+            raise PagingError(f"{template}: still paging after {MAX_OFFSET_PAGES} pages")
+        return Page(records, malformed, server_time)
+
+    # --- one request, with retries ----------------------------------------------------------
+
+    async def _request(
+        self,
+        template: str,
+        path: str,
+        params: Mapping[str, str] | None,
+        check: Callable[[Any], C],
+    ) -> tuple[C, float | None]:
+        attempts = self._max_retries + 1
+        for attempt in range(attempts):
+            retry_after: float | None = None
+            error: Exception
+            started = time.perf_counter()
+            try:
+                async with self._limiter:
+                    response = await self._http.get(path, params=params)
+            except httpx.TimeoutException as exc:
+                outcome, error, detail = "timeout", exc, self._redact(_describe_exception(exc))
+            except httpx.TransportError as exc:
+                outcome, error = "connection_error", exc
+                detail = self._redact(_describe_exception(exc))
+            else:
+                status = response.status_code
+                if 200 <= status < 300:
+                    try:
+                        value = check(self._decode(response))
+                    except ResponseFormatError as exc:
+                        outcome, error, detail = "invalid_response", exc, str(exc)
+                    else:
+                        self._observe(template, str(status), time.perf_counter() - started)
+                        return value, _server_time(response)
+                else:
+                    outcome = str(status)
+                    http_error = self._http_error(response, template, path)
+                    if status not in RETRY_STATUSES:
+                        self._observe(template, outcome, time.perf_counter() - started)
+                        raise http_error
+                    error, detail = http_error, str(http_error)
+                    retry_after = _retry_after(response)
+            self._observe(template, outcome, time.perf_counter() - started)
+            if attempt == attempts - 1:
+                raise RetriesExhaustedError(path, attempts, error, detail) from error
+            delay = self._delay(attempt, retry_after)
+            logger.warning(
+                "%s: %s; retry %d of %d in %.2fs",
+                path,
+                detail,
+                attempt + 1,
+                self._max_retries,
+                delay,
+            )
+            await self._sleep(delay)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _delay(self, attempt: int, retry_after: float | None) -> float:
+        """Full jitter (AWS's pick): spreads many exporters' retries; Retry-After wins."""
+        if retry_after is not None:
+            return min(retry_after, self._backoff_max)
+        step = self._backoff_base * 2.0 ** min(attempt, _MAX_BACKOFF_EXPONENT)
+        return self._jitter(min(step, self._backoff_max))
+
+    def _decode(self, response: httpx.Response) -> Any:
+        try:
+            return json.loads(response.content)
+        except ValueError:
+            pass
+        kind = response.headers.get("content-type", "").split(";")[0].strip() or "no content type"
+        if kind == "text/html" or response.content.lstrip()[:1] == b"<":
+            what = "an HTML page, not JSON (a login or proxy page? check CONNECT_SERVER)"
+        else:
+            what = "a body that is not valid JSON (truncated?)"
+        raise ResponseFormatError(
+            f"HTTP {response.status_code} with {what}; {len(response.content)} bytes of {kind}"
+        )
+
+    def _http_error(self, response: httpx.Response, template: str, path: str) -> ConnectHTTPError:
+        status = response.status_code
+        code, error = _connect_error_body(response)
+        if error is not None:
+            error = self._redact(error)
+        detail = _connect_detail(code, error)
+        if status == 401:
+            message = (
+                f"{path}: HTTP 401: the API key was rejected: it is missing, wrong, expired or "
+                f"revoked; set CONNECT_API_KEY to a valid key{detail}"
+            )
+            return AuthenticationError(status, code, path, message, error=error)
+        if status == 403:
+            message = (
+                f"{path}: HTTP 403: the API key may not read this: {_forbidden_hint(template)}"
+                f"{detail}"
+            )
+            return PermissionDeniedError(status, code, path, message, error=error)
+        if status == 404:
+            message = f"{path}: HTTP 404 not found: {_not_found_hint(template)}{detail}"
+            return NotFoundError(status, code, path, message, error=error)
+        if 300 <= status < 400:
+            message = (
+                f"{path}: HTTP {status}: redirected elsewhere; set CONNECT_SERVER to the "
+                "address Connect is served from"
+            )
+            return ConnectHTTPError(status, code, path, message, error=error)
+        return ConnectHTTPError(status, code, path, error=error)
+
+    def _observe(self, template: str, outcome: str, seconds: float) -> None:
+        if self._observer is None:
+            return
+        try:
+            self._observer(template, outcome, seconds)
+        except Exception:
+            # A metrics bug must not fail a poll; it is logged and the request stands.
+            logger.exception("request observer failed for %s", template)
+
+    def _redact(self, text: str) -> str:
+        """Belt and braces: nothing should echo the key, but if a server or proxy does, hide it."""
+        if len(self._key) >= 4:
+            return text.replace(self._key, "[redacted]")
+        return text
