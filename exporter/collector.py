@@ -128,7 +128,7 @@ _FAMILIES: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
     (
         "excluded_events",
         "counter",
-        f"Usage records not counted (synthetic traffic or malformed records), {_POLL}.",
+        f"Usage records left uncounted (synthetic traffic or malformed records), counted {_POLL}.",
         ("stream", "reason"),
     ),
     (
@@ -178,7 +178,7 @@ _FAMILIES: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
     (
         "events_ingested",
         "counter",
-        f"Usage records accepted (new, not duplicates), {_POLL}.",
+        f"Usage records accepted as new (not duplicates), counted {_POLL}.",
         ("stream",),
     ),
     (
