@@ -73,6 +73,7 @@ HITS_MIN_VERSION = (2025, 4, 0)
 HITS_FILTER_MIN_VERSION = (2026, 1, 0)
 _VERSION = re.compile(r"\s*(\d+)\.(\d+)\.(\d+)")
 _MAX_BACKOFF_EXPONENT = 62  # keeps backoff_base * 2**attempt a finite float
+_clock = time.perf_counter  # a module name of its own, so tests can fake request durations
 
 
 @dataclass(frozen=True, slots=True)
@@ -535,18 +536,30 @@ class ConnectClient:
 
     async def server_settings(self) -> ServerSettings:
         """Also remembered: `hits` needs the version to know what the server can answer."""
+        settings, _ = await self._fetch_settings()
+        return settings
 
+    async def server_time(self) -> float | None:
+        """Connect's own clock (the Date header of a cheap request), epoch seconds.
+
+        The poller fixes its counting epoch and high-water marks in Connect's time, not ours, so
+        a skewed exporter clock neither drops nor double-counts events.
+        """
+        _, server_time = await self._fetch_settings()
+        return server_time
+
+    async def _fetch_settings(self) -> tuple[ServerSettings, float | None]:
         def check(body: Any) -> ServerSettings:
             try:
                 return parse_server_settings(body)
             except MalformedRecord as exc:
                 raise ResponseFormatError(str(exc)) from None
 
-        settings, _ = await self._request(
+        settings, server_time = await self._request(
             ENDPOINT_SERVER_SETTINGS, ENDPOINT_SERVER_SETTINGS, None, check
         )
         self._settings = settings
-        return settings
+        return settings, server_time
 
     # --- paging -----------------------------------------------------------------------------
 
@@ -631,7 +644,7 @@ class ConnectClient:
         for attempt in range(attempts):
             retry_after: float | None = None
             error: Exception
-            started = time.perf_counter()
+            started = _clock()
             try:
                 async with self._limiter:
                     response = await self._http.get(path, params=params)
@@ -648,17 +661,18 @@ class ConnectClient:
                     except ResponseFormatError as exc:
                         outcome, error, detail = "invalid_response", exc, str(exc)
                     else:
-                        self._observe(template, str(status), time.perf_counter() - started)
+                        self._observe(template, str(status), _clock() - started)
                         return value, _server_time(response)
                 else:
                     outcome = str(status)
                     http_error = self._http_error(response, template, path)
                     if status not in RETRY_STATUSES:
-                        self._observe(template, outcome, time.perf_counter() - started)
+                        self._observe(template, outcome, _clock() - started)
                         raise http_error
-                    error, detail = http_error, str(http_error)
+                    error = http_error
+                    detail = f"HTTP {status}{_connect_detail(http_error.code, http_error.error)}"
                     retry_after = _retry_after(response)
-            self._observe(template, outcome, time.perf_counter() - started)
+            self._observe(template, outcome, _clock() - started)
             if attempt == attempts - 1:
                 raise RetriesExhaustedError(path, attempts, error, detail) from error
             delay = self._delay(attempt, retry_after)

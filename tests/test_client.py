@@ -1,0 +1,948 @@
+"""ConnectClient against respx-mocked Connect: paging, retries, errors, gating, observation."""
+
+from __future__ import annotations
+
+import calendar
+import json
+import logging
+import ssl
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+import respx
+
+import exporter.client as client_module
+from exporter import __version__
+from exporter.client import (
+    AuthenticationError,
+    ConnectClient,
+    ConnectError,
+    ConnectHTTPError,
+    NotFoundError,
+    Page,
+    PagingError,
+    PermissionDeniedError,
+    ResponseFormatError,
+    RetriesExhaustedError,
+    UnsupportedError,
+    parse_version,
+)
+from exporter.records import Group, Permission, ShinySession
+
+FIXTURES = Path(__file__).parent / "fixtures"
+SERVER = "https://connect.test"
+BASE = "https://connect.test/__api__/"
+KEY = "k3y-Zq9x-0123456789abcdef"
+DATE = "Tue, 10 Jun 2025 22:10:00 GMT"
+DATE_EPOCH = float(calendar.timegm((2025, 6, 10, 22, 10, 0, 0, 0, 0)))
+SHINY = "v1/instrumentation/shiny/usage"
+VISITS = "v1/instrumentation/content/visits"
+HITS = "v1/instrumentation/content/hits"
+GUID_A = "6b1c2a9e-0d3f-4c57-9a61-1f0e2d3c4b5a"
+
+
+def us(y: int, mo: int, d: int, h: int = 0, mi: int = 0, s: int = 0, micro: int = 0) -> int:
+    return calendar.timegm((y, mo, d, h, mi, s, 0, 0, 0)) * 1_000_000 + micro
+
+
+def load(name: str) -> Any:
+    return json.loads((FIXTURES / name).read_text())
+
+
+def ok(body: Any, **headers: str) -> httpx.Response:
+    return httpx.Response(200, json=body, headers={"Date": DATE, **headers})
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+class Sleeps:
+    """Records the backoff waits instead of sleeping them."""
+
+    def __init__(self) -> None:
+        self.requested: list[float] = []
+
+    async def __call__(self, seconds: float) -> None:
+        self.requested.append(seconds)
+
+
+class Observed:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+        self.seconds: list[float] = []
+
+    def __call__(self, endpoint: str, outcome: str, seconds: float) -> None:
+        self.calls.append((endpoint, outcome))
+        self.seconds.append(seconds)
+
+
+@pytest.fixture
+def sleeps() -> Sleeps:
+    return Sleeps()
+
+
+@pytest.fixture
+def observed() -> Observed:
+    return Observed()
+
+
+@pytest.fixture
+def mock() -> Iterator[respx.MockRouter]:
+    with respx.mock(base_url=BASE, assert_all_called=False) as router:
+        yield router
+
+
+@pytest.fixture
+def client(sleeps: Sleeps, observed: Observed) -> ConnectClient:
+    # jitter returns the cap, so full-jitter waits are exact in assertions
+    return ConnectClient(
+        SERVER,
+        KEY,
+        max_retries=3,
+        backoff_base=0.5,
+        backoff_max=30.0,
+        observer=observed,
+        sleep=sleeps,
+        jitter=lambda cap: cap,
+    )
+
+
+def params(route: respx.Route) -> list[dict[str, str]]:
+    return [dict(call.request.url.params) for call in route.calls]
+
+
+def assert_key_hidden(exc: BaseException) -> None:
+    assert KEY not in str(exc)
+    assert KEY not in repr(exc)
+    assert KEY not in "".join(traceback.format_exception(exc))
+
+
+async def collect(pages: Any) -> list[Page[Any]]:
+    return [page async for page in pages]
+
+
+# --- construction ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("server", "base"),
+    [
+        ("https://connect.test", BASE),
+        ("https://connect.test/", BASE),
+        ("https://connect.test/__api__", BASE),
+        ("https://connect.test/__api__/", BASE),
+        ("http://10.0.0.5:3939/rsc/", "http://10.0.0.5:3939/rsc/__api__/"),
+    ],
+)
+def test_base_url_accepts_with_and_without_api_suffix(server: str, base: str) -> None:
+    assert ConnectClient(server, KEY).base_url == base
+
+
+@pytest.mark.parametrize("server", ["connect.test", "ftp://connect.test", "", "https://"])
+def test_base_url_must_be_http(server: str) -> None:
+    with pytest.raises(ValueError, match=r"must be an http\(s\) URL"):
+        ConnectClient(server, KEY)
+
+
+def test_a_key_a_header_cannot_carry_is_refused_without_echoing_it() -> None:
+    bad = "abc\ndef-ghij-0123"
+    with pytest.raises(ValueError, match="characters an HTTP header cannot carry") as caught:
+        ConnectClient(SERVER, bad)
+    assert bad not in str(caught.value)
+    assert "abc" not in str(caught.value)
+
+
+def test_repr_names_the_server_not_the_key() -> None:
+    assert repr(ConnectClient(SERVER, KEY)) == "ConnectClient('https://connect.test/__api__/')"
+
+
+def test_verify_builds_a_context_from_a_ca_file_and_refuses_a_missing_one(
+    tmp_path: Path,
+) -> None:
+    assert client_module._ssl_context(False) is False
+    assert client_module._ssl_context(True) is True
+    ca = Path(ssl.get_default_verify_paths().openssl_cafile or "")
+    if ca.is_file():
+        context = client_module._ssl_context(str(ca))
+        assert isinstance(context, ssl.SSLContext)
+        assert context.verify_mode == ssl.CERT_REQUIRED
+    with pytest.raises(ValueError, match="cannot use the CA bundle"):
+        client_module._ssl_context(str(tmp_path / "missing.pem"))
+    ConnectClient(SERVER, KEY, verify=False)  # accepted
+
+
+# --- headers, plain endpoints ---------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_every_request_carries_key_agent_and_accept(
+    client: ConnectClient, mock: respx.MockRouter
+) -> None:
+    route = mock.get("server_settings").mock(return_value=ok({"version": "2025.04.0"}))
+    settings = await client.server_settings()
+    assert settings.version == "2025.04.0"
+    request = route.calls[0].request
+    assert str(request.url) == "https://connect.test/__api__/server_settings"
+    assert request.headers["Authorization"] == f"Key {KEY}"
+    assert request.headers["User-Agent"] == f"connect-usage-exporter/{__version__}"
+    assert request.headers["Accept"] == "application/json"
+
+
+@pytest.mark.anyio
+async def test_server_time_reads_connects_clock_and_remembers_the_version(
+    client: ConnectClient, mock: respx.MockRouter
+) -> None:
+    route = mock.get("server_settings").mock(return_value=ok({"version": "2026.01.0"}))
+    hits = mock.get(HITS).mock(return_value=ok([]))
+    assert await client.server_time() == DATE_EPOCH
+    await client.hits(start=us(2025, 5, 1), end=us(2025, 5, 2), content_guids=["g"])
+    assert route.call_count == 1
+    assert hits.call_count == 1
+
+
+@pytest.mark.anyio
+async def test_server_settings_with_a_wrong_version_type_is_a_format_error(
+    mock: respx.MockRouter,
+) -> None:
+    mock.get("server_settings").mock(return_value=ok({"version": 2025}))
+    with pytest.raises(RetriesExhaustedError) as caught:
+        await ConnectClient(SERVER, KEY, max_retries=0).server_settings()
+    assert str(caught.value.last_error) == (
+        "malformed record from server_settings: field 'version': "
+        "expected a string or null, got 2025"
+    )
+
+
+@pytest.mark.anyio
+async def test_content_asks_for_owners(
+    client: ConnectClient, mock: respx.MockRouter, observed: Observed
+) -> None:
+    route = mock.get("v1/content").mock(return_value=ok(load("client_content.json")))
+    page = await client.content()
+    assert params(route) == [{"include": "owner"}]
+    assert [(c.guid, c.owner_username) for c in page.records] == [
+        (GUID_A, "dana"),
+        ("2a3b4c5d-6e7f-4081-9263-a4b5c6d7e8f9", None),
+    ]
+    assert page.malformed == []
+    assert page.server_time == DATE_EPOCH
+    assert observed.calls == [("v1/content", "200")]
+
+
+@pytest.mark.anyio
+async def test_permissions_use_the_template_for_the_observer(
+    client: ConnectClient, mock: respx.MockRouter, observed: Observed
+) -> None:
+    route = mock.get(f"v1/content/{GUID_A}/permissions").mock(
+        return_value=ok(load("client_permissions.json"))
+    )
+    page = await client.permissions(GUID_A)
+    assert route.call_count == 1
+    assert page.records == [
+        Permission(GUID_A, "c0ffee00-1111-4222-8333-444455556666", "user", "owner"),
+        Permission(GUID_A, "0a0b0c0d-1e1f-4a2b-8c3d-4e5f6a7b8c9d", "group", "viewer"),
+    ]
+    assert observed.calls == [("v1/content/{guid}/permissions", "200")]
+
+
+@pytest.mark.anyio
+async def test_observer_gets_the_attempt_duration(
+    mock: respx.MockRouter, observed: Observed, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ticks = iter([100.0, 100.25, 200.0, 200.75])
+    monkeypatch.setattr(client_module, "_clock", lambda: next(ticks))
+    mock.get("v1/content").mock(side_effect=[httpx.Response(503), ok([])])
+    client = ConnectClient(SERVER, KEY, observer=observed, sleep=Sleeps(), jitter=lambda c: c)
+    await client.content()
+    assert observed.calls == [("v1/content", "503"), ("v1/content", "200")]
+    assert observed.seconds == [0.25, 0.75]
+
+
+@pytest.mark.anyio
+async def test_a_failing_observer_does_not_fail_the_request(mock: respx.MockRouter) -> None:
+    def broken(endpoint: str, outcome: str, seconds: float) -> None:
+        raise RuntimeError("metrics bug")
+
+    mock.get("v1/content").mock(return_value=ok([]))
+    page = await ConnectClient(SERVER, KEY, observer=broken).content()
+    assert page.records == []
+
+
+@pytest.mark.parametrize(
+    ("date", "expected"),
+    [
+        (DATE, DATE_EPOCH),
+        ("not a date", None),
+        (None, None),
+        ("Tue, 10 Jun 2025 22:10:00 -0000", DATE_EPOCH),
+    ],
+)
+def test_server_time_from_the_date_header(date: str | None, expected: float | None) -> None:
+    headers = {"Date": date} if date is not None else {}
+    assert client_module._server_time(httpx.Response(200, headers=headers)) == expected
+
+
+# --- cursor paging --------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_shiny_paging_resends_filters_with_each_cursor_and_accepts_an_empty_last_page(
+    client: ConnectClient, mock: respx.MockRouter, observed: Observed
+) -> None:
+    route = mock.get(SHINY).mock(
+        side_effect=[
+            ok(load("client_shiny_usage_page1.json")),
+            ok(load("client_shiny_usage_page2.json")),
+            ok(load("client_shiny_usage_last_empty.json")),
+        ]
+    )
+    pages = await collect(
+        client.shiny_usage_pages(
+            start=us(2025, 3, 2, 8, 0, 0, 999_999),
+            end=us(2025, 3, 3, 0, 0, 0, 1),
+            content_guids=[GUID_A, "9f8e7d6c-5b4a-4392-8170-6f5e4d3c2b1a"],
+        )
+    )
+    filters = {
+        "limit": "500",
+        "asc_order": "true",
+        "from": "2025-03-02T08:00:00Z",
+        "to": "2025-03-03T00:00:01Z",
+        "content_guid": f"{GUID_A}|9f8e7d6c-5b4a-4392-8170-6f5e4d3c2b1a",
+    }
+    assert params(route) == [filters, filters | {"next": "41003"}, filters | {"next": "41004"}]
+    assert [len(p.records) for p in pages] == [2, 1, 0]
+    assert pages[0].records[1] == ShinySession(GUID_A, None, us(2025, 3, 2, 8, 16), None, 1)
+    assert [p.server_time for p in pages] == [DATE_EPOCH, DATE_EPOCH, DATE_EPOCH]
+    assert observed.calls == [(SHINY, "200")] * 3
+
+
+@pytest.mark.anyio
+async def test_cursor_paging_without_filters_sends_only_limit_and_order(
+    client: ConnectClient, mock: respx.MockRouter
+) -> None:
+    route = mock.get(VISITS).mock(return_value=ok(load("client_visits_last_empty.json")))
+    pages = await collect(client.visit_pages())
+    assert params(route) == [{"limit": "500", "asc_order": "true"}]
+    assert len(pages) == 1
+    assert pages[0].records == []
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("asked", "sent"), [(0, "1"), (-5, "1"), (20, "20"), (10_000, "500")])
+async def test_limit_is_clamped(
+    client: ConnectClient, mock: respx.MockRouter, asked: int, sent: str
+) -> None:
+    route = mock.get(VISITS).mock(return_value=ok({"results": []}))
+    await collect(client.visit_pages(limit=asked))
+    assert params(route) == [{"limit": sent, "asc_order": "true"}]
+
+
+@pytest.mark.anyio
+async def test_a_malformed_record_is_reported_and_the_rest_of_the_page_kept(
+    client: ConnectClient, mock: respx.MockRouter
+) -> None:
+    mock.get(VISITS).mock(
+        side_effect=[
+            ok(load("client_visits_page1.json")),
+            ok(load("client_visits_last_empty.json")),
+        ]
+    )
+    pages = await collect(client.visit_pages())
+    first = pages[0]
+    assert [(v.user_guid, v.rendering_id, v.bundle_id) for v in first.records] == [
+        ("c0ffee00-1111-4222-8333-444455556666", "12", "345"),
+        (None, None, "9876"),
+        ("d00dfeed-7777-4888-9999-aaaabbbbcccc", "55", "9876"),
+    ]
+    assert [(m.endpoint, m.field) for m in first.malformed] == [(VISITS, "content_guid")]
+
+
+@pytest.mark.anyio
+async def test_a_repeated_cursor_raises_paging_error_instead_of_looping(
+    client: ConnectClient, mock: respx.MockRouter
+) -> None:
+    def page(cursor: str) -> httpx.Response:
+        return ok({"paging": {"cursors": {"next": cursor}}, "results": []})
+
+    route = mock.get(SHINY).mock(side_effect=[page("a"), page("b"), page("a")])
+    seen: list[Page[ShinySession]] = []
+    with pytest.raises(PagingError, match="sent the cursor 'a' a second time"):
+        async for p in client.shiny_usage_pages():
+            seen.append(p)
+    assert len(seen) == 3
+    assert [q.get("next") for q in params(route)] == [None, "a", "b"]
+
+
+@pytest.mark.anyio
+async def test_a_cursor_pointing_at_itself_is_caught_on_the_second_page(
+    client: ConnectClient, mock: respx.MockRouter
+) -> None:
+    body = {"paging": {"cursors": {"previous": "7", "next": 7}}, "results": []}
+    route = mock.get(SHINY).mock(return_value=ok(body))
+    with pytest.raises(PagingError):
+        await collect(client.shiny_usage_pages())
+    assert route.call_count == 2
+
+
+@pytest.mark.anyio
+async def test_a_page_larger_than_limit_is_a_format_error_and_retried(
+    client: ConnectClient, mock: respx.MockRouter, observed: Observed, sleeps: Sleeps
+) -> None:
+    record = {"content_guid": "g", "time": "2025-01-01T00:00:00Z"}
+    route = mock.get(VISITS).mock(return_value=ok({"results": [record] * 3}))
+    with pytest.raises(RetriesExhaustedError) as caught:
+        await collect(client.visit_pages(limit=2))
+    assert route.call_count == 4
+    assert isinstance(caught.value.last_error, ResponseFormatError)
+    assert str(caught.value.last_error) == "a cursor page holds 3 records, more than limit=2"
+    assert observed.calls == [(VISITS, "invalid_response")] * 4
+    assert sleeps.requested == [0.5, 1.0, 2.0]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "body",
+    [
+        [],
+        {"paging": {}},
+        {"results": {}},
+        {"results": [], "paging": []},
+        {"results": [], "paging": {"cursors": "x"}},
+        {"results": [], "paging": {"cursors": {"next": 1.5}}},
+    ],
+)
+async def test_wrong_cursor_page_shapes_are_format_errors(
+    mock: respx.MockRouter, body: Any
+) -> None:
+    route = mock.get(SHINY).mock(return_value=ok(body))
+    client = ConnectClient(SERVER, KEY, max_retries=0)
+    with pytest.raises(RetriesExhaustedError) as caught:
+        await collect(client.shiny_usage_pages())
+    assert route.call_count == 1
+    assert isinstance(caught.value.last_error, ResponseFormatError)
+    assert caught.value.attempts == 1
+
+
+# --- offset paging --------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_users_offset_paging_stops_at_total(
+    client: ConnectClient, mock: respx.MockRouter
+) -> None:
+    route = mock.get("v1/users").mock(
+        side_effect=[ok(load("client_users_page1.json")), ok(load("client_users_page2.json"))]
+    )
+    page = await client.users()
+    assert params(route) == [
+        {"page_number": "1", "page_size": "500"},
+        {"page_number": "2", "page_size": "500"},
+    ]
+    assert [(u.username, u.role, u.locked, u.confirmed) for u in page.records] == [
+        ("dana", "publisher", False, True),
+        ("eli", "viewer", False, False),
+        ("root", "administrator", True, True),
+    ]
+    assert page.malformed == []
+    assert page.server_time == DATE_EPOCH
+
+
+@pytest.mark.anyio
+async def test_offset_paging_without_total_stops_on_an_empty_page(
+    client: ConnectClient, mock: respx.MockRouter
+) -> None:
+    groups = [{"guid": f"g{i}", "name": f"n{i}"} for i in range(500)]
+    route = mock.get("v1/groups").mock(side_effect=[ok({"results": groups}), ok({"results": []})])
+    page = await client.groups()
+    assert route.call_count == 2
+    assert len(page.records) == 500
+    assert page.records[499] == Group("g499", "n499")
+
+
+@pytest.mark.anyio
+async def test_offset_paging_a_short_page_without_total_is_the_last(
+    client: ConnectClient, mock: respx.MockRouter
+) -> None:
+    route = mock.get("v1/groups").mock(
+        return_value=ok({"results": [{"guid": "g", "name": "n"}, {"guid": 5}]})
+    )
+    page = await client.groups()
+    assert route.call_count == 1
+    assert page.records == [Group("g", "n")]
+    assert [(m.endpoint, m.field) for m in page.malformed] == [("v1/groups", "guid")]
+
+
+@pytest.mark.anyio
+async def test_offset_paging_that_ignores_page_number_is_a_paging_error(
+    client: ConnectClient, mock: respx.MockRouter
+) -> None:
+    users = load("client_users_page1.json")
+    body = {"results": users["results"], "total": 10}
+    route = mock.get("v1/users").mock(return_value=ok(body))
+    with pytest.raises(PagingError, match="page 2 repeats page 1"):
+        await client.users()
+    assert route.call_count == 2
+
+
+@pytest.mark.anyio
+async def test_offset_paging_answering_the_wrong_page_is_a_paging_error(
+    client: ConnectClient, mock: respx.MockRouter
+) -> None:
+    mock.get("v1/users").mock(return_value=ok(load("client_users_page2.json")))
+    with pytest.raises(PagingError, match="asked for page 1, got page 2"):
+        await client.users()
+
+
+@pytest.mark.anyio
+async def test_offset_paging_has_a_bound(
+    client: ConnectClient, mock: respx.MockRouter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(client_module, "MAX_OFFSET_PAGES", 3)
+    counter = iter(range(1000))
+
+    def page(request: httpx.Request) -> httpx.Response:
+        return ok({"results": [{"guid": f"g{next(counter)}", "name": "n"}], "total": 100})
+
+    route = mock.get("v1/groups").mock(side_effect=page)
+    with pytest.raises(PagingError, match="still paging after 3 pages"):
+        await client.groups()
+    assert route.call_count == 3
+
+
+# --- retries --------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_503_is_retried_with_exponential_full_jitter_backoff(
+    mock: respx.MockRouter, observed: Observed
+) -> None:
+    sleeps = Sleeps()
+    client = ConnectClient(
+        SERVER,
+        KEY,
+        max_retries=4,
+        backoff_base=0.5,
+        backoff_max=3.0,
+        observer=observed,
+        sleep=sleeps,
+        jitter=lambda cap: cap / 2,
+    )
+    route = mock.get("v1/content").mock(return_value=httpx.Response(503))
+    with pytest.raises(RetriesExhaustedError) as caught:
+        await client.content()
+    assert route.call_count == 5
+    assert sleeps.requested == [0.25, 0.5, 1.0, 1.5]
+    assert observed.calls == [("v1/content", "503")] * 5
+    err = caught.value
+    assert err.attempts == 5
+    assert isinstance(err.last_error, ConnectHTTPError)
+    assert err.last_error.status == 503
+    assert err.__cause__ is err.last_error
+    assert str(err) == "v1/content: gave up after 5 attempts; last error: HTTP 503"
+
+
+@pytest.mark.anyio
+async def test_default_jitter_stays_within_the_cap(mock: respx.MockRouter) -> None:
+    sleeps = Sleeps()
+    client = ConnectClient(
+        SERVER, KEY, max_retries=6, backoff_base=1.0, backoff_max=4.0, sleep=sleeps
+    )
+    mock.get("v1/content").mock(return_value=httpx.Response(502))
+    with pytest.raises(RetriesExhaustedError):
+        await client.content()
+    caps = [1.0, 2.0, 4.0, 4.0, 4.0, 4.0]
+    assert len(sleeps.requested) == 6
+    assert all(0.0 <= s <= cap for s, cap in zip(sleeps.requested, caps, strict=True))
+
+
+@pytest.mark.anyio
+async def test_429_honours_retry_after_seconds_capped_at_backoff_max(
+    client: ConnectClient, mock: respx.MockRouter, sleeps: Sleeps, observed: Observed
+) -> None:
+    route = mock.get("v1/content").mock(
+        side_effect=[
+            httpx.Response(429, headers={"Retry-After": "7"}),
+            httpx.Response(503, headers={"Retry-After": "3600"}),
+            ok([]),
+        ]
+    )
+    page = await client.content()
+    assert page.records == []
+    assert route.call_count == 3
+    assert sleeps.requested == [7.0, 30.0]
+    assert observed.calls == [("v1/content", "429"), ("v1/content", "503"), ("v1/content", "200")]
+
+
+@pytest.mark.anyio
+async def test_retry_after_as_an_http_date_counts_from_the_servers_date(
+    client: ConnectClient, mock: respx.MockRouter, sleeps: Sleeps
+) -> None:
+    mock.get("v1/content").mock(
+        side_effect=[
+            httpx.Response(
+                503, headers={"Date": DATE, "Retry-After": "Tue, 10 Jun 2025 22:10:12 GMT"}
+            ),
+            httpx.Response(503, headers={"Date": DATE, "Retry-After": "garbage"}),
+            ok([]),
+        ]
+    )
+    await client.content()
+    # the second has an unreadable Retry-After: plain backoff (attempt 1: 0.5 * 2)
+    assert sleeps.requested == [12.0, 1.0]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("failure", "outcome"),
+    [
+        (httpx.ReadTimeout("read timed out"), "timeout"),
+        (httpx.ConnectTimeout("connect timed out"), "timeout"),
+        (httpx.PoolTimeout("pool"), "timeout"),
+        (httpx.ConnectError("connection refused"), "connection_error"),
+        (httpx.ReadError("connection reset by peer"), "connection_error"),
+        (httpx.RemoteProtocolError("peer closed connection"), "connection_error"),
+        (httpx.ProxyError("proxy said no"), "connection_error"),
+    ],
+)
+async def test_transport_failures_are_retried(
+    client: ConnectClient,
+    mock: respx.MockRouter,
+    sleeps: Sleeps,
+    observed: Observed,
+    failure: Exception,
+    outcome: str,
+) -> None:
+    route = mock.get("v1/content").mock(side_effect=[failure, failure, ok([])])
+    page = await client.content()
+    assert page.records == []
+    assert route.call_count == 3
+    assert sleeps.requested == [0.5, 1.0]
+    assert observed.calls == [("v1/content", outcome)] * 2 + [("v1/content", "200")]
+
+
+@pytest.mark.anyio
+async def test_exhausted_transport_failures_wrap_the_last_error(
+    client: ConnectClient, mock: respx.MockRouter
+) -> None:
+    failure = httpx.ConnectError("connection refused")
+    mock.get("server_settings").mock(side_effect=failure)
+    with pytest.raises(RetriesExhaustedError) as caught:
+        await client.server_settings()
+    assert caught.value.attempts == 4
+    assert caught.value.last_error is failure
+    assert str(caught.value) == (
+        "server_settings: gave up after 4 attempts; last error: ConnectError: connection refused"
+    )
+    assert_key_hidden(caught.value)
+
+
+@pytest.mark.anyio
+async def test_each_retry_logs_a_warning_without_the_key(
+    client: ConnectClient, mock: respx.MockRouter, caplog: pytest.LogCaptureFixture
+) -> None:
+    mock.get("v1/users").mock(side_effect=[httpx.Response(504), ok({"results": []})])
+    with caplog.at_level(logging.WARNING, logger="exporter.client"):
+        await client.users()
+    assert [(r.name, r.levelno, r.getMessage()) for r in caplog.records] == [
+        ("exporter.client", logging.WARNING, "v1/users: HTTP 504; retry 1 of 3 in 0.50s")
+    ]
+    assert KEY not in caplog.text
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("status", "kind"),
+    [
+        (400, ConnectHTTPError),
+        (401, AuthenticationError),
+        (403, PermissionDeniedError),
+        (404, NotFoundError),
+        (500, ConnectHTTPError),
+        (501, ConnectHTTPError),
+        (302, ConnectHTTPError),
+    ],
+)
+async def test_client_errors_and_500_are_not_retried(
+    client: ConnectClient,
+    mock: respx.MockRouter,
+    sleeps: Sleeps,
+    observed: Observed,
+    status: int,
+    kind: type[ConnectHTTPError],
+) -> None:
+    route = mock.get("v1/content").mock(return_value=httpx.Response(status))
+    with pytest.raises(kind) as caught:
+        await client.content()
+    assert type(caught.value) is kind
+    assert caught.value.status == status
+    assert caught.value.endpoint == "v1/content"
+    assert route.call_count == 1
+    assert sleeps.requested == []
+    assert observed.calls == [("v1/content", str(status))]
+
+
+@pytest.mark.anyio
+async def test_401_says_what_to_do_and_keeps_connects_code(
+    client: ConnectClient, mock: respx.MockRouter
+) -> None:
+    body = {
+        "code": 24,
+        "error": "The requested operation requires authentication.",
+        "payload": None,
+    }
+    mock.get(SHINY).mock(return_value=httpx.Response(401, json=body))
+    with pytest.raises(AuthenticationError) as caught:
+        await collect(client.shiny_usage_pages())
+    err = caught.value
+    assert (err.status, err.code, err.error) == (
+        401,
+        24,
+        "The requested operation requires authentication.",
+    )
+    assert str(err) == (
+        "v1/instrumentation/shiny/usage: HTTP 401: the API key was rejected: it is missing, "
+        "wrong, expired or revoked; set CONNECT_API_KEY to a valid key (Connect error 24: "
+        "The requested operation requires authentication.)"
+    )
+    assert isinstance(err, ConnectError)
+    assert_key_hidden(err)
+
+
+@pytest.mark.anyio
+async def test_403_on_instrumentation_says_which_key_is_needed(
+    client: ConnectClient, mock: respx.MockRouter
+) -> None:
+    mock.get(VISITS).mock(return_value=httpx.Response(403, json={"code": 3, "error": "forbidden"}))
+    with pytest.raises(PermissionDeniedError) as caught:
+        await collect(client.visit_pages())
+    assert str(caught.value) == (
+        "v1/instrumentation/content/visits: HTTP 403: the API key may not read this: reading "
+        "instrumentation needs a publisher or administrator key (a viewer key cannot); a "
+        "publisher key only sees usage of its own content, use an administrator key for the "
+        "whole server (Connect error 3: forbidden)"
+    )
+    assert_key_hidden(caught.value)
+
+
+@pytest.mark.anyio
+async def test_403_on_metadata_says_which_key_is_needed(
+    client: ConnectClient, mock: respx.MockRouter
+) -> None:
+    mock.get("v1/users").mock(return_value=httpx.Response(403))
+    mock.get(f"v1/content/{GUID_A}/permissions").mock(return_value=httpx.Response(403))
+    with pytest.raises(PermissionDeniedError) as users:
+        await client.users()
+    assert str(users.value) == (
+        "v1/users: HTTP 403: the API key may not read this: listing users needs a key whose "
+        "user may list users; a publisher or viewer key may be refused or see only part, use "
+        "an administrator key for the whole server"
+    )
+    with pytest.raises(PermissionDeniedError) as perms:
+        await client.permissions(GUID_A)
+    assert str(perms.value) == (
+        f"v1/content/{GUID_A}/permissions: HTTP 403: the API key may not read this: reading a "
+        "content item's permissions needs an administrator key or a key of its owner or a "
+        "collaborator; a publisher key only sees its own content, use an administrator key "
+        "for the whole server"
+    )
+
+
+@pytest.mark.anyio
+async def test_a_key_echoed_by_a_proxy_is_redacted(
+    client: ConnectClient, mock: respx.MockRouter
+) -> None:
+    mock.get("v1/content").mock(
+        return_value=httpx.Response(400, json={"error": f"bad header Key {KEY}"})
+    )
+    with pytest.raises(ConnectHTTPError) as caught:
+        await client.content()
+    assert str(caught.value) == "v1/content: HTTP 400 (bad header Key [redacted])"
+    assert_key_hidden(caught.value)
+
+
+# --- bad bodies -----------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_truncated_json_is_retried_then_exhausted(
+    client: ConnectClient, mock: respx.MockRouter, observed: Observed, sleeps: Sleeps
+) -> None:
+    route = mock.get(SHINY).mock(
+        return_value=httpx.Response(
+            200,
+            content=b'{"results": [{"content_guid": "',
+            headers={"Content-Type": "application/json"},
+        )
+    )
+    with pytest.raises(RetriesExhaustedError) as caught:
+        await collect(client.shiny_usage_pages())
+    assert route.call_count == 4
+    assert sleeps.requested == [0.5, 1.0, 2.0]
+    assert observed.calls == [(SHINY, "invalid_response")] * 4
+    assert isinstance(caught.value.last_error, ResponseFormatError)
+    assert str(caught.value.last_error) == (
+        "HTTP 200 with a body that is not valid JSON (truncated?); 31 bytes of application/json"
+    )
+    assert_key_hidden(caught.value)
+
+
+@pytest.mark.anyio
+async def test_an_html_page_with_200_is_retried_and_recovers(
+    client: ConnectClient, mock: respx.MockRouter, observed: Observed
+) -> None:
+    html = httpx.Response(
+        200, content=b"<html><body>Sign in</body></html>", headers={"Content-Type": "text/html"}
+    )
+    mock.get("v1/content").mock(side_effect=[html, ok(load("client_content.json"))])
+    page = await client.content()
+    assert len(page.records) == 2
+    assert observed.calls == [("v1/content", "invalid_response"), ("v1/content", "200")]
+
+
+@pytest.mark.anyio
+async def test_an_html_page_is_named_as_such(mock: respx.MockRouter) -> None:
+    mock.get("v1/content").mock(return_value=httpx.Response(200, content=b"  <!doctype html>"))
+    with pytest.raises(RetriesExhaustedError) as caught:
+        await ConnectClient(SERVER, KEY, max_retries=0).content()
+    assert str(caught.value.last_error) == (
+        "HTTP 200 with an HTML page, not JSON (a login or proxy page? check CONNECT_SERVER); "
+        "17 bytes of no content type"
+    )
+
+
+@pytest.mark.anyio
+async def test_content_must_be_an_array(client: ConnectClient, mock: respx.MockRouter) -> None:
+    mock.get("v1/content").mock(return_value=ok({"results": []}))
+    with pytest.raises(RetriesExhaustedError) as caught:
+        await client.content()
+    assert str(caught.value.last_error) == "expected a JSON array, got a JSON dict"
+
+
+# --- hits and the server version ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "parsed"),
+    [
+        ("2025.04.0", (2025, 4, 0)),
+        ("2026.01.12", (2026, 1, 12)),
+        ("2024.12.1-dev+42", (2024, 12, 1)),
+        ("", None),
+        (None, None),
+        ("unknown", None),
+    ],
+)
+def test_parse_version(text: str | None, parsed: tuple[int, int, int] | None) -> None:
+    assert parse_version(text) == parsed
+
+
+@pytest.mark.anyio
+async def test_hits_on_an_older_connect_are_unsupported(
+    client: ConnectClient, mock: respx.MockRouter
+) -> None:
+    mock.get("server_settings").mock(return_value=ok({"version": "2024.05.0"}))
+    hits = mock.get(HITS).mock(return_value=ok([]))
+    with pytest.raises(UnsupportedError) as caught:
+        await client.hits(start=us(2025, 5, 1), end=us(2025, 5, 2))
+    assert str(caught.value) == "hits need Connect 2025.04.0 or later; this server is 2024.05.0"
+    assert hits.call_count == 0
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("settings", [{"version": ""}, {}, {"version": "nightly"}])
+async def test_hits_without_a_version_are_unsupported(
+    client: ConnectClient, mock: respx.MockRouter, settings: dict[str, str]
+) -> None:
+    mock.get("server_settings").mock(return_value=ok(settings))
+    with pytest.raises(UnsupportedError, match="does not report a usable version"):
+        await client.hits(start=us(2025, 5, 1), end=us(2025, 5, 2))
+
+
+@pytest.mark.anyio
+async def test_hits_send_from_and_to_and_learn_the_version_once(
+    client: ConnectClient, mock: respx.MockRouter
+) -> None:
+    settings = mock.get("server_settings").mock(return_value=ok({"version": "2025.04.0"}))
+    route = mock.get(HITS).mock(return_value=ok(load("client_hits.json")))
+    page = await client.hits(start=us(2025, 5, 1, 0, 0, 0, 500), end=us(2025, 5, 1, 12, 0, 0, 1))
+    await client.hits(start=us(2025, 5, 1), end=us(2025, 5, 2))
+    assert settings.call_count == 1
+    assert params(route) == [
+        {"from": "2025-05-01T00:00:00Z", "to": "2025-05-01T12:00:01Z"},
+        {"from": "2025-05-01T00:00:00Z", "to": "2025-05-02T00:00:00Z"},
+    ]
+    assert [(h.id, h.user_guid, h.timestamp, h.path) for h in page.records] == [
+        ("5550001", None, us(2025, 5, 1, 12, 0, 0, 123456), "/api/ping"),
+        ("5550002", "c0ffee00-1111-4222-8333-444455556666", us(2025, 5, 1, 12, 0, 1), None),
+    ]
+    assert page.server_time == DATE_EPOCH
+
+
+@pytest.mark.anyio
+async def test_hits_content_filter_needs_2026_01(
+    client: ConnectClient, mock: respx.MockRouter
+) -> None:
+    mock.get("server_settings").mock(return_value=ok({"version": "2025.04.0"}))
+    route = mock.get(HITS).mock(return_value=ok([]))
+    with pytest.raises(UnsupportedError) as caught:
+        await client.hits(start=us(2025, 5, 1), end=us(2025, 5, 2), content_guids=[GUID_A])
+    assert str(caught.value) == (
+        "filtering hits by content_guid needs Connect 2026.01.0 or later; this server is 2025.04.0"
+    )
+    assert route.call_count == 0
+
+
+@pytest.mark.anyio
+async def test_hits_content_filter_on_2026_01(
+    client: ConnectClient, mock: respx.MockRouter
+) -> None:
+    mock.get("server_settings").mock(return_value=ok({"version": "2026.01.0"}))
+    route = mock.get(HITS).mock(return_value=ok([]))
+    await client.hits(start=us(2025, 5, 1), end=us(2025, 5, 2), content_guids=[GUID_A, "b"])
+    assert params(route) == [
+        {
+            "from": "2025-05-01T00:00:00Z",
+            "to": "2025-05-02T00:00:00Z",
+            "content_guid": f"{GUID_A}|b",
+        }
+    ]
+
+
+# --- concurrency ----------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_concurrency_is_bounded(mock: respx.MockRouter) -> None:
+    in_flight = 0
+    peak = 0
+
+    async def slow(request: httpx.Request) -> httpx.Response:
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        await anyio.sleep(0.01)
+        in_flight -= 1
+        return ok([])
+
+    mock.get(url__regex=r".*/permissions$").mock(side_effect=slow)
+    client = ConnectClient(SERVER, KEY, max_concurrency=2)
+    async with client, anyio.create_task_group() as group:
+        for i in range(6):
+            group.start_soon(client.permissions, f"guid-{i}")
+    assert peak == 2
+    assert mock.calls.call_count == 6
+
+
+@pytest.mark.anyio
+async def test_context_manager_closes_the_http_client(mock: respx.MockRouter) -> None:
+    async with ConnectClient(SERVER, KEY) as client:
+        pass
+    assert client._http.is_closed is True
