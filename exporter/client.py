@@ -612,7 +612,9 @@ class ConnectClient:
                 raise PagingError(f"{template}: asked for page {page_number}, got page {current}")
             if not raw:
                 break
-            fingerprint = tuple(r.get("guid") if isinstance(r, dict) else r for r in raw)
+            fingerprint = tuple(
+                r["guid"] if isinstance(r, dict) and "guid" in r else repr(r) for r in raw
+            )
             if fingerprint == previous:
                 raise PagingError(
                     f"{template}: page {page_number} repeats page {page_number - 1}; "

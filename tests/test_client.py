@@ -159,6 +159,10 @@ def test_a_key_a_header_cannot_carry_is_refused_without_echoing_it() -> None:
     assert "abc" not in str(caught.value)
 
 
+def test_the_timeout_applies_to_every_phase() -> None:
+    assert ConnectClient(SERVER, KEY, timeout=12.5)._http.timeout == httpx.Timeout(12.5)
+
+
 def test_repr_names_the_server_not_the_key() -> None:
     assert repr(ConnectClient(SERVER, KEY)) == "ConnectClient('https://connect.test/__api__/')"
 
