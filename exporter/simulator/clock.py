@@ -12,14 +12,16 @@ import time
 class Clock:
     """A monotonic clock in epoch seconds that can run at ``speed`` times real time."""
 
-    def __init__(self, start: float | None = None, *, speed: float = 1.0) -> None:
+    def __init__(
+        self, start: float | None = None, *, speed: float = 1.0, paused: bool = False
+    ) -> None:
         if speed < 0:
             raise ValueError("speed must be >= 0")
         self._lock = threading.Lock()
         self._base = time.time() if start is None else float(start)
         self._mono = time.monotonic()
         self._speed = float(speed)
-        self._paused = False
+        self._paused = paused
 
     def _rebase(self) -> None:
         now_mono = time.monotonic()

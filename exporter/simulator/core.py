@@ -79,9 +79,12 @@ class PageResult:
 class Simulator:
     """A fake Posit Connect: deterministic data, live traffic, faults, and ground truth."""
 
-    def __init__(self, config: SimConfig | None = None, *, now: float | None = None) -> None:
+    def __init__(
+        self, config: SimConfig | None = None, *, now: float | None = None, paused: bool = False
+    ) -> None:
+        """``now`` starts the clock there (default: wall time); ``paused`` holds it still."""
         self.config = config = config or SimConfig()
-        self.clock = Clock(now, speed=config.clock_speed)
+        self.clock = Clock(now, speed=config.clock_speed, paused=paused)
         self._lock = threading.RLock()
         now_us = seconds_to_us(self.clock.now())
         self.version = version_tuple(config.connect_version)

@@ -55,6 +55,7 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "connect-sim/1"
     sys_version = ""
     timeout = 120  # idle keep-alive connections
+    disable_nagle_algorithm = True  # headers and body are separate writes: no 40 ms stalls
     server: _Server
 
     def log_message(self, format: str, *args: Any) -> None:
