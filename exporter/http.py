@@ -8,7 +8,6 @@ snapshot reference, so it never waits for the poller.
 from __future__ import annotations
 
 import html
-import ipaddress
 import logging
 import socket
 import threading
@@ -21,6 +20,7 @@ from prometheus_client import make_wsgi_app
 from prometheus_client.registry import CollectorRegistry
 
 from exporter import __version__
+from exporter.settings import parse_listen_address
 
 if TYPE_CHECKING:
     from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
@@ -33,40 +33,6 @@ Readiness = Callable[[], tuple[bool, str]]
 
 _TEXT = "text/plain; charset=utf-8"
 _ALLOWED = "GET, HEAD"
-_MAX_PORT = 65535
-
-
-def parse_listen_address(value: str) -> tuple[str, int]:
-    """Split `host:port` (IPv6 as `[::1]:9741`) into a bind host and port.
-
-    An empty host (`:9741`) means all IPv4 interfaces, like the default `0.0.0.0:9741`.
-    """
-    text = value.strip()
-    if text.startswith("["):
-        end = text.find("]")
-        if end == -1 or not text[end + 1 :].startswith(":"):
-            raise ValueError(f"invalid listen address {value!r}: expected [IPv6]:port")
-        host, port_text = text[1:end], text[end + 2 :]
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise ValueError(
-                f"invalid listen address {value!r}: {host!r} is not an IPv6 address"
-            ) from None
-    else:
-        host, sep, port_text = text.rpartition(":")
-        if not sep:
-            raise ValueError(f"invalid listen address {value!r}: expected host:port")
-        if ":" in host:
-            raise ValueError(
-                f"invalid listen address {value!r}: put an IPv6 address in brackets, e.g. [::]:9741"
-            )
-        host = host or "0.0.0.0"
-    if not port_text.isdigit() or not 0 <= int(port_text) <= _MAX_PORT:
-        raise ValueError(
-            f"invalid listen address {value!r}: port must be a number from 0 to {_MAX_PORT}"
-        )
-    return host, int(port_text)
 
 
 def _landing_page() -> bytes:

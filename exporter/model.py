@@ -74,7 +74,7 @@ class Delta:
     meta: dict[str, str] = field(default_factory=dict)
     hwm: dict[str, int] = field(default_factory=dict)
     counters: list[tuple[str, str, int]] = field(default_factory=list)
-    durations: list[tuple[str, str, float]] = field(default_factory=list)  # guid, counts csv, sum
+    durations: list[tuple[str, str, int]] = field(default_factory=list)  # guid, counts csv, sum µs
     shiny_upserts: list[tuple[str, str, int, int, int]] = field(default_factory=list)
     shiny_deletes: list[tuple[str, str, int]] = field(default_factory=list)
     visit_upserts: list[tuple[bytes, int, int]] = field(default_factory=list)
@@ -154,7 +154,7 @@ class UsageModel:
         self.hwm: dict[str, int] = {}
         self.counters: dict[CounterKey, int] = {}
         self.duration_counts: dict[str, list[int]] = {}
-        self.duration_sums: dict[str, float] = {}
+        self.duration_sums: dict[str, int] = {}  # µs: exact, whatever the order of adding
         self.shiny_keys: dict[ShinyKey, tuple[int, int]] = {}  # key -> (state, time µs)
         self.visit_keys: dict[bytes, tuple[int, int]] = {}  # key -> (count, time µs)
         self.user_last: dict[str, int] = {}
@@ -295,13 +295,13 @@ class UsageModel:
     # -- Shiny sessions ---------------------------------------------------------------------
 
     def _observe(self, content: str, started: int, ended: int) -> None:
-        seconds = (ended - started) / US
+        micros = ended - started
         counts = self.duration_counts.get(content)
         if counts is None:
             counts = self.duration_counts[content] = [0] * (len(DURATION_BUCKETS) + 1)
-            self.duration_sums[content] = 0.0
-        counts[_bucket_index(seconds)] += 1
-        self.duration_sums[content] += seconds
+            self.duration_sums[content] = 0
+        counts[_bucket_index(micros / US)] += 1
+        self.duration_sums[content] += micros
         self._dirty_durations.add(content)
 
     def apply_shiny(self, sessions: Iterable[ShinySession], walk: WalkTally, now_us: int) -> None:
@@ -484,7 +484,7 @@ class UsageModel:
             else:
                 totals[name][label] = value
         durations = {
-            c: HistogramValue(tuple(counts), self.duration_sums[c])
+            c: HistogramValue(tuple(counts), self.duration_sums[c] / US)
             for c, counts in self.duration_counts.items()
         }
         user_events: dict[tuple[str, str], int] = {}

@@ -11,12 +11,14 @@ import ipaddress
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ENV_PREFIX = "CONNECT_EXPORTER_"
-DEFAULT_PORT = 9741  # neither Connect's 3232 nor Workbench's 8989
+DEFAULT_PORT = 9741
+MAX_PORT = 65535  # neither Connect's 3232 nor Workbench's 8989
 DEFAULT_EXCLUDE_USER_AGENTS = ("ContentHealthMonitor/",)
 
 # Settings whose environment names do not carry the exporter's prefix.
@@ -36,17 +38,36 @@ def flag_name(field: str) -> str:
 
 
 def parse_listen_address(value: str) -> tuple[str, int]:
-    """Split `host:port` (IPv6 in brackets); an empty host means all interfaces."""
-    host, sep, port_text = value.rpartition(":")
-    if not sep or not port_text.isdigit():
-        raise ValueError(f"expected host:port, got {value!r}")
-    port = int(port_text)
-    if not 0 <= port <= 65535:
-        raise ValueError(f"port {port} is out of range 0-65535")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-        ipaddress.IPv6Address(host)
-    return host or "0.0.0.0", port
+    """Split `host:port` (IPv6 as `[::1]:9741`) into a bind host and port.
+
+    An empty host (`:9741`) means all IPv4 interfaces, like the default `0.0.0.0:9741`.
+    """
+    text = value.strip()
+    if text.startswith("["):
+        end = text.find("]")
+        if end == -1 or not text[end + 1 :].startswith(":"):
+            raise ValueError(f"invalid listen address {value!r}: expected [IPv6]:port")
+        host, port_text = text[1:end], text[end + 2 :]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(
+                f"invalid listen address {value!r}: {host!r} is not an IPv6 address"
+            ) from None
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            raise ValueError(f"invalid listen address {value!r}: expected host:port")
+        if ":" in host:
+            raise ValueError(
+                f"invalid listen address {value!r}: put an IPv6 address in brackets, e.g. [::]:9741"
+            )
+        host = host or "0.0.0.0"
+    if not port_text.isdigit() or not 0 <= int(port_text) <= MAX_PORT:
+        raise ValueError(
+            f"invalid listen address {value!r}: port must be a number from 0 to {MAX_PORT}"
+        )
+    return host, int(port_text)
 
 
 class Settings(BaseSettings):
@@ -83,7 +104,8 @@ class Settings(BaseSettings):
     @classmethod
     def _server_is_http_url(cls, value: str) -> str:
         value = value.strip()
-        if not value.startswith(("http://", "https://")) or len(value) <= len("https://"):
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("must be an http:// or https:// URL of the Connect server")
         return value.rstrip("/")
 
@@ -139,7 +161,7 @@ def load_settings(overrides: Mapping[str, Any] | None = None) -> Settings:
         field = str(location[0])
         if field in _UNPREFIXED.values():
             field = next(name for name, env in _UNPREFIXED.items() if env == field)
-        message = error.get("msg", "invalid value")
+        message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
         if error.get("type") == "missing":
             message = "is required but not set"
         if field == "api_key":  # never a flag: a key on the command line shows in `ps`

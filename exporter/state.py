@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 from exporter import __version__
@@ -22,7 +23,7 @@ CREATE TABLE IF NOT EXISTS hwm (stream TEXT PRIMARY KEY, value INTEGER NOT NULL)
 CREATE TABLE IF NOT EXISTS counters (
     name TEXT NOT NULL, label TEXT NOT NULL, value INTEGER NOT NULL, PRIMARY KEY (name, label));
 CREATE TABLE IF NOT EXISTS durations (
-    content_guid TEXT PRIMARY KEY, counts TEXT NOT NULL, sum REAL NOT NULL);
+    content_guid TEXT PRIMARY KEY, counts TEXT NOT NULL, sum_us INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS shiny_keys (
     content_guid TEXT NOT NULL, user_guid TEXT NOT NULL, started INTEGER NOT NULL,
     state INTEGER NOT NULL, time INTEGER NOT NULL,
@@ -186,9 +187,7 @@ class StateStore:
                 raise
 
 
-def _many(
-    db: sqlite3.Connection, sql: str, rows: list[tuple[object, ...]] | list[tuple[bytes]]
-) -> None:
+def _many(db: sqlite3.Connection, sql: str, rows: Sequence[tuple[object, ...]]) -> None:
     if rows:
         db.executemany(sql, rows)
 

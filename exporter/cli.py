@@ -1,0 +1,134 @@
+"""The command line: `run`, `run --once`, `demo`, `simulate`.
+
+Every setting is also a flag; flags win over the environment. A bad setting exits with status 2
+and one line that names it, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import typing
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from exporter import __version__
+from exporter.settings import Settings, SettingsError, env_name, flag_name, load_settings
+
+PROG = "connect-usage-exporter"
+EXIT_SETTINGS = 2
+EXIT_STATE = 3
+
+
+def _is_bool(field: str) -> bool:
+    return Settings.model_fields[field].annotation is bool
+
+
+def _add_setting_flags(parser: argparse.ArgumentParser, *, skip: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+    for field, info in Settings.model_fields.items():
+        if field == "api_key" or field in skip:
+            continue  # the key only from the environment: a flag would show it in `ps`
+        help_text = (
+            f"(env {env_name(field)}; default {info.default!r})"
+            if not info.is_required()
+            else f"(env {env_name(field)}; required)"
+        )
+        if _is_bool(field):
+            parser.add_argument(
+                flag_name(field),
+                dest=field,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=help_text,
+            )
+        else:
+            parser.add_argument(
+                flag_name(field), dest=field, default=None, metavar="VALUE", help=help_text
+            )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Prometheus exporter for Posit Connect usage data."
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = commands.add_parser("run", help="poll Connect and serve /metrics (the service)")
+    _add_setting_flags(run)
+    run.add_argument(
+        "--once", action="store_true", help="poll once, commit, print the exposition and exit"
+    )
+    run.add_argument(
+        "--output", type=Path, default=None, help="with --once: write to FILE atomically"
+    )
+
+    demo = commands.add_parser("demo", help="the exporter against an embedded Connect simulator")
+    _add_setting_flags(demo, skip={"server"})
+    demo.add_argument("--seed", type=int, default=1)
+    demo.add_argument("--content", type=int, default=60, help="content items in the simulator")
+    demo.add_argument("--users", type=int, default=200, help="users in the simulator")
+    demo.add_argument("--history-days", type=float, default=30.0)
+    demo.add_argument("--sim-port", type=int, default=0, help="simulator port (0: any free port)")
+    demo.add_argument(
+        "--clock-speed", type=float, default=10.0, help="simulated seconds per real second"
+    )
+
+    commands.add_parser("simulate", help="start the Connect simulator alone", add_help=False)
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        field: getattr(args, field, None) for field in Settings.model_fields if field != "api_key"
+    }
+
+
+def _fail(message: str, status: int) -> int:
+    print(f"{PROG}: {message}", file=sys.stderr)
+    return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "simulate":
+        from exporter.simulator.cli import main as simulate
+
+        return simulate(argv[1:])
+    args = _parser().parse_args(argv)
+    if args.command is None:
+        _parser().print_help(sys.stderr)
+        return EXIT_SETTINGS
+    if args.command == "demo":
+        from exporter.demo import run_demo
+
+        return run_demo(args, _overrides(args))
+    try:
+        settings = load_settings(_overrides(args))
+    except SettingsError as exc:
+        return _fail(str(exc), EXIT_SETTINGS)
+    return run_service(settings, once=args.once, output=args.output)
+
+
+def run_service(
+    settings: Settings,
+    *,
+    once: bool = False,
+    output: Path | None = None,
+    on_listening: typing.Callable[[str], None] | None = None,
+) -> int:
+    """Run the service (or one poll) with logging set up; state problems exit 3 with the way out."""
+    from exporter.service import run_once, serve, setup_logging
+    from exporter.state import StateError
+
+    setup_logging(settings)
+    try:
+        if once:
+            return anyio.run(run_once, settings, output)
+        return anyio.run(lambda: serve(settings, on_listening=on_listening))
+    except StateError as exc:
+        return _fail(str(exc), EXIT_STATE)
+    except KeyboardInterrupt:
+        return 0

@@ -1,0 +1,159 @@
+"""Wiring: settings → client → poller ⇄ state → collector → HTTP, and a clean exit on signals."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import anyio
+from prometheus_client import CollectorRegistry, generate_latest
+
+from exporter.client import ConnectClient
+from exporter.collector import build_registry
+from exporter.http import ExporterHTTPServer
+from exporter.logs import configure_logging
+from exporter.model import US, UsageModel
+from exporter.poller import Health, Poller
+from exporter.settings import Settings
+from exporter.state import StateStore
+
+log = logging.getLogger("exporter.service")
+
+LOAD_RETRY_MAX = 60.0  # seconds between tries when Connect is unreachable at first start
+
+
+def _verify(settings: Settings) -> bool | str:
+    if settings.insecure_skip_verify:
+        log.warning(
+            "TLS verification of %s is OFF (CONNECT_EXPORTER_INSECURE_SKIP_VERIFY): "
+            "anyone on the path can read the API key",
+            settings.server,
+        )
+        return False
+    return str(settings.ca_file) if settings.ca_file else True
+
+
+def _build(
+    settings: Settings, store: StateStore
+) -> tuple[ConnectClient, Poller, CollectorRegistry]:
+    health = Health()
+    client = ConnectClient(
+        settings.server,
+        settings.api_key.get_secret_value(),
+        timeout=settings.request_timeout,
+        max_retries=settings.max_retries,
+        verify=_verify(settings),
+        observer=health.observe_request,
+        max_concurrency=max(settings.permissions_concurrency, settings.catchup_concurrency) + 2,
+    )
+    model = UsageModel(
+        overlap_us=int(settings.overlap * US),
+        max_session_age_us=int(settings.max_session_age * US),
+        exclude_user_agents=settings.exclude_user_agents,
+        track_user_hours=settings.top_users > 0,
+    )
+    poller = Poller(
+        client,
+        model,
+        store,
+        poll_interval=settings.poll_interval,
+        metadata_interval=settings.metadata_interval,
+        permissions_enabled=settings.permissions_enabled,
+        permissions_concurrency=settings.permissions_concurrency,
+        top_users=settings.top_users,
+        health=health,
+    )
+    return client, poller, build_registry(lambda: poller.snapshot)
+
+
+async def _load(poller: Poller, attempts: int | None = None) -> None:
+    """Restore state or start counting; a Connect that is down at first start is waited for."""
+    delay = 1.0
+    tried = 0
+    while True:
+        try:
+            await poller.load()
+            return
+        except Exception as exc:
+            from exporter.state import StateError
+
+            if isinstance(exc, StateError):
+                raise
+            tried += 1
+            if attempts is not None and tried >= attempts:
+                raise
+            log.error("cannot start counting yet: %s; retrying in %.0fs", exc, delay)
+            await anyio.sleep(delay)
+            delay = min(delay * 2, LOAD_RETRY_MAX)
+
+
+async def serve(settings: Settings, *, on_listening: Callable[[str], None] | None = None) -> int:
+    """The long-running service; returns the exit status."""
+    store = StateStore(settings.state_path)
+    client, poller, registry = _build(settings, store)
+    host, port = settings.listen
+    http = ExporterHTTPServer(registry, host=host, port=port, readiness=poller.readiness)
+    http.start()
+    shown = f"[{host}]" if ":" in host else host
+    url = f"http://{shown}:{http.port}/metrics"
+    log.info("serving metrics on %s (polling %s)", url, settings.server)
+    if on_listening is not None:
+        on_listening(url)
+    try:
+        async with client, anyio.create_task_group() as group:
+
+            async def stop_on_signal() -> None:
+                with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                    async for signum in signals:
+                        log.info(
+                            "received %s: finishing the batch in hand", signal.Signals(signum).name
+                        )
+                        group.cancel_scope.cancel()
+                        return
+
+            group.start_soon(stop_on_signal)
+            await _load(poller)
+            group.start_soon(poller.run)
+    finally:
+        http.stop()
+        store.close()
+    log.info("stopped")
+    return 0
+
+
+async def run_once(settings: Settings, output: Path | None) -> int:
+    """Poll every stream once, commit, write the exposition, exit (textfile collector mode)."""
+    store = StateStore(settings.state_path)
+    client, poller, registry = _build(settings, store)
+    try:
+        async with client:
+            await _load(poller, attempts=1)
+            ok = await poller.poll_all_once()
+    finally:
+        store.close()
+    text = generate_latest(registry)
+    if output is None:
+        sys.stdout.buffer.write(text)
+        sys.stdout.buffer.flush()
+    else:
+        # Atomic for node_exporter's textfile collector: it never reads a half-written file.
+        output.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, output)
+    return 0 if ok else 1
+
+
+def setup_logging(settings: Settings) -> None:
+    configure_logging(
+        fmt=settings.log_format,
+        level=settings.log_level,
+        secrets=(settings.api_key.get_secret_value(),),
+    )

@@ -1,0 +1,85 @@
+"""Helpers for tests against the simulator: an in-process exporter, and truth comparisons."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from exporter.client import ConnectClient
+from exporter.model import US, UsageModel
+from exporter.poller import Health, Poller
+from exporter.simulator import Simulator
+from exporter.snapshot import USER_WINDOWS, WINDOW_SECONDS
+from exporter.state import StateStore
+
+FAR_FUTURE = 1e11
+
+
+@dataclass
+class Connect:
+    sim: Simulator
+    url: str
+
+
+def make_poller(
+    connect: Connect,
+    state_path: Path,
+    *,
+    overlap: float = 120.0,
+    max_session_age: float = 1e9,
+    top_users: int = 0,
+    max_retries: int = 8,
+) -> tuple[ConnectClient, Poller, StateStore]:
+    health = Health()
+    client = ConnectClient(
+        connect.url,
+        connect.sim.keys["admin"],
+        timeout=5.0,
+        max_retries=max_retries,
+        backoff_base=0.01,
+        backoff_max=0.05,
+        observer=health.observe_request,
+    )
+    store = StateStore(state_path)
+    model = UsageModel(
+        overlap_us=int(overlap * US),
+        max_session_age_us=int(max_session_age * US),
+        exclude_user_agents=("ContentHealthMonitor/",),
+        track_user_hours=top_users > 0,
+    )
+    poller = Poller(
+        client,
+        model,
+        store,
+        poll_interval=1.0,
+        metadata_interval=60.0,
+        top_users=top_users,
+        health=health,
+    )
+    return client, poller, store
+
+
+def assert_matches_truth(poller: Poller, sim: Simulator) -> None:
+    """Every usage figure of the snapshot equals the simulator's ground truth, exactly."""
+    snap = poller.snapshot
+    assert snap.counting_since is not None
+    truth = sim.truth(snap.counting_since, FAR_FUTURE)
+    assert dict(snap.shiny_sessions_total) == truth["sessions_started"]
+    assert {g: h.count for g, h in snap.shiny_session_duration.items()} == truth["sessions_ended"]
+    assert {g: h.sum for g, h in snap.shiny_session_duration.items()} == {
+        g: us / US for g, us in truth["session_microseconds"].items()
+    }
+    assert dict(snap.content_visits_total) == truth["visits"]
+    assert (
+        snap.excluded_events_total.get(("visits", "synthetic"), 0)
+        == truth["totals"]["synthetic_visits"]
+    )
+    now = snap.windows_evaluated_at
+    assert now is not None
+    assert dict(snap.shiny_sessions_active) == sim.truth(now, FAR_FUTURE)["sessions_running"]
+    for window in USER_WINDOWS:
+        expected = sim.truth(now - WINDOW_SECONDS[window], FAR_FUTURE)
+        assert snap.active_users[window] == expected["distinct_users"], window
+        if window != "1h":
+            got = {g: n for (g, w), n in snap.content_active_users.items() if w == window and n}
+            assert got == expected["content_distinct_users"], window

@@ -1,0 +1,310 @@
+"""The real command line in subprocesses against the simulator over HTTP.
+
+Settings errors, --once, the demo, SIGTERM, and SIGKILL at random moments followed by restarts
+with nothing lost or doubled."""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from exporter.simulator import SimConfig, SimServer, Simulator
+from tests.support import FAR_FUTURE
+
+EXE = [sys.executable, "-m", "exporter"]
+
+
+def env_for(url: str | None, key: str | None, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONNECT_")}
+    if url is not None:
+        env["CONNECT_SERVER"] = url
+    if key is not None:
+        env["CONNECT_API_KEY"] = key
+    env.update(extra)
+    return env
+
+
+def parse(text: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    """Exposition text → {sample name: {sorted labels: value}}."""
+    out: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+    return out
+
+
+def by_content(samples: dict[tuple[tuple[str, str], ...], float], **fixed: str) -> dict[str, int]:
+    result = {}
+    for labels, value in samples.items():
+        d = dict(labels)
+        if all(d.get(k) == v for k, v in fixed.items()) and value:
+            result[d["content_guid"]] = int(value)
+    return result
+
+
+def assert_exposition_matches_truth(text: str, sim: Simulator) -> None:
+    m = parse(text)
+    since = next(iter(m["connect_usage_counting_since_timestamp_seconds"].values()))
+    truth = sim.truth(since, FAR_FUTURE)
+    assert by_content(m.get("connect_usage_shiny_sessions_total", {})) == truth["sessions_started"]
+    assert by_content(m.get("connect_usage_content_visits_total", {})) == truth["visits"]
+    assert (
+        by_content(m.get("connect_usage_shiny_session_duration_seconds_count", {}))
+        == truth["sessions_ended"]
+    )
+    sums = {
+        dict(k)["content_guid"]: v
+        for k, v in m.get("connect_usage_shiny_session_duration_seconds_sum", {}).items()
+        if v
+    }
+    assert sums == {g: us / 1e6 for g, us in truth["session_microseconds"].items()}
+    synthetic = m["connect_usage_excluded_events_total"][
+        (("reason", "synthetic"), ("stream", "visits"))
+    ]
+    assert synthetic == truth["totals"]["synthetic_visits"]
+
+
+@pytest.fixture
+def live_connect() -> Iterator[tuple[Simulator, str]]:
+    """A simulated Connect whose clock runs 120 times fast, so traffic flows while processes die."""
+    sim = Simulator(SimConfig(seed=11, content=30, users=80, history_days=2, clock_speed=120.0))
+    server = SimServer(sim)
+    url = server.start()
+    try:
+        yield sim, url
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize(
+    ("env", "args", "needle"),
+    [
+        ({}, [], "CONNECT_SERVER"),
+        ({"CONNECT_SERVER": "http://127.0.0.1:1"}, [], "CONNECT_API_KEY"),
+        ({"CONNECT_SERVER": "ftp://x", "CONNECT_API_KEY": "k"}, [], "CONNECT_SERVER"),
+        (
+            {"CONNECT_SERVER": "http://x", "CONNECT_API_KEY": "k"},
+            ["--poll-interval", "-1"],
+            "--poll-interval",
+        ),
+        (
+            {
+                "CONNECT_SERVER": "http://x",
+                "CONNECT_API_KEY": "k",
+                "CONNECT_EXPORTER_LISTEN_ADDRESS": "nope",
+            },
+            [],
+            "CONNECT_EXPORTER_LISTEN_ADDRESS",
+        ),
+        (
+            {
+                "CONNECT_SERVER": "http://x",
+                "CONNECT_API_KEY": "k",
+                "CONNECT_EXPORTER_LOG_FORMAT": "xml",
+            },
+            [],
+            "CONNECT_EXPORTER_LOG_FORMAT",
+        ),
+    ],
+)
+def test_bad_settings_exit_2_with_one_line(
+    env: dict[str, str], args: list[str], needle: str
+) -> None:
+    proc = subprocess.run(
+        [*EXE, "run", *args],
+        env=env_for(None, None, **env),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert needle in lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+def test_run_once_writes_the_exposition_atomically(
+    live_connect: tuple[Simulator, str], tmp_path: Path
+) -> None:
+    sim, url = live_connect
+    out = tmp_path / "textfile" / "connect.prom"
+    env = env_for(url, sim.keys["admin"], CONNECT_EXPORTER_STATE_PATH=str(tmp_path / "s.sqlite"))
+    proc = subprocess.run(
+        [*EXE, "run", "--once", "--output", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    text = out.read_text()
+    m = parse(text)
+    assert m["connect_usage_up"][()] == 1.0
+    assert sim.keys["admin"] not in text + proc.stderr
+    assert [p.name for p in out.parent.iterdir()] == ["connect.prom"]  # no temp file left behind
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        if os.environ.get("CI"):
+            pytest.fail("promtool is missing on CI")
+        pytest.skip("promtool not installed")
+    check = subprocess.run(
+        [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert check.stdout.strip() == "" and check.stderr.strip() == ""
+
+
+def test_viewer_key_fails_with_what_it_lacks(
+    live_connect: tuple[Simulator, str], tmp_path: Path
+) -> None:
+    sim, url = live_connect
+    env = env_for(url, sim.keys["viewer"], CONNECT_EXPORTER_STATE_PATH=str(tmp_path / "s.sqlite"))
+    proc = subprocess.run(
+        [*EXE, "run", "--once"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode != 0
+    assert "publisher or administrator" in proc.stderr
+    assert sim.keys["viewer"] not in proc.stderr + proc.stdout
+
+
+def start_service(
+    url: str, key: str, state: Path, *extra: str
+) -> tuple[subprocess.Popen[str], str]:
+    env = env_for(url, key, CONNECT_EXPORTER_STATE_PATH=str(state))
+    proc = subprocess.Popen(
+        [
+            *EXE,
+            "run",
+            "--listen-address",
+            "127.0.0.1:0",
+            "--poll-interval",
+            "0.3",
+            "--log-level",
+            "INFO",
+            *extra,
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        found = re.search(r"serving metrics on (http://\S+)", line)
+        if found:
+            return proc, found.group(1)
+        if not line and proc.poll() is not None:
+            break
+    proc.kill()
+    raise AssertionError("the exporter did not start")
+
+
+def wait_ready(metrics_url: str, timeout: float = 60) -> None:
+    ready = metrics_url.replace("/metrics", "/readyz")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(ready, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError("never ready")
+
+
+def test_sigterm_finishes_the_batch_and_exits_0(
+    live_connect: tuple[Simulator, str], tmp_path: Path
+) -> None:
+    sim, url = live_connect
+    proc, metrics = start_service(url, sim.keys["admin"], tmp_path / "s.sqlite")
+    wait_ready(metrics)
+    body = httpx.get(metrics, timeout=5).text
+    assert "connect_usage_up 1.0" in body
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=10) == 0
+
+
+def test_sigkill_at_random_moments_loses_and_doubles_nothing(
+    live_connect: tuple[Simulator, str], tmp_path: Path
+) -> None:
+    sim, url = live_connect
+    state = tmp_path / "s.sqlite"
+    rng = random.Random(20261125)
+    for _ in range(8):
+        proc, _metrics = start_service(url, sim.keys["admin"], state)
+        time.sleep(rng.uniform(0.05, 2.5))  # catch-up and steady state alike
+        proc.kill()
+        proc.wait(timeout=10)
+    sim.clock.pause()
+    env = env_for(url, sim.keys["admin"], CONNECT_EXPORTER_STATE_PATH=str(state))
+    out = tmp_path / "final.prom"
+    proc2 = subprocess.run(
+        [*EXE, "run", "--once", "--output", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc2.returncode == 0, proc2.stderr
+    assert_exposition_matches_truth(out.read_text(), sim)
+    m = parse(out.read_text())
+    assert sum(m["connect_usage_shiny_sessions_total"].values()) > 0
+
+
+def test_demo_shows_usage_within_seconds(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [
+            *EXE,
+            "demo",
+            "--listen-address",
+            "127.0.0.1:0",
+            "--state-path",
+            str(tmp_path / "d.sqlite"),
+            "--history-days",
+            "3",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert proc.stdout is not None
+    try:
+        metrics = None
+        deadline = time.monotonic() + 90
+        while metrics is None and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            found = re.search(r"Exporter metrics: (http://\S+)", line)
+            if found:
+                metrics = found.group(1)
+        assert metrics, "demo printed no metrics URL"
+        wait_ready(metrics)
+        deadline = time.monotonic() + 30
+        total = 0.0
+        while time.monotonic() < deadline:
+            m = parse(httpx.get(metrics, timeout=5).text)
+            total = sum(m.get("connect_usage_content_visits_total", {}).values()) + sum(
+                m.get("connect_usage_shiny_sessions_total", {}).values()
+            )
+            if total > 0:
+                break
+            time.sleep(1)
+        assert total > 0
+        assert m["connect_usage_active_users"][(("window", "30d"),)] > 0
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=15) == 0

@@ -1,0 +1,218 @@
+"""The poller against the simulator over real HTTP: every figure equals the ground truth."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from exporter.simulator import Simulator
+from exporter.snapshot import DELETED_APP_MODE
+from tests.support import FAR_FUTURE, Connect, assert_matches_truth, make_poller
+
+pytestmark = pytest.mark.anyio
+
+
+async def start(connect: Connect, path: Path, **kw: object):  # type: ignore[no-untyped-def]
+    client, poller, store = make_poller(connect, path, **kw)  # type: ignore[arg-type]
+    await poller.load()
+    assert await poller.poll_all_once()
+    return client, poller, store
+
+
+async def stop(client, store) -> None:  # type: ignore[no-untyped-def]
+    await client.aclose()
+    store.close()
+
+
+def now(sim: Simulator) -> float:
+    return sim.clock.now()
+
+
+async def test_first_start_counts_from_now_and_backfills_windows(
+    connect: Connect, tmp_path: Path
+) -> None:
+    client, poller, store = await start(connect, tmp_path / "s.sqlite")
+    snap = poller.snapshot
+    # History is not replayed into counters, but the 30-day windows are right at once.
+    assert snap.counting_since == float(int(now(connect.sim)))
+    assert snap.active_users["30d"] > 0
+    assert_matches_truth(poller, connect.sim)
+    ready, reason = poller.readiness()
+    assert ready, reason
+    await stop(client, store)
+
+
+async def test_overlapping_polls_and_live_traffic_are_exact(
+    connect: Connect, tmp_path: Path
+) -> None:
+    client, poller, store = await start(connect, tmp_path / "s.sqlite")
+    for _ in range(3):  # polls that re-read the same overlap add nothing
+        assert await poller.poll_all_once()
+    assert_matches_truth(poller, connect.sim)
+    for step in (600, 3600, 7200):
+        connect.sim.clock.advance(step)  # live traffic arrives, sessions end between polls
+        assert await poller.poll_all_once()
+        assert_matches_truth(poller, connect.sim)
+    assert sum(poller.snapshot.shiny_sessions_total.values()) > 0
+    assert sum(poller.snapshot.content_visits_total.values()) > 0
+    await stop(client, store)
+
+
+async def test_late_arrivals_inside_the_overlap_count_once(
+    connect: Connect, tmp_path: Path
+) -> None:
+    sim = connect.sim
+    client, poller, store = await start(connect, tmp_path / "s.sqlite", overlap=300)
+    sim.clock.advance(120)
+    assert await poller.poll_all_once()
+    guid = sim.world.content[0].guid
+    user = sim.world.users[5].guid
+    t = now(sim)
+    # Written now, with times 90 s in the past: behind the high-water mark, inside the overlap.
+    sim.add_visit(guid, user, t - 90, user_agent="Mozilla/5.0", written_at=t)
+    sim.add_shiny_session(guid, user, t - 100, t - 95, written_at=t)
+    assert await poller.poll_all_once()
+    assert await poller.poll_all_once()
+    assert_matches_truth(poller, sim)
+    await stop(client, store)
+
+
+async def test_late_arrival_beyond_the_overlap_is_the_documented_loss(
+    connect: Connect, tmp_path: Path
+) -> None:
+    sim = connect.sim
+    client, poller, store = await start(connect, tmp_path / "s.sqlite", overlap=60)
+    sim.clock.advance(600)
+    assert await poller.poll_all_once()
+    guid = sim.world.content[1].guid
+    t = now(sim)
+    before = poller.snapshot.content_visits_total.get(guid, 0)
+    sim.add_visit(guid, None, t - 300, written_at=t)  # 5 min late, overlap 1 min
+    assert await poller.poll_all_once()
+    assert poller.snapshot.content_visits_total.get(guid, 0) == before
+    truth = sim.truth(poller.snapshot.counting_since or 0, FAR_FUTURE)["visits"].get(guid, 0)
+    assert truth == before + 1
+    await stop(client, store)
+
+
+async def test_page_boundary_ties_duplicates_and_anonymous(
+    connect: Connect, tmp_path: Path
+) -> None:
+    sim = connect.sim
+    client, poller, store = await start(connect, tmp_path / "s.sqlite")
+    guid = sim.world.content[2].guid
+    t = now(sim) + 1
+    sim.clock.advance(5)
+    # 1,201 visits at one instant straddle three pages of 500; two of them are identical.
+    users = [u.guid for u in sim.world.users]
+    for i in range(1200):
+        sim.add_visit(guid, users[i % len(users)], t, path=f"/p{i}", user_agent="Mozilla/5.0")
+    sim.add_visit(guid, users[0], t, path="/p0", user_agent="Mozilla/5.0")
+    for _ in range(30):
+        sim.add_shiny_session(guid, None, t, t + 30)  # anonymous, bumped apart by 1 µs each
+    sim.clock.advance(60)
+    assert await poller.poll_all_once()
+    assert await poller.poll_all_once()
+    assert_matches_truth(poller, sim)
+    await stop(client, store)
+
+
+async def test_restart_continues_counters(connect: Connect, tmp_path: Path) -> None:
+    sim = connect.sim
+    path = tmp_path / "s.sqlite"
+    client, poller, store = await start(connect, path)
+    sim.clock.advance(1800)
+    assert await poller.poll_all_once()
+    first = dict(poller.snapshot.shiny_sessions_total)
+    since = poller.snapshot.counting_since
+    await stop(client, store)
+    sim.clock.advance(1800)  # traffic while the exporter is down
+    client, poller, store = await start(connect, path)
+    assert poller.snapshot.counting_since == since
+    assert all(poller.snapshot.shiny_sessions_total.get(g, 0) >= n for g, n in first.items())
+    assert_matches_truth(poller, sim)
+    await stop(client, store)
+
+
+async def test_down_longer_than_the_overlap_loses_nothing(connect: Connect, tmp_path: Path) -> None:
+    sim = connect.sim
+    path = tmp_path / "s.sqlite"
+    client, poller, store = await start(connect, path, overlap=60)
+    await stop(client, store)
+    sim.clock.advance(6 * 3600)
+    client, poller, store = await start(connect, path, overlap=60)
+    assert_matches_truth(poller, sim)
+    await stop(client, store)
+
+
+async def test_deleted_content_keeps_usage_and_is_labelled(
+    connect: Connect, tmp_path: Path
+) -> None:
+    sim = connect.sim
+    client, poller, store = await start(connect, tmp_path / "s.sqlite")
+    deleted = [c.guid for c in sim.world.content if c.deleted_us is not None]
+    assert deleted
+    info = poller.snapshot.content_info
+    with_usage = [g for g in deleted if g in poller.snapshot.content_last_activity]
+    assert with_usage
+    for guid in with_usage:
+        assert info[guid].app_mode == DELETED_APP_MODE
+    listed = [c for c in sim.world.content if c.deleted_us is None]
+    assert sum(poller.snapshot.content_items.values()) == len(listed)
+    assert sum(poller.snapshot.users.values()) == len(sim.world.users)
+    await stop(client, store)
+
+
+async def test_abandoned_sessions_close_after_max_age(connect: Connect, tmp_path: Path) -> None:
+    sim = connect.sim
+    client, poller, store = await start(connect, tmp_path / "s.sqlite", max_session_age=3600)
+    guid = "0badc0de-0000-4000-8000-000000000001"  # an app with no other traffic
+    t = now(sim)
+    sim.add_shiny_session(guid, sim.world.users[1].guid, t + 1, None)  # its end is never recorded
+    sim.clock.advance(10)
+    assert await poller.poll_all_once()
+    assert poller.snapshot.shiny_sessions_active[guid] == 1
+    assert poller.snapshot.shiny_sessions_total[guid] == 1
+    sim.clock.advance(3700)
+    assert await poller.poll_all_once()
+    assert poller.snapshot.shiny_sessions_active.get(guid, 0) == 0
+    assert poller.snapshot.shiny_sessions_abandoned_total[guid] == 1
+    assert poller.snapshot.shiny_sessions_total[guid] == 1  # abandoning does not recount
+    await stop(client, store)
+
+
+async def test_faults_cost_no_events(connect: Connect, tmp_path: Path) -> None:
+    sim = connect.sim
+    client, poller, store = await start(connect, tmp_path / "s.sqlite", max_retries=20)
+    sim.faults.configure(
+        {
+            "error_rate": {"503": 0.15, "502": 0.05},
+            "malformed_rate": 0.05,
+            "truncate_rate": 0.05,
+            "reset_rate": 0.05,
+        }
+    )
+    for _ in range(4):
+        sim.clock.advance(1800)
+        await poller.poll_all_once()
+    sim.faults.clear()
+    assert await poller.poll_all_once()
+    assert_matches_truth(poller, sim)
+    statuses = {status for (_e, status) in poller.health.api_requests}
+    assert "503" in statuses
+    await stop(client, store)
+
+
+async def test_per_user_detail_is_capped(connect: Connect, tmp_path: Path) -> None:
+    sim = connect.sim
+    client, poller, store = await start(connect, tmp_path / "s.sqlite", top_users=3)
+    sim.clock.advance(6 * 3600)
+    assert await poller.poll_all_once()
+    snap = poller.snapshot
+    per_window: dict[str, int] = {}
+    for _user, _name, window in snap.user_events:
+        per_window[window] = per_window.get(window, 0) + 1
+    assert per_window["24h"] == 3
+    assert snap.user_series_dropped_total["24h"] > 0
+    await stop(client, store)
