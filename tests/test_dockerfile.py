@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
@@ -98,3 +99,30 @@ def test_runtime_conventions() -> None:
 def test_dockerignore_keeps_the_context_small() -> None:
     lines = (ROOT / ".dockerignore").read_text(encoding="utf-8").splitlines()
     assert "*" in lines and "!exporter/" in lines and "!pyproject.toml" in lines
+
+
+def test_compose_runs_the_demo_with_the_tested_files() -> None:
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text(encoding="utf-8"))
+    services = compose["services"]
+    assert services["exporter"]["build"] == "."
+    assert services["exporter"]["command"][0] == "demo"
+    mounts: dict[str, str] = {}
+    for service in services.values():
+        for volume in service.get("volumes", []):
+            source, target = volume.split(":")[:2]
+            if source.startswith("./"):
+                assert (ROOT / source).exists(), source
+                mounts[source.removeprefix("./")] = target
+    prometheus = yaml.safe_load((ROOT / "prometheus" / "prometheus.yml").read_text())
+    assert prometheus["rule_files"] == [mounts["prometheus/rules.yml"]]
+    assert mounts["prometheus/prometheus.yml"] == "/etc/prometheus/prometheus.yml"
+    (target,) = prometheus["scrape_configs"][0]["static_configs"][0]["targets"]
+    assert target == "exporter:9741"
+    providers = yaml.safe_load(
+        (ROOT / "grafana" / "provisioning" / "dashboards" / "connect-usage.yml").read_text()
+    )
+    assert providers["providers"][0]["options"]["path"] == mounts["grafana/dashboards"]
+    datasources = yaml.safe_load(
+        (ROOT / "grafana" / "provisioning" / "datasources" / "prometheus.yml").read_text()
+    )
+    assert datasources["datasources"][0]["url"] == "http://prometheus:9090"
