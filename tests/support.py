@@ -25,16 +25,17 @@ def make_poller(
     connect: Connect,
     state_path: Path,
     *,
-    overlap: float = 120.0,
+    overlap: float = 360.0,  # the simulator writes ~1% of visits up to 5 minutes late
     max_session_age: float = 1e9,
     top_users: int = 0,
     max_retries: int = 8,
+    timeout: float = 5.0,
 ) -> tuple[ConnectClient, Poller, StateStore]:
     health = Health()
     client = ConnectClient(
         connect.url,
         connect.sim.keys["admin"],
-        timeout=5.0,
+        timeout=timeout,
         max_retries=max_retries,
         backoff_base=0.01,
         backoff_max=0.05,

@@ -85,7 +85,7 @@ async def test_late_arrival_beyond_the_overlap_is_the_documented_loss(
     client, poller, store = await start(connect, tmp_path / "s.sqlite", overlap=60)
     sim.clock.advance(600)
     assert await poller.poll_all_once()
-    guid = sim.world.content[1].guid
+    guid = "0badc0de-0000-4000-8000-000000000002"  # no generated traffic to blur the count
     t = now(sim)
     before = poller.snapshot.content_visits_total.get(guid, 0)
     sim.add_visit(guid, None, t - 300, written_at=t)  # 5 min late, overlap 1 min
@@ -138,10 +138,10 @@ async def test_restart_continues_counters(connect: Connect, tmp_path: Path) -> N
 async def test_down_longer_than_the_overlap_loses_nothing(connect: Connect, tmp_path: Path) -> None:
     sim = connect.sim
     path = tmp_path / "s.sqlite"
-    client, poller, store = await start(connect, path, overlap=60)
+    client, poller, store = await start(connect, path)
     await stop(client, store)
-    sim.clock.advance(6 * 3600)
-    client, poller, store = await start(connect, path, overlap=60)
+    sim.clock.advance(6 * 3600)  # far longer than the overlap
+    client, poller, store = await start(connect, path)
     assert_matches_truth(poller, sim)
     await stop(client, store)
 
@@ -187,10 +187,12 @@ async def test_faults_cost_no_events(connect: Connect, tmp_path: Path) -> None:
     client, poller, store = await start(connect, tmp_path / "s.sqlite", max_retries=20)
     sim.faults.configure(
         {
-            "error_rate": {"503": 0.15, "502": 0.05},
+            "error_rate": {"503": 0.1, "502": 0.05, "504": 0.05, "429": 0.1},
+            "retry_after": 0.01,
             "malformed_rate": 0.05,
             "truncate_rate": 0.05,
             "reset_rate": 0.05,
+            "html_rate": 0.03,
         }
     )
     for _ in range(4):
@@ -200,7 +202,20 @@ async def test_faults_cost_no_events(connect: Connect, tmp_path: Path) -> None:
     assert await poller.poll_all_once()
     assert_matches_truth(poller, sim)
     statuses = {status for (_e, status) in poller.health.api_requests}
-    assert "503" in statuses
+    assert {"503", "429", "connection_error", "invalid_response"} <= statuses
+    await stop(client, store)
+
+
+async def test_timeouts_cost_no_events(connect: Connect, tmp_path: Path) -> None:
+    sim = connect.sim
+    client, poller, store = await start(connect, tmp_path / "s.sqlite", timeout=0.2)
+    sim.clock.advance(1800)
+    sim.faults.configure({"latency": 0.5, "count": 3})  # three requests outlast the timeout
+    assert await poller.poll_all_once()
+    assert_matches_truth(poller, sim)
+    assert (
+        sum(n for (_e, status), n in poller.health.api_requests.items() if status == "timeout") == 3
+    )
     await stop(client, store)
 
 
