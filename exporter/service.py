@@ -99,7 +99,8 @@ async def serve(settings: Settings, *, on_listening: Callable[[str], None] | Non
     host, port = settings.listen
     http = ExporterHTTPServer(registry, host=host, port=port, readiness=poller.readiness)
     http.start()
-    shown = f"[{host}]" if ":" in host else host
+    # A wildcard bind is reachable on loopback; show the address a person can open.
+    shown = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(host, f"[{host}]" if ":" in host else host)
     url = f"http://{shown}:{http.port}/metrics"
     log.info("serving metrics on %s (polling %s)", url, settings.server)
     if on_listening is not None:
@@ -157,3 +158,6 @@ def setup_logging(settings: Settings) -> None:
         level=settings.log_level,
         secrets=(settings.api_key.get_secret_value(),),
     )
+    # One line per request would drown the one line per poll; retries log on their own.
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
