@@ -182,6 +182,13 @@ _FAMILIES: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
         ("stream",),
     ),
     (
+        "state_errors",
+        "counter",
+        "Batches the exporter could not commit to its state file (disk full, read-only, …); "
+        "the batch is retried from the last committed state.",
+        (),
+    ),
+    (
         "high_water_mark_timestamp_seconds",
         "gauge",
         f"Connect time below which every usage record has been seen {_POLL}, by stream.",
@@ -405,6 +412,9 @@ class SnapshotCollector(Collector):
         _add_multi(fam["api_requests"], ("endpoint", "status"), snap.api_requests_total.items())
         _add_simple(
             fam["events_ingested"], _with_zeros(STREAMS, snap.events_ingested_total, 0), by_stream
+        )
+        fam["state_errors"].samples.append(
+            _sample(PREFIX + "state_errors_total", {}, snap.state_errors_total)
         )
         _add_simple(fam["high_water_mark_timestamp_seconds"], snap.high_water_mark, by_stream)
         for key, value in (

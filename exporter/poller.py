@@ -52,6 +52,7 @@ class Health:
     last_success: dict[str, float] = field(default_factory=dict)
     last_ok: dict[str, bool] = field(default_factory=dict)
     ingested: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STREAMS, 0))
+    state_errors: int = 0
 
     def observe_request(self, endpoint: str, outcome: str, _seconds: float) -> None:
         key = (endpoint, outcome)
@@ -215,6 +216,7 @@ class Poller:
             api_requests_total=dict(health.api_requests),
             events_ingested_total=dict(health.ingested),
             high_water_mark={s: v / US for s, v in model.hwm.items()},
+            state_errors_total=health.state_errors,
             server_version=meta.server_version,
             exporter_version=__version__,
         )
@@ -246,7 +248,9 @@ class Poller:
         delta = self.model.take_delta()
         try:
             await anyio.to_thread.run_sync(self.store.commit, delta)
-        except Exception:
+        except Exception as exc:
+            self.health.state_errors += 1
+            log.error("cannot commit to the state file %s: %s", self.store.path, exc)
             fresh = UsageModel(
                 overlap_us=self.model.overlap_us,
                 max_session_age_us=self.model.max_session_age_us,

@@ -112,6 +112,7 @@ class Snapshot:
         default_factory=dict
     )  # (endpoint, status)
     events_ingested_total: Mapping[str, int] = field(default_factory=dict)  # stream
-    high_water_mark: Mapping[str, float] = field(default_factory=dict)  # stream
+    high_water_mark: Mapping[str, float] = field(default_factory=dict)
+    state_errors_total: int = 0  # stream
     server_version: str | None = None
     exporter_version: str = __version__
