@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 
@@ -39,6 +40,40 @@ from exporter.state import StateStore
 log = logging.getLogger("exporter.poller")
 
 PUBLISH_EVERY = 1.0  # seconds between snapshots during a long walk; each costs a pass over the maps
+SLICE_MIN_SPAN_US = 2 * 3600 * US  # shorter ranges are read in one sequential walk
+SLICE_MIN_WIDTH_US = 15 * 60 * US
+SLICES_PER_WORKER = 4  # more slices than workers evens out uneven traffic
+
+
+class _Slices:
+    """Time slices of one walk: [bounds[i], bounds[i+1]), the last one open-ended."""
+
+    def __init__(self, starts: list[int], walk_now_us: int | None) -> None:
+        self.starts = starts
+        self.progress = list(starts)
+        self.done = [False] * len(starts)
+        self.walk_now_us = walk_now_us
+
+    def bounds(self, index: int) -> tuple[int, int | None]:
+        end = self.starts[index + 1] if index + 1 < len(self.starts) else None
+        return self.starts[index], end
+
+    def mark(self) -> int | None:
+        """Sort time below which every record has been applied: the completed prefix."""
+        for index, done in enumerate(self.done):
+            if not done:
+                return self.progress[index]
+        return None
+
+
+def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first real error of a slice task group, so callers see a ConnectError, not a group."""
+    for error in group.exceptions:
+        if isinstance(error, BaseExceptionGroup):
+            return _first_error(error)
+        if not isinstance(error, anyio.get_cancelled_exc_class()):
+            return error
+    return group
 
 
 @dataclass
@@ -111,6 +146,7 @@ class Poller:
         metadata_interval: float,
         permissions_enabled: bool = True,
         permissions_concurrency: int = 4,
+        catchup_concurrency: int = 4,
         top_users: int = 0,
         health: Health | None = None,
         clock: Callable[[], float] = time.time,
@@ -122,6 +158,7 @@ class Poller:
         self.metadata_interval = metadata_interval
         self.permissions_enabled = permissions_enabled
         self.permissions_concurrency = permissions_concurrency
+        self.catchup_concurrency = catchup_concurrency
         self.top_users = top_users
         self.health = health or Health()
         self.metadata = Metadata()
@@ -264,48 +301,37 @@ class Poller:
     # -- streams ------------------------------------------------------------------------------
 
     async def poll_stream(self, stream: str) -> WalkTally:
-        """One complete walk of a stream from its high-water mark minus the overlap."""
-        model = self.model
-        walk = WalkTally(start_us=model.walk_start(stream))
-        walk_now_us: int | None = None
-        anchor = walk.start_us
-        pages: AsyncIterator[Page[ShinySession]] | AsyncIterator[Page[Visit]]
-        if stream == "shiny":
-            pages = self.client.shiny_usage_pages(start=walk.start_us)
+        """One complete walk of a stream from its high-water mark minus the overlap.
+
+        A long range (catch-up after a first start or downtime) is cut into time slices read
+        concurrently: on a Connect far away, round trips, not records, bound a sequential walk.
+        The slices partition the records by their sort time, so each is applied exactly once;
+        the mark only advances over the completed prefix of slices.
+        """
+        walk = WalkTally(start_us=self.model.walk_start(stream))
+        begin_us = int(self.connect_now()) * US
+        span = begin_us - walk.start_us
+        if self.catchup_concurrency > 1 and span > SLICE_MIN_SPAN_US:
+            count = min(self.catchup_concurrency * SLICES_PER_WORKER, span // SLICE_MIN_WIDTH_US)
+            width = span // count
+            bounds = [walk.start_us + i * width for i in range(count)]
+            slices = _Slices(bounds, begin_us)
+            limiter = anyio.CapacityLimiter(self.catchup_concurrency)
+
+            async def read(index: int) -> None:
+                async with limiter:
+                    await self._walk_slice(stream, walk, slices, index)
+
+            try:
+                async with anyio.create_task_group() as group:
+                    for index in range(count):
+                        group.start_soon(read, index)
+            except BaseExceptionGroup as group_error:
+                raise _first_error(group_error) from None
         else:
-            pages = self.client.visit_pages(start=walk.start_us)
-        async with aclosing(pages) as page_iter:  # type: ignore[type-var]
-            async for page in page_iter:
-                self._note_server_time(page.server_time)
-                if walk_now_us is None:
-                    # Connect's own clock decides what "already happened" means for the mark.
-                    now = page.server_time if page.server_time is not None else self.connect_now()
-                    walk_now_us = int(now) * US
-                with anyio.CancelScope(shield=True):
-                    async with self._lock:
-                        model = self.model
-                        before = walk.new_events
-                        if stream == "shiny":
-                            model.apply_shiny(page.records, walk, walk_now_us)  # type: ignore[arg-type]
-                            last = page.records[-1].started if page.records else None  # type: ignore[union-attr]
-                        else:
-                            model.apply_visits(page.records, walk)  # type: ignore[arg-type]
-                            last = page.records[-1].time if page.records else None  # type: ignore[union-attr]
-                        if page.malformed:
-                            model.count_malformed(
-                                stream, [_raw_identity(m) for m in page.malformed], anchor, walk
-                            )
-                            for error in page.malformed:
-                                log.warning("skipped a malformed record: %s", error)
-                        if last is not None:
-                            anchor = max(anchor, last)
-                            model.set_hwm(stream, min(last, walk_now_us))
-                        await self._commit()
-                        self.health.ingested[stream] += walk.new_events - before
-                        if time.monotonic() - self._published_at >= PUBLISH_EVERY:
-                            self.publish()
-        if walk_now_us is None:  # no page at all cannot happen with a well-behaved server
-            walk_now_us = int(self.connect_now()) * US
+            slices = _Slices([walk.start_us], None)
+            await self._walk_slice(stream, walk, slices, 0)
+        walk_now_us = slices.walk_now_us if slices.walk_now_us is not None else begin_us
         with anyio.CancelScope(shield=True):
             async with self._lock:
                 model = self.model
@@ -319,6 +345,66 @@ class Poller:
                 await self._commit()
                 self.publish()
         return walk
+
+    async def _walk_slice(self, stream: str, walk: WalkTally, slices: _Slices, index: int) -> None:
+        """Read one slice's pages in order; each page is one committed batch."""
+        lo, hi = slices.bounds(index)
+        first = index == 0
+        # Shiny's `from` filters on the END: the first slice must reach back to the walk start
+        # for sessions that started earlier; later slices only hold sessions started in them.
+        start = walk.start_us if first else lo
+        pages: AsyncIterator[Page[ShinySession]] | AsyncIterator[Page[Visit]]
+        if stream == "shiny":
+            pages = self.client.shiny_usage_pages(start=start, end=hi)
+        else:
+            pages = self.client.visit_pages(start=start, end=hi)
+        anchor = lo
+        async with aclosing(pages) as page_iter:  # type: ignore[type-var]
+            async for page in page_iter:
+                self._note_server_time(page.server_time)
+                if slices.walk_now_us is None:
+                    # Connect's own clock decides what "already happened" means for the mark.
+                    now = page.server_time if page.server_time is not None else self.connect_now()
+                    slices.walk_now_us = int(now) * US
+                walk_now_us = slices.walk_now_us
+                records: list[Any] = page.records
+                if stream == "shiny":
+                    mine = [
+                        r
+                        for r in records
+                        if (first or r.started >= lo) and (hi is None or r.started < hi)
+                    ]
+                else:
+                    mine = [r for r in records if r.time >= lo and (hi is None or r.time < hi)]
+                if len(mine) == len(records):
+                    mine = records
+                with anyio.CancelScope(shield=True):
+                    async with self._lock:
+                        model = self.model
+                        before = walk.new_events
+                        if stream == "shiny":
+                            model.apply_shiny(mine, walk, walk_now_us)
+                            last = records[-1].started if records else None
+                        else:
+                            model.apply_visits(mine, walk)
+                            last = records[-1].time if records else None
+                        if page.malformed:
+                            model.count_malformed(
+                                stream, [_raw_identity(m) for m in page.malformed], anchor, walk
+                            )
+                            for error in page.malformed:
+                                log.warning("skipped a malformed record: %s", error)
+                        if last is not None:
+                            anchor = max(anchor, last)
+                            slices.progress[index] = max(slices.progress[index], last)
+                        mark = slices.mark()
+                        if mark is not None:
+                            model.set_hwm(stream, min(mark, walk_now_us))
+                        await self._commit()
+                        self.health.ingested[stream] += walk.new_events - before
+                        if time.monotonic() - self._published_at >= PUBLISH_EVERY:
+                            self.publish()
+        slices.done[index] = True
 
     # -- metadata -----------------------------------------------------------------------------
 

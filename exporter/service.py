@@ -65,6 +65,7 @@ def _build(
         metadata_interval=settings.metadata_interval,
         permissions_enabled=settings.permissions_enabled,
         permissions_concurrency=settings.permissions_concurrency,
+        catchup_concurrency=settings.catchup_concurrency,
         top_users=settings.top_users,
         health=health,
     )

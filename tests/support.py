@@ -30,6 +30,7 @@ def make_poller(
     top_users: int = 0,
     max_retries: int = 8,
     timeout: float = 5.0,
+    catchup_concurrency: int = 4,
 ) -> tuple[ConnectClient, Poller, StateStore]:
     health = Health()
     client = ConnectClient(
@@ -55,6 +56,7 @@ def make_poller(
         poll_interval=1.0,
         metadata_interval=60.0,
         top_users=top_users,
+        catchup_concurrency=catchup_concurrency,
         health=health,
     )
     return client, poller, store

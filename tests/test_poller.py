@@ -231,3 +231,41 @@ async def test_per_user_detail_is_capped(connect: Connect, tmp_path: Path) -> No
     assert per_window["24h"] == 3
     assert snap.user_series_dropped_total["24h"] > 0
     await stop(client, store)
+
+
+async def test_sliced_catchup_equals_a_sequential_walk(connect: Connect, tmp_path: Path) -> None:
+    sim = connect.sim
+    results = []
+    for concurrency in (1, 4):
+        client, poller, store = await start(
+            connect, tmp_path / f"s{concurrency}.sqlite", catchup_concurrency=concurrency
+        )
+        assert_matches_truth(poller, sim)
+        results.append(
+            (dict(poller.snapshot.active_users), dict(poller.snapshot.content_active_users))
+        )
+        await stop(client, store)
+    assert results[0] == results[1]
+
+
+async def test_a_slice_failing_midway_loses_and_doubles_nothing(
+    connect: Connect, tmp_path: Path
+) -> None:
+    sim = connect.sim
+    path = tmp_path / "s.sqlite"
+    client, poller, store = await start(connect, path)
+    await stop(client, store)
+    sim.clock.advance(12 * 3600)  # a long outage: the next walk is cut into slices
+    client, poller, store = make_poller(connect, path, max_retries=0)
+    await poller.load()
+    sim.faults.configure({"error_rate": {"503": 0.2}})
+    failed = 0
+    for _ in range(6):
+        failed += not await poller.poll_once("visits")
+    assert failed > 0
+    mark = poller.model.hwm["visits"]
+    assert mark < int(sim.clock.now()) * 1_000_000  # the mark stopped at the completed prefix
+    sim.faults.clear()
+    assert await poller.poll_all_once()
+    assert_matches_truth(poller, sim)
+    await stop(client, store)
