@@ -269,3 +269,24 @@ async def test_a_slice_failing_midway_loses_and_doubles_nothing(
     assert await poller.poll_all_once()
     assert_matches_truth(poller, sim)
     await stop(client, store)
+
+
+async def test_a_failing_stream_does_not_stop_the_others(connect: Connect, tmp_path: Path) -> None:
+    sim = connect.sim
+    client, poller, store = await start(connect, tmp_path / "s.sqlite", max_retries=0)
+    sim.clock.advance(600)
+    sim.faults.configure({"error_rate": {"503": 1.0}, "paths": ["content/visits"]})
+    assert not await poller.poll_once("visits")
+    assert await poller.poll_once("shiny")
+    assert await poller.poll_once("metadata")
+    snap = poller.snapshot
+    assert snap.up is False
+    assert snap.poll_errors_total["visits"] == 1
+    assert snap.poll_errors_total["shiny"] == 0
+    truth = sim.truth(snap.counting_since or 0, FAR_FUTURE)
+    assert dict(snap.shiny_sessions_total) == truth["sessions_started"]
+    sim.faults.clear()
+    assert await poller.poll_once("visits")
+    assert poller.snapshot.up is True
+    assert_matches_truth(poller, sim)
+    await stop(client, store)
