@@ -69,6 +69,7 @@ MAX_PAGE_LIMIT = 500  # Connect's largest cursor page
 OFFSET_PAGE_SIZE = 500  # Connect's largest `page_size`
 MAX_OFFSET_PAGES = 10_000  # 5 M users or groups: past this, the server is not paging
 RETRY_STATUSES = frozenset({429, 502, 503, 504})  # what proxies answer when Connect is busy
+DEFAULT_MAX_RESPONSE_BYTES = 64 * 1024 * 1024  # ~20x a full 500-record page with long agents
 HITS_MIN_VERSION = (2025, 4, 0)
 HITS_FILTER_MIN_VERSION = (2026, 1, 0)
 _VERSION = re.compile(r"\s*(\d+)\.(\d+)\.(\d+)")
@@ -236,10 +237,10 @@ def _retry_after(response: httpx.Response) -> float | None:
     return max(0.0, at - (now if now is not None else time.time()))
 
 
-def _connect_error_body(response: httpx.Response) -> tuple[int | None, str | None]:
+def _connect_error_body(content: bytes) -> tuple[int | None, str | None]:
     """Connect's `{"code", "error", "payload"}`, when the error came from Connect itself."""
     try:
-        body = json.loads(response.content)
+        body = json.loads(content)
     except ValueError:
         return None, None
     if not isinstance(body, dict):
@@ -362,6 +363,56 @@ async def _anyio_sleep(seconds: float) -> None:
     await anyio.sleep(seconds)
 
 
+class _TooLarge(Exception):
+    """A body passed `max_response_bytes`; `announced` when Content-Length said so up front."""
+
+    def __init__(self, announced: int | None) -> None:
+        super().__init__(announced)
+        self.announced = announced
+
+
+async def _read_capped(response: httpx.Response, limit: int) -> bytes:
+    """The decoded body, refused past `limit` bytes before it is all in memory.
+
+    Content-Length is checked first (no byte is read); without it, or when compression makes
+    the decoded body larger than announced, the stream is counted as it arrives.
+    """
+    announced = response.headers.get("content-length", "").strip()
+    if announced.isdigit() and int(announced) > limit:
+        raise _TooLarge(int(announced))
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.aiter_bytes():
+        size += len(chunk)
+        if size > limit:
+            raise _TooLarge(None)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class _RateLimit:
+    """A request-rate ceiling shared by every task of one client: minimum spacing of starts.
+
+    Each caller reserves the next free start time under a lock and sleeps until it outside the
+    lock, so concurrent callers queue in order and no burst ever exceeds the rate.
+    """
+
+    def __init__(self, per_second: float, sleep: SleepFunction, clock: Callable[[], float]) -> None:
+        self.interval = 1.0 / per_second
+        self._sleep = sleep
+        self._clock = clock
+        self._next = -math.inf
+        self._lock = anyio.Lock()
+
+    async def wait(self) -> None:
+        async with self._lock:
+            now = self._clock()
+            start = max(now, self._next)
+            self._next = start + self.interval
+        if start > now:
+            await self._sleep(start - now)
+
+
 def _full_jitter(cap: float) -> float:
     return random.uniform(0.0, cap)
 
@@ -390,6 +441,9 @@ class ConnectClient:
         max_concurrency: int = 8,
         sleep: SleepFunction | None = None,
         jitter: Jitter | None = None,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+        max_requests_per_second: float = 0.0,
+        monotonic: Callable[[], float] | None = None,
     ) -> None:
         if timeout <= 0:
             raise ValueError("timeout must be positive")
@@ -399,6 +453,10 @@ class ConnectClient:
             raise ValueError("backoff_base and backoff_max must be 0 or more")
         if max_concurrency < 1:
             raise ValueError("max_concurrency must be 1 or more")
+        if max_response_bytes < 1:
+            raise ValueError("max_response_bytes must be 1 or more")
+        if not (math.isfinite(max_requests_per_second) and max_requests_per_second >= 0):
+            raise ValueError("max_requests_per_second must be 0 (no ceiling) or more")
         key = api_key.strip()
         if not (key.isascii() and key.isprintable()):
             # Never echo the key: say what is wrong with it, not what it is.
@@ -415,6 +473,12 @@ class ConnectClient:
         self._sleep: SleepFunction = sleep or _anyio_sleep
         self._jitter: Jitter = jitter or _full_jitter
         self._limiter = anyio.CapacityLimiter(max_concurrency)
+        self._max_response_bytes = max_response_bytes
+        self._rate = (
+            _RateLimit(max_requests_per_second, self._sleep, monotonic or time.monotonic)
+            if max_requests_per_second > 0
+            else None
+        )
         self._settings: ServerSettings | None = None
         self._http = httpx.AsyncClient(
             base_url=self.base_url,
@@ -646,10 +710,21 @@ class ConnectClient:
         for attempt in range(attempts):
             retry_after: float | None = None
             error: Exception
-            started = _clock()
+            too_large: _TooLarge | None = None
+            content = b""
             try:
                 async with self._limiter:
-                    response = await self._http.get(path, params=params)
+                    if self._rate is not None:
+                        await self._rate.wait()
+                    started = _clock()
+                    request = self._http.build_request("GET", path, params=params)
+                    response = await self._http.send(request, stream=True)
+                    try:
+                        content = await _read_capped(response, self._max_response_bytes)
+                    except _TooLarge as exc:
+                        too_large = exc
+                    finally:
+                        await response.aclose()
             except httpx.TimeoutException as exc:
                 outcome, error, detail = "timeout", exc, self._redact(_describe_exception(exc))
             except httpx.TransportError as exc:
@@ -657,9 +732,12 @@ class ConnectClient:
                 detail = self._redact(_describe_exception(exc))
             else:
                 status = response.status_code
-                if 200 <= status < 300:
+                if too_large is not None and 200 <= status < 300:
+                    size_error = self._too_large_error(path, too_large)
+                    outcome, error, detail = "invalid_response", size_error, str(size_error)
+                elif 200 <= status < 300:
                     try:
-                        value = check(self._decode(response))
+                        value = check(self._decode(response, content))
                     except ResponseFormatError as exc:
                         outcome, error, detail = "invalid_response", exc, str(exc)
                     else:
@@ -667,7 +745,8 @@ class ConnectClient:
                         return value, _server_time(response)
                 else:
                     outcome = str(status)
-                    http_error = self._http_error(response, template, path)
+                    # An oversized error page is not read for Connect's details.
+                    http_error = self._http_error(response, content, template, path)
                     if status not in RETRY_STATUSES:
                         self._observe(template, outcome, _clock() - started)
                         raise http_error
@@ -696,23 +775,37 @@ class ConnectClient:
         step = self._backoff_base * 2.0 ** min(attempt, _MAX_BACKOFF_EXPONENT)
         return self._jitter(min(step, self._backoff_max))
 
-    def _decode(self, response: httpx.Response) -> Any:
+    def _too_large_error(self, path: str, exc: _TooLarge) -> ResponseFormatError:
+        limit = self._max_response_bytes
+        size = (
+            f"announces {exc.announced} bytes"
+            if exc.announced is not None
+            else f"ran past {limit} bytes"
+        )
+        return ResponseFormatError(
+            f"{path}: the response {size}, more than the limit of {limit} bytes "
+            "(CONNECT_EXPORTER_MAX_RESPONSE_BYTES); refused unread"
+        )
+
+    def _decode(self, response: httpx.Response, content: bytes) -> Any:
         try:
-            return json.loads(response.content)
+            return json.loads(content)
         except ValueError:
             pass
         kind = response.headers.get("content-type", "").split(";")[0].strip() or "no content type"
-        if kind == "text/html" or response.content.lstrip()[:1] == b"<":
+        if kind == "text/html" or content.lstrip()[:1] == b"<":
             what = "an HTML page, not JSON (a login or proxy page? check CONNECT_SERVER)"
         else:
             what = "a body that is not valid JSON (truncated?)"
         raise ResponseFormatError(
-            f"HTTP {response.status_code} with {what}; {len(response.content)} bytes of {kind}"
+            f"HTTP {response.status_code} with {what}; {len(content)} bytes of {kind}"
         )
 
-    def _http_error(self, response: httpx.Response, template: str, path: str) -> ConnectHTTPError:
+    def _http_error(
+        self, response: httpx.Response, content: bytes, template: str, path: str
+    ) -> ConnectHTTPError:
         status = response.status_code
-        code, error = _connect_error_body(response)
+        code, error = _connect_error_body(content)
         if error is not None:
             error = self._redact(error)
         detail = _connect_detail(code, error)

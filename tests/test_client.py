@@ -950,3 +950,252 @@ async def test_context_manager_closes_the_http_client(mock: respx.MockRouter) ->
     async with ConnectClient(SERVER, KEY) as client:
         pass
     assert client._http.is_closed is True
+
+
+# --- response size ceiling ------------------------------------------------------------------
+
+
+class Unreadable(httpx.AsyncByteStream):
+    """A body that fails the test if anyone reads it: the header alone must refuse it."""
+
+    def __init__(self) -> None:
+        self.read = False
+
+    async def __aiter__(self) -> Any:
+        self.read = True
+        yield b"[]"
+
+
+class Endless(httpx.AsyncByteStream):
+    """A chunked body with no end and no Content-Length; counts what was pulled from it."""
+
+    def __init__(self, chunk: bytes) -> None:
+        self.chunk = chunk
+        self.pulled = 0
+
+    async def __aiter__(self) -> Any:
+        while True:
+            self.pulled += 1
+            yield self.chunk
+
+
+def sized_client(limit: int, observed: Observed, **kw: Any) -> ConnectClient:
+    return ConnectClient(
+        SERVER,
+        KEY,
+        max_retries=2,
+        observer=observed,
+        sleep=Sleeps(),
+        jitter=lambda cap: cap,
+        max_response_bytes=limit,
+        **kw,
+    )
+
+
+@pytest.mark.anyio
+async def test_an_oversized_response_is_refused_by_its_content_length_unread(
+    mock: respx.MockRouter, observed: Observed
+) -> None:
+    body = Unreadable()
+    huge = httpx.Response(200, headers={"Content-Length": str(10**12), "Date": DATE}, stream=body)
+    route = mock.get("v1/content").mock(return_value=huge)
+    client = sized_client(4096, observed)
+    with pytest.raises(RetriesExhaustedError) as caught:
+        await client.content()
+    last = caught.value.last_error
+    assert isinstance(last, ResponseFormatError)
+    assert str(last) == (
+        "v1/content: the response announces 1000000000000 bytes, more than the limit of 4096 "
+        "bytes (CONNECT_EXPORTER_MAX_RESPONSE_BYTES); refused unread"
+    )
+    assert route.call_count == 3
+    assert body.read is False
+    assert observed.calls == [("v1/content", "invalid_response")] * 3
+    assert_key_hidden(caught.value)
+
+
+@pytest.mark.anyio
+async def test_an_oversized_streamed_body_is_cut_off_while_it_streams(
+    mock: respx.MockRouter, observed: Observed
+) -> None:
+    stream = Endless(b"[" + b" " * 1023)
+    mock.get(SHINY).mock(return_value=httpx.Response(200, stream=stream))
+    client = sized_client(10 * 1024, observed)
+    with pytest.raises(RetriesExhaustedError) as caught:
+        await collect(client.shiny_usage_pages())
+    assert str(caught.value.last_error) == (
+        f"{SHINY}: the response ran past 10240 bytes, more than the limit of 10240 bytes "
+        "(CONNECT_EXPORTER_MAX_RESPONSE_BYTES); refused unread"
+    )
+    # 3 attempts, each stopped on the 11th kilobyte: the endless body was never all read.
+    assert stream.pulled == 3 * 11
+    assert observed.calls == [(SHINY, "invalid_response")] * 3
+
+
+@pytest.mark.anyio
+async def test_the_limit_is_inclusive_to_the_byte(
+    mock: respx.MockRouter, observed: Observed
+) -> None:
+    def padded(size: int) -> httpx.Response:
+        return httpx.Response(200, content=b"[" + b" " * (size - 2) + b"]")
+
+    mock.get("v1/content").mock(side_effect=[padded(2049), padded(2048)])
+    page = await sized_client(2048, observed).content()
+    assert page.records == []
+    assert observed.calls == [("v1/content", "invalid_response"), ("v1/content", "200")]
+
+
+@pytest.mark.anyio
+async def test_an_oversized_then_sane_response_recovers(
+    mock: respx.MockRouter, observed: Observed
+) -> None:
+    mock.get("v1/content").mock(
+        side_effect=[httpx.Response(200, content=b"[" + b" " * 5000 + b"]"), ok([])]
+    )
+    page = await sized_client(4096, observed).content()
+    assert page.records == []
+    assert observed.calls == [("v1/content", "invalid_response"), ("v1/content", "200")]
+
+
+@pytest.mark.anyio
+async def test_an_oversized_error_page_keeps_its_status(
+    mock: respx.MockRouter, observed: Observed
+) -> None:
+    mock.get("v1/content").mock(
+        side_effect=[httpx.Response(503, content=b"<html>" + b"x" * 9000), ok([])]
+    )
+    await sized_client(4096, observed).content()
+    assert observed.calls == [("v1/content", "503"), ("v1/content", "200")]
+
+
+def test_size_and_rate_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match="max_response_bytes"):
+        ConnectClient(SERVER, KEY, max_response_bytes=0)
+    with pytest.raises(ValueError, match="max_requests_per_second"):
+        ConnectClient(SERVER, KEY, max_requests_per_second=-1)
+    with pytest.raises(ValueError, match="max_requests_per_second"):
+        ConnectClient(SERVER, KEY, max_requests_per_second=float("nan"))
+
+
+# --- request-rate ceiling -------------------------------------------------------------------
+
+
+class VirtualTime:
+    """A monotonic clock that only moves when the client sleeps on it."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+@pytest.mark.anyio
+async def test_the_rate_ceiling_spaces_sequential_requests(mock: respx.MockRouter) -> None:
+    clock = VirtualTime()
+    sent: list[float] = []
+
+    def record(request: httpx.Request) -> httpx.Response:
+        sent.append(clock.now)
+        return ok([])
+
+    mock.get(url__regex=r".*/permissions$").mock(side_effect=record)
+    client = ConnectClient(
+        SERVER, KEY, max_requests_per_second=4, monotonic=clock, sleep=clock.sleep
+    )
+    for i in range(5):
+        await client.permissions(f"guid-{i}")
+    assert sent == [1000.0, 1000.25, 1000.5, 1000.75, 1001.0]
+    clock.now += 10  # idle time is not banked into a burst: the next request goes at once,
+    await client.permissions("later")
+    await client.permissions("after")  # and the one after it waits its spacing again
+    assert sent[5:] == [1011.0, 1011.25]
+
+
+@pytest.mark.anyio
+async def test_the_rate_ceiling_is_shared_by_concurrent_requests(mock: respx.MockRouter) -> None:
+    clock = (
+        VirtualTime()
+    )  # frozen unless slept on; these sleeps do not move it: all reserve at once
+    waits: list[float] = []
+
+    async def wait(seconds: float) -> None:
+        waits.append(seconds)
+
+    mock.get(url__regex=r".*/permissions$").mock(return_value=ok([]))
+    client = ConnectClient(
+        SERVER, KEY, max_requests_per_second=8, max_concurrency=8, monotonic=clock, sleep=wait
+    )
+    async with anyio.create_task_group() as group:
+        for i in range(6):
+            group.start_soon(client.permissions, f"guid-{i}")
+    assert sorted(waits) == [0.125, 0.25, 0.375, 0.5, 0.625]  # one goes at once, then 1/8 s apart
+    assert mock.calls.call_count == 6
+
+
+@pytest.mark.anyio
+async def test_retries_count_against_the_rate_ceiling(mock: respx.MockRouter) -> None:
+    clock = VirtualTime()
+    sent: list[float] = []
+
+    def record(request: httpx.Request) -> httpx.Response:
+        sent.append(clock.now)
+        return httpx.Response(503) if len(sent) == 1 else ok([])
+
+    mock.get("v1/content").mock(side_effect=record)
+    client = ConnectClient(
+        SERVER,
+        KEY,
+        max_requests_per_second=2,
+        monotonic=clock,
+        sleep=clock.sleep,
+        backoff_base=0.125,
+        jitter=lambda cap: cap,
+    )
+    await client.content()
+    # The backoff (0.125 s) is shorter than the spacing (0.5 s): the ceiling decides.
+    assert sent == [1000.0, 1000.5]
+    assert clock.sleeps == [0.125, 0.375]
+
+
+@pytest.mark.anyio
+async def test_no_ceiling_means_no_waits(mock: respx.MockRouter) -> None:
+    clock = VirtualTime()
+    mock.get(url__regex=r".*/permissions$").mock(return_value=ok([]))
+    client = ConnectClient(SERVER, KEY, monotonic=clock, sleep=clock.sleep)
+    for i in range(20):
+        await client.permissions(f"guid-{i}")
+    assert clock.sleeps == []
+
+
+@pytest.mark.anyio
+async def test_concurrency_bound_holds_across_endpoints_and_retries(
+    mock: respx.MockRouter,
+) -> None:
+    in_flight = 0
+    peak = 0
+    calls = 0
+
+    async def slow(request: httpx.Request) -> httpx.Response:
+        nonlocal in_flight, peak, calls
+        in_flight += 1
+        calls += 1
+        peak = max(peak, in_flight)
+        await anyio.sleep(0.005)
+        in_flight -= 1
+        return httpx.Response(503) if calls % 4 == 0 else ok([])
+
+    mock.get(url__regex=r".*/(permissions|content\?include=owner)$").mock(side_effect=slow)
+    client = ConnectClient(SERVER, KEY, max_concurrency=3, sleep=Sleeps(), max_retries=5)
+    async with client, anyio.create_task_group() as group:
+        for i in range(12):
+            group.start_soon(client.permissions, f"guid-{i}")
+            group.start_soon(client.content)
+    assert peak == 3
+    assert in_flight == 0
+    assert calls > 24  # some were retried, inside the same bound
