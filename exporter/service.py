@@ -50,6 +50,8 @@ def _build(
         verify=_verify(settings),
         observer=health.observe_request,
         max_concurrency=max(settings.permissions_concurrency, settings.catchup_concurrency) + 2,
+        max_response_bytes=settings.max_response_bytes,
+        max_requests_per_second=settings.max_requests_per_second,
     )
     model = UsageModel(
         overlap_us=int(settings.overlap * US),
