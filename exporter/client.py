@@ -650,14 +650,17 @@ class ConnectClient:
         query = params
         while True:
             (raw, cursor), server_time = await self._request(template, template, query, check)
-            yield Page(*_parse_all(raw, parse), server_time)
-            if cursor is None:
-                return
-            if cursor in seen:
+            if cursor is not None and cursor in seen:
+                # Raised before this page is handed out: it may repeat one already counted
+                # (identical visits are distinct events, so the poller cannot tell); unread
+                # records are simply read again by the next walk from the mark.
                 raise PagingError(
                     f"{template}: the server sent the cursor {cursor!r} a second time; "
                     "stopping instead of reading the same pages forever"
                 )
+            yield Page(*_parse_all(raw, parse), server_time)
+            if cursor is None:
+                return
             seen.add(cursor)
             query = {**params, "next": cursor}  # the filters ride along with every cursor
 

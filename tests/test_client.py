@@ -381,7 +381,8 @@ async def test_a_repeated_cursor_raises_paging_error_instead_of_looping(
     with pytest.raises(PagingError, match="sent the cursor 'a' a second time"):
         async for p in client.shiny_usage_pages():
             seen.append(p)
-    assert len(seen) == 3
+    # The page that repeats a cursor is not handed out: it may repeat a counted page.
+    assert len(seen) == 2
     assert [q.get("next") for q in params(route)] == [None, "a", "b"]
 
 
