@@ -1,0 +1,555 @@
+"""Hostile input, generated: record parsers and the paging loop over whatever a server may send.
+
+The parsers may only answer a record or `MalformedRecord`; a record must come from a good input
+(each good input is built together with the record it must give), and each bad input, made by
+spoiling exactly one field of a good one, must be refused naming that field. The paging loop, in
+the client and through a whole poll, may only fail with a `ConnectError`; it must hand out
+exactly the good records of the pages it accepted and report every bad one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from exporter.client import ConnectClient, ConnectError
+from exporter.model import US, UsageModel
+from exporter.poller import Poller
+from exporter.records import (
+    RECORD,
+    ContentItem,
+    Group,
+    Hit,
+    MalformedRecord,
+    Permission,
+    ServerSettings,
+    ShinySession,
+    User,
+    Visit,
+    parse_content_item,
+    parse_group,
+    parse_hit,
+    parse_permission,
+    parse_server_settings,
+    parse_shiny_session,
+    parse_user,
+    parse_visit,
+)
+from exporter.state import StateStore
+
+EXAMPLES = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# A whole generated walk per example: fewer of them, so the file stays well under 20 s.
+WALKS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+# --- generated JSON ------------------------------------------------------------------------
+
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=30)
+)
+json_values = st.recursive(
+    scalars,
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+def not_a(*allowed: type) -> st.SearchStrategy[Any]:
+    """JSON values of none of the `allowed` Python types (bool is never an int here)."""
+    return json_values.filter(lambda v: type(v) not in allowed and v is not None)
+
+
+# --- timestamps built with the µs they must parse to ----------------------------------------
+
+
+@st.composite
+def timestamps(draw: st.DrawFn) -> tuple[str, int]:
+    """An RFC 3339 string (any offset, 0-9 fraction digits) and its exact µs since the epoch."""
+    us = draw(st.integers(min_value=0, max_value=4_102_444_800 * US))  # 1970 .. 2100
+    digits = draw(st.sampled_from([0, 1, 3, 6, 9]))
+    us -= us % 10 ** (6 - min(digits, 6))  # digits beyond µs are truncated; fewer lose the rest
+    minutes = draw(st.integers(min_value=-(23 * 60 + 59), max_value=23 * 60 + 59))
+    zulu = minutes == 0 and draw(st.booleans())
+    local = EPOCH + timedelta(microseconds=us) + timedelta(minutes=minutes)
+    text = local.strftime("%Y-%m-%dT%H:%M:%S")
+    if digits:
+        fraction = f"{local.microsecond:06d}" + "".join(
+            draw(st.lists(st.sampled_from("0123456789"), min_size=3, max_size=3))
+        )
+        text += "." + fraction[:digits]
+    if zulu:
+        text += "Z"
+    else:
+        sign = "+" if minutes >= 0 else "-"
+        text += f"{sign}{abs(minutes) // 60:02d}:{abs(minutes) % 60:02d}"
+    return text, us
+
+
+naive_times = st.datetimes(min_value=datetime(1971, 1, 1), max_value=datetime(2099, 1, 1)).map(
+    lambda d: d.isoformat()
+)
+no_digits = st.text(alphabet=st.characters(blacklist_categories=["Nd"]), max_size=20)
+
+# --- one schema per record type: field -> kind ----------------------------------------------
+
+GOOD: dict[str, Callable[[], st.SearchStrategy[tuple[Any, Any]]]] = {
+    # kind -> (JSON value, the attribute value it must give)
+    "req_str": lambda: st.text(min_size=1, max_size=20).map(lambda s: (s, s)),
+    "opt_str": lambda: (st.none() | st.text(max_size=20)).map(lambda s: (s, s)),
+    "opt_id": lambda: (
+        st.none().map(lambda n: (n, n))
+        | st.text(max_size=20).map(lambda s: (s, s))
+        | st.integers(min_value=-(2**63), max_value=2**63).map(lambda i: (i, str(i)))
+    ),
+    "opt_int": lambda: (st.none() | st.integers(-(2**40), 2**40)).map(lambda i: (i, i)),
+    "req_time": timestamps,
+    "opt_time": lambda: st.none().map(lambda n: (n, n)) | timestamps(),
+    "req_bool": lambda: st.booleans().map(lambda b: (b, b)),
+}
+MISSING = object()  # the field is left out
+BAD: dict[str, st.SearchStrategy[Any]] = {
+    "req_str": st.just(MISSING) | st.none() | st.just("") | not_a(str),
+    "opt_str": not_a(str),
+    "opt_id": not_a(str, int),
+    "opt_int": not_a(int),
+    "req_time": st.just(MISSING) | st.none() | not_a(str) | naive_times | no_digits,
+    "opt_time": not_a(str) | naive_times | no_digits,
+    "req_bool": st.just(MISSING) | st.none() | not_a(bool),
+}
+
+
+@dataclass(frozen=True)
+class Schema:
+    parse: Callable[[object], Any]
+    cls: type
+    fields: dict[str, str]  # JSON field -> kind
+    renamed: dict[str, str]  # JSON field -> attribute, where they differ
+
+
+SCHEMAS = {
+    "shiny": Schema(
+        parse_shiny_session,
+        ShinySession,
+        {
+            "content_guid": "req_str",
+            "user_guid": "opt_str",
+            "started": "req_time",
+            "ended": "opt_time",
+            "data_version": "opt_int",
+        },
+        {},
+    ),
+    "visit": Schema(
+        parse_visit,
+        Visit,
+        {
+            "content_guid": "req_str",
+            "user_guid": "opt_str",
+            "time": "req_time",
+            "variant_key": "opt_str",
+            "rendering_id": "opt_id",
+            "bundle_id": "opt_id",
+            "data_version": "opt_int",
+            "path": "opt_str",
+            "user_agent": "opt_str",
+        },
+        {},
+    ),
+    "user": Schema(
+        parse_user,
+        User,
+        {
+            "guid": "req_str",
+            "username": "req_str",
+            "user_role": "req_str",
+            "locked": "req_bool",
+            "confirmed": "req_bool",
+            "active_time": "opt_time",
+        },
+        {"user_role": "role"},
+    ),
+    "group": Schema(parse_group, Group, {"guid": "req_str", "name": "req_str"}, {}),
+    "permission": Schema(
+        parse_permission,
+        Permission,
+        {
+            "content_guid": "req_str",
+            "principal_guid": "req_str",
+            "principal_type": "req_str",
+            "role": "req_str",
+        },
+        {},
+    ),
+}
+
+
+@st.composite
+def good_records(draw: st.DrawFn, schema: Schema) -> tuple[dict[str, Any], Any]:
+    """A good JSON record (with unknown extra fields) and the record it must parse to."""
+    raw: dict[str, Any] = {}
+    attrs: dict[str, Any] = {}
+    for name, kind in schema.fields.items():
+        value, attr = draw(GOOD[kind]())
+        if kind.startswith("opt") and value is None and draw(st.booleans()):
+            pass  # an optional field may be absent altogether
+        else:
+            raw[name] = value
+        attrs[schema.renamed.get(name, name)] = attr
+    extra = draw(st.dictionaries(st.text(max_size=10), json_values, max_size=3))
+    for key, value in extra.items():
+        raw.setdefault(key, value)
+    return raw, schema.cls(**attrs)
+
+
+@st.composite
+def bad_records(draw: st.DrawFn, schema: Schema) -> tuple[Any, str]:
+    """A good record with exactly one field spoiled, and that field; or no object at all."""
+    raw, _ = draw(good_records(schema))
+    if draw(st.integers(0, 9)) == 0:
+        return draw(json_values.filter(lambda v: type(v) is not dict)), RECORD
+    name = draw(st.sampled_from(sorted(schema.fields)))
+    value = draw(BAD[schema.fields[name]])
+    if value is MISSING:
+        raw.pop(name, None)
+    else:
+        raw[name] = value
+    return raw, name
+
+
+@pytest.mark.parametrize("name", list(SCHEMAS))
+def test_a_good_record_parses_to_exactly_its_values(name: str) -> None:
+    schema = SCHEMAS[name]
+
+    @EXAMPLES
+    @given(good_records(schema))
+    def check(case: tuple[dict[str, Any], Any]) -> None:
+        raw, expected = case
+        assert schema.parse(raw) == expected
+        assert schema.parse(json.loads(json.dumps(raw))) == expected  # as it comes off the wire
+
+    check()
+
+
+@pytest.mark.parametrize("name", list(SCHEMAS))
+def test_a_record_with_one_bad_field_is_refused_naming_it(name: str) -> None:
+    schema = SCHEMAS[name]
+
+    @EXAMPLES
+    @given(bad_records(schema))
+    def check(case: tuple[Any, str]) -> None:
+        raw, field = case
+        with pytest.raises(MalformedRecord) as caught:
+            schema.parse(raw)
+        assert caught.value.field == field
+        assert field in str(caught.value)
+
+    check()
+
+
+ALL_PARSERS: dict[str, tuple[Callable[[object], Any], type]] = {
+    "shiny": (parse_shiny_session, ShinySession),
+    "visit": (parse_visit, Visit),
+    "hit": (parse_hit, Hit),
+    "content": (parse_content_item, ContentItem),
+    "user": (parse_user, User),
+    "group": (parse_group, Group),
+    "permission": (parse_permission, Permission),
+    "server_settings": (parse_server_settings, ServerSettings),
+}
+FIELD_NAMES = sorted({f for s in SCHEMAS.values() for f in s.fields} | {"id", "data", "owner"})
+near_records = st.dictionaries(
+    st.sampled_from(FIELD_NAMES) | st.text(max_size=8),
+    json_values | timestamps().map(lambda t: t[0]),
+)
+
+
+def well_typed(record: Any) -> bool:
+    """Every attribute has its declared type: str fields hold non-empty text, times are ints."""
+    for f in fields(record):
+        value = getattr(record, f.name)
+        declared = str(f.type)
+        if value is None:
+            if "None" not in declared:
+                return False
+        elif declared.startswith("str"):
+            if type(value) is not str or (not value and "None" not in declared):
+                return False
+        elif (declared.startswith("int") and type(value) is not int) or (
+            declared == "bool" and type(value) is not bool
+        ):
+            return False
+    return True
+
+
+@pytest.mark.parametrize("name", list(ALL_PARSERS))
+def test_any_json_gives_a_well_typed_record_or_malformed_record(name: str) -> None:
+    parse, cls = ALL_PARSERS[name]
+
+    @EXAMPLES
+    @given(json_values | near_records)
+    def check(raw: Any) -> None:
+        try:
+            record = parse(raw)
+        except MalformedRecord as exc:
+            assert exc.endpoint and exc.field and exc.reason
+            return
+        assert type(record) is cls
+        assert well_typed(record), record
+
+    check()
+
+
+# --- the paging loop over generated pages ---------------------------------------------------
+
+D0 = 1_767_225_600  # 2026-01-01T00:00:00Z: the exporter's first start (Connect's Date)
+D1 = D0 + 60  # the first (empty) poll
+D2 = D1 + 3600  # the generated walk
+CONTENT = ["c-1", "c-2", "c-3"]
+
+
+def http_date(epoch: int) -> str:
+    return datetime.fromtimestamp(epoch, UTC).strftime("%a, %d %b %Y %H:%M:%S GMT")
+
+
+@st.composite
+def walk_visits(draw: st.DrawFn) -> tuple[dict[str, Any], Visit]:
+    """A good visit inside the generated walk's range, by a browser (never synthetic)."""
+    us = draw(st.integers(min_value=D1 * US, max_value=D2 * US - 1))
+    raw = {
+        "content_guid": draw(st.sampled_from(CONTENT)),
+        "user_guid": draw(st.sampled_from([None, "u-1", "u-2"])),
+        "time": (EPOCH + timedelta(microseconds=us)).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+        "variant_key": None,
+        "rendering_id": draw(st.none() | st.integers(1, 9)),
+        "bundle_id": None,
+        "data_version": 1,
+        "path": draw(st.sampled_from(["/", "/a"])),
+        "user_agent": "Mozilla/5.0",
+    }
+    expected = parse_visit(raw)
+    return raw, expected
+
+
+@dataclass
+class Body:
+    """One generated response: a page (good and bad records, a cursor) or anything else."""
+
+    content: bytes
+    good: list[Visit]
+    bad: int
+    cursor: str | None
+    is_page: bool
+
+
+@st.composite
+def bodies(draw: st.DrawFn) -> list[Body]:
+    out: list[Body] = []
+    cursors: list[str] = []
+    for index in range(draw(st.integers(1, 4))):
+        kind = draw(st.sampled_from(["page", "page", "page", "json", "bytes"]))
+        if kind == "json":
+            value = draw(json_values.filter(lambda v: not (isinstance(v, dict) and "results" in v)))
+            out.append(Body(json.dumps(value).encode(), [], 0, None, False))
+            continue
+        if kind == "bytes":
+            out.append(Body(draw(st.binary(max_size=40)), [], 0, None, False))
+            continue
+        items: list[Any] = []
+        good: list[Visit] = []
+        bad = 0
+        for _ in range(draw(st.integers(0, 6))):
+            if draw(st.booleans()):
+                raw, visit = draw(walk_visits())
+                items.append(raw)
+                good.append(visit)
+            else:
+                items.append(draw(bad_records(SCHEMAS["visit"]))[0])
+                bad += 1
+        choice = draw(st.sampled_from(["new", "new", "end", "repeat"]))
+        cursor: str | None
+        if choice == "repeat" and cursors:
+            cursor = draw(st.sampled_from(cursors))
+        elif choice == "end":
+            cursor = None
+        else:
+            cursor = f"c{index}"
+        cursors.append(cursor or "")
+        page: dict[str, Any] = {"results": items}
+        if cursor is not None:
+            page["paging"] = {"cursors": {"next": cursor}}
+        out.append(Body(json.dumps(page).encode(), good, bad, cursor, True))
+    return out
+
+
+@dataclass
+class Expected:
+    pages: list[tuple[list[Visit], int]]  # per accepted page: good records, bad count
+    fails: bool
+
+
+def expect(generated: list[Body]) -> Expected:
+    """What the loop must do with these bodies, served in order (then an empty last page)."""
+    pages: list[tuple[list[Visit], int]] = []
+    seen: set[str] = set()
+    for body in generated:
+        if not body.is_page or (body.cursor is not None and body.cursor in seen):
+            return Expected(pages, True)
+        pages.append((body.good, body.bad))
+        if body.cursor is None:
+            return Expected(pages, False)
+        seen.add(body.cursor)
+    pages.append(([], 0))
+    return Expected(pages, False)
+
+
+def serving(generated: list[Body], date: int) -> httpx.MockTransport:
+    queue = list(generated)
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        headers = {"Date": http_date(date), "Content-Type": "application/json"}
+        if request.url.path.endswith("/server_settings"):
+            return httpx.Response(200, json={"version": "2025.04.0"}, headers=headers)
+        if queue:
+            return httpx.Response(200, content=queue.pop(0).content, headers=headers)
+        return httpx.Response(200, json={"results": []}, headers=headers)
+
+    return httpx.MockTransport(handle)
+
+
+async def _no_wait(_seconds: float) -> None:
+    return None
+
+
+# verify=False below: no TLS with a MockTransport, and building the default SSL context costs
+# ~30 ms per client, most of a generated example.
+
+
+@WALKS
+@given(bodies())
+def test_the_client_pages_only_good_records_and_reports_every_bad_one(
+    generated: list[Body],
+) -> None:
+    expected = expect(generated)
+
+    async def walk() -> tuple[list[tuple[list[Visit], int]], BaseException | None]:
+        transport = serving(generated, D2)
+        client = ConnectClient(
+            "http://connect.test", "k", max_retries=0, verify=False, transport=transport,
+            sleep=_no_wait,
+        )  # fmt: skip
+        seen: list[tuple[list[Visit], int]] = []
+        async with client:
+            try:
+                async for page in client.visit_pages(start=D1 * US):
+                    assert all(type(r) is Visit for r in page.records)
+                    assert all(type(m) is MalformedRecord for m in page.malformed)
+                    seen.append((page.records, len(page.malformed)))
+            except ConnectError as exc:
+                return seen, exc
+        return seen, None
+
+    seen, error = anyio.run(walk)
+    assert seen == expected.pages
+    assert (error is not None) is expected.fails
+
+
+class Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@WALKS
+@given(bodies())
+def test_a_poll_over_hostile_pages_counts_good_records_and_reports_bad_ones(
+    generated: list[Body],
+) -> None:
+    expected = expect(generated)
+    good = [visit for records, _bad in expected.pages for visit in records]
+    bad = sum(count for _records, count in expected.pages)
+    logs = Collect()
+    poller_log = logging.getLogger("exporter.poller")
+    poller_log.addHandler(logs)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            outcome = anyio.run(poll_hostile, generated, Path(tmp) / "s.sqlite")
+    finally:
+        poller_log.removeHandler(logs)
+    ok, visits, malformed, errors = outcome
+    assert ok is not expected.fails
+    assert errors == int(expected.fails)
+    per_content: dict[str, int] = {}
+    for visit in good:
+        per_content[visit.content_guid] = per_content.get(visit.content_guid, 0) + 1
+    assert visits == per_content
+    assert malformed == bad
+    unexpected = [r for r in logs.records if "unexpectedly" in r.getMessage()]
+    assert unexpected == []
+    skipped = [r for r in logs.records if r.getMessage().startswith("skipped a malformed record")]
+    assert len(skipped) == bad
+    failures = [r for r in logs.records if r.getMessage().startswith("poll of visits failed")]
+    assert len(failures) == int(expected.fails)
+
+
+async def poll_hostile(generated: list[Body], path: Path) -> tuple[bool, dict[str, int], int, int]:
+    """Start at D0, an empty poll at D1, then one walk over the generated pages at D2."""
+    times = iter([D0, D1, D2])
+    current = {"date": next(times)}
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        headers = {"Date": http_date(current["date"]), "Content-Type": "application/json"}
+        if request.url.path.endswith("/server_settings"):
+            return httpx.Response(200, json={"version": "2025.04.0"}, headers=headers)
+        if current["date"] == D2 and queue:
+            return httpx.Response(200, content=queue.pop(0).content, headers=headers)
+        return httpx.Response(200, json={"results": []}, headers=headers)
+
+    queue = list(generated)
+    transport = httpx.MockTransport(handle)
+    client = ConnectClient(
+        "http://connect.test", "k", max_retries=0, verify=False, transport=transport,
+        sleep=_no_wait,
+    )  # fmt: skip
+    store = StateStore(path)
+    model = UsageModel(overlap_us=0, max_session_age_us=10**15, exclude_user_agents=())
+    poller = Poller(
+        client, model, store, poll_interval=1, metadata_interval=60,
+        clock=lambda: float(current["date"]),
+    )  # fmt: skip
+    try:
+        async with client:
+            await poller.load()
+            current["date"] = next(times)
+            assert await poller.poll_once("visits")
+            current["date"] = next(times)
+            ok = await poller.poll_once("visits")
+        snap = poller.snapshot
+        return (
+            ok,
+            dict(snap.content_visits_total),
+            snap.excluded_events_total.get(("visits", "malformed"), 0),
+            snap.poll_errors_total["visits"],
+        )
+    finally:
+        store.close()
