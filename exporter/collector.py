@@ -1,8 +1,13 @@
-"""Render a `Snapshot` as Prometheus metric families.
+"""Render a `Snapshot` as Prometheus metric families, or straight to exposition text.
 
 The collector never talks to Connect and never waits for the poller: each scrape calls
 `get_snapshot()` once and turns that immutable view into fresh metric families. All values are
 what the last committed poll saw, so every HELP text says the numbers come from a background poll.
+
+`SnapshotRenderer` writes the same families as text without building a `Sample` per series:
+with 10,000 content items a snapshot has ~280k samples, and prometheus_client's encoders need
+seconds for them. Its output is byte-identical to `generate_latest` (both formats) over
+`SnapshotCollector`; the tests hold the two together.
 """
 
 from __future__ import annotations
@@ -12,12 +17,14 @@ from itertools import accumulate
 from typing import TypeVar
 
 from prometheus_client import PlatformCollector, ProcessCollector
+from prometheus_client import generate_latest as _text_latest
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
     GaugeMetricFamily,
     HistogramMetricFamily,
     Metric,
 )
+from prometheus_client.openmetrics.exposition import generate_latest as _om_latest_untyped
 from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
@@ -30,11 +37,19 @@ from exporter.snapshot import (
     POLL_STREAMS,
     STREAMS,
     USER_WINDOWS,
+    ContentInfo,
     HistogramValue,
     Snapshot,
 )
 
-__all__ = ["SnapshotCollector", "build_registry"]
+__all__ = [
+    "OPENMETRICS",
+    "TEXT",
+    "ExporterRegistry",
+    "SnapshotCollector",
+    "SnapshotRenderer",
+    "build_registry",
+]
 
 _K = TypeVar("_K")
 _V = TypeVar("_V")
@@ -482,13 +497,325 @@ def _with_zeros(keys: Iterable[_K], values: Mapping[_K, _V], zero: _V) -> dict[_
     return out
 
 
-def build_registry(get_snapshot: Callable[[], Snapshot]) -> CollectorRegistry:
+_openmetrics_latest: Callable[[Collector], bytes] = _om_latest_untyped
+_go_float: Callable[[float], str] = floatToGoString
+
+TEXT = "text"  # Prometheus text format 0.0.4
+OPENMETRICS = "openmetrics"  # OpenMetrics 1.0.0 (without the final "# EOF")
+
+
+class _Families:
+    """Families handed to a prometheus_client encoder as if from a registry."""
+
+    def __init__(self, families: Iterable[Metric]) -> None:
+        self._families = list(families)
+
+    def collect(self) -> Iterable[Metric]:
+        return self._families
+
+
+def _headers(kind: str) -> tuple[str, ...]:
+    """`# HELP`/`# TYPE` lines of every family, written by prometheus_client itself."""
+    out = []
+    for spec in _FAMILIES:
+        family = _families_only(_family(*spec))
+        if kind == TEXT:
+            out.append(_text_latest(family).decode())
+        else:
+            out.append(_openmetrics_latest(family).decode().removesuffix("# EOF\n"))
+    return tuple(out)
+
+
+def _families_only(*families: Metric) -> _Families:
+    return _Families(families)
+
+
+def _escape(value: str) -> str:
+    """A label value as both encoders escape it."""
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+_SMALL: tuple[str, ...] = tuple(f"{i}.0" for i in range(1024))
+_N_SMALL = len(_SMALL)
+
+
+def _value(value: float, small: tuple[str, ...] = _SMALL) -> str:
+    """`floatToGoString`, with a fast path for the small non-negative integers most samples are.
+
+    An int below 10**6 prints as `"<int>.0"` (Go switches to an exponent at 10**6); anything else
+    goes to `floatToGoString` itself.
+    """
+    if type(value) is int:
+        if 0 <= value < _N_SMALL:
+            return small[value]
+        if -1_000_000 < value < 1_000_000:
+            return f"{value}.0"
+    return _go_float(value)
+
+
+def _label_str(labels: tuple[str, ...], values: tuple[str, ...]) -> str:
+    """`{a="x",b="y"}` with label names sorted, as the encoders sort them."""
+    pairs = sorted(zip(labels, values, strict=True))
+    return "{" + ",".join([f'{k}="{_escape(v)}"' for k, v in pairs]) + "}"
+
+
+class SnapshotRenderer:
+    """Writes a snapshot's families as exposition text, identical to prometheus_client's encoders.
+
+    Escaped label strings of content items (their guid, their `_info` labels) are kept across
+    snapshots: content changes rarely, snapshots every poll. Not thread-safe; one caller at a time.
+    """
+
+    def __init__(self) -> None:
+        self._headers = {TEXT: _headers(TEXT), OPENMETRICS: _headers(OPENMETRICS)}
+        self._guids: dict[str, str] = {}  # guid -> 'content_guid="…"'
+        self._info: dict[str, tuple[ContentInfo, str]] = {}  # guid -> (info, its whole line)
+
+    def render(self, snap: Snapshot, kind: str = TEXT) -> bytes:
+        """Every family of `snap` in `kind` (`TEXT` or `OPENMETRICS`, the latter without EOF)."""
+        return self.join(self.bodies(snap), kind)
+
+    def join(self, bodies: list[str], kind: str) -> bytes:
+        """Headers and sample lines (the same in both formats) as one UTF-8 text."""
+        headers = self._headers[kind]
+        return "".join(
+            [part for pair in zip(headers, bodies, strict=True) for part in pair]
+        ).encode()
+
+    def bodies(self, snap: Snapshot) -> list[str]:
+        """The sample lines of every family, in `_FAMILIES` order."""
+        self._prune(snap)
+        guid = self._guid
+        out: list[str] = []
+        add = out.append
+        p = PREFIX
+
+        add(self._per_guid(p + "shiny_sessions_total", snap.shiny_sessions_total))
+        add(self._duration(snap))
+        add(self._per_guid(p + "shiny_sessions_active", snap.shiny_sessions_active))
+        add(
+            self._per_guid(
+                p + "shiny_sessions_abandoned_total", snap.shiny_sessions_abandoned_total
+            )
+        )
+        add(self._per_guid(p + "content_visits_total", snap.content_visits_total))
+        add(_simple(p + "active_users", "window", _with_zeros(USER_WINDOWS, snap.active_users, 0)))
+        add(self._content_active_users(snap))
+        add(
+            self._per_guid(
+                p + "content_last_activity_timestamp_seconds", snap.content_last_activity
+            )
+        )
+        add(self._content_info(snap))
+        add(_multi(p + "content_items", ("app_mode", "access_type"), snap.content_items.items()))
+        add(_multi(p + "users", ("role", "state"), snap.users.items()))
+        add(
+            "".join(
+                [
+                    f'{p}content_permissions{{{guid(g)},principal_type="{_escape(t)}",'
+                    f'role="{_escape(r)}"}} {_value(v)}\n'
+                    for (g, t, r), v in snap.content_permissions.items()
+                ]
+            )
+        )
+        excluded_keys = [(s, r) for s in STREAMS for r in EXCLUDE_REASONS]
+        add(
+            _multi(
+                p + "excluded_events_total",
+                ("stream", "reason"),
+                _with_zeros(excluded_keys, snap.excluded_events_total, 0).items(),
+            )
+        )
+        add(
+            _multi(p + "user_events", ("user_guid", "username", "window"), snap.user_events.items())
+        )
+        add(
+            _simple(
+                p + "user_series_dropped_total",
+                "window",
+                _with_zeros(USER_WINDOWS, snap.user_series_dropped_total, 0),
+            )
+        )
+        add(f"{p}up {_value(1 if snap.up else 0)}\n")
+        add(
+            _simple(
+                p + "last_successful_poll_timestamp_seconds", "stream", snap.last_successful_poll
+            )
+        )
+        poll = _with_zeros(POLL_STREAMS, snap.poll_duration, _EMPTY_POLL)
+        name = p + "poll_duration_seconds"
+        add(
+            "".join(
+                [
+                    _histogram(name, "stream", key, f'stream="{_escape(key)}"', hist, le=_POLL_LE)
+                    for key, hist in poll.items()
+                ]
+            )
+        )
+        add(
+            _simple(
+                p + "poll_errors_total",
+                "stream",
+                _with_zeros(POLL_STREAMS, snap.poll_errors_total, 0),
+            )
+        )
+        add(
+            _multi(
+                p + "api_requests_total", ("endpoint", "status"), snap.api_requests_total.items()
+            )
+        )
+        add(
+            _simple(
+                p + "events_ingested_total",
+                "stream",
+                _with_zeros(STREAMS, snap.events_ingested_total, 0),
+            )
+        )
+        add(f"{p}state_errors_total {_value(snap.state_errors_total)}\n")
+        add(_simple(p + "high_water_mark_timestamp_seconds", "stream", snap.high_water_mark))
+        for key, value in (
+            ("counting_since_timestamp_seconds", snap.counting_since),
+            ("windows_evaluated_timestamp_seconds", snap.windows_evaluated_at),
+        ):
+            add("" if value is None else f"{p}{key} {_value(value)}\n")
+        add(f'{p}exporter_build_info{{version="{_escape(snap.exporter_version)}"}} 1.0\n')
+        version = snap.server_version
+        add("" if version is None else f'{p}server_info{{version="{_escape(version)}"}} 1.0\n')
+        return out
+
+    def _prune(self, snap: Snapshot) -> None:
+        """Forget cached labels once they outnumber the live content items twice over."""
+        live = len(snap.content_info) + len(snap.shiny_sessions_total) + 64
+        if len(self._guids) > 2 * live:
+            self._guids.clear()
+        if len(self._info) > 2 * live:
+            self._info.clear()
+
+    def _guid(self, guid: str) -> str:
+        labels = self._guids.get(guid)
+        if labels is None:
+            labels = self._guids[guid] = f'content_guid="{_escape(guid)}"'
+        return labels
+
+    def _per_guid(self, name: str, values: Mapping[str, float]) -> str:
+        guid = self._guid
+        value = _value
+        return "".join([f"{name}{{{guid(g)}}} {value(v)}\n" for g, v in values.items()])
+
+    def _duration(self, snap: Snapshot) -> str:
+        name = PREFIX + "shiny_session_duration_seconds"
+        guid = self._guid
+        return "".join(
+            [
+                _histogram(name, "content_guid", g, guid(g), hist, le=_DURATION_LE)
+                for g, hist in snap.shiny_session_duration.items()
+            ]
+        )
+
+    def _content_active_users(self, snap: Snapshot) -> str:
+        """Same series, same order as `SnapshotCollector._content_active_users`."""
+        cau = snap.content_active_users
+        guids: dict[str, None] = dict.fromkeys(snap.content_info)
+        for usage in (
+            snap.shiny_sessions_total,
+            snap.shiny_session_duration,
+            snap.shiny_sessions_active,
+            snap.shiny_sessions_abandoned_total,
+            snap.content_visits_total,
+            snap.content_last_activity,
+        ):
+            guids.update(dict.fromkeys(usage))
+        guids.update(dict.fromkeys(g for g, _ in cau))
+        name = PREFIX + "content_active_users"
+        guid = self._guid
+        get = cau.get
+        windows = [(w, f',window="{_escape(w)}"}} ') for w in CONTENT_WINDOWS]
+        lines = [
+            f"{name}{{{guid(g)}{tail}{_value(get((g, w), 0))}\n"
+            for g in guids
+            for w, tail in windows
+        ]
+        extra = {key: value for key, value in cau.items() if key[1] not in CONTENT_WINDOWS}
+        lines.append(_multi(name, ("content_guid", "window"), extra.items()))
+        return "".join(lines)
+
+    def _content_info(self, snap: Snapshot) -> str:
+        cache = self._info
+        lines = []
+        for g, ci in snap.content_info.items():
+            hit = cache.get(g)
+            if hit is None or (hit[0] is not ci and hit[0] != ci):
+                labels = _label_str(
+                    ("content_guid", "content_name", "title", "app_mode", "access_type", "owner"),
+                    (g, ci.name, ci.title, ci.app_mode, ci.access_type, ci.owner),
+                )
+                hit = cache[g] = (ci, f"{PREFIX}content_info{labels} 1.0\n")
+            lines.append(hit[1])
+        return "".join(lines)
+
+
+def _simple(name: str, label: str, values: Mapping[str, float]) -> str:
+    return "".join([f'{name}{{{label}="{_escape(k)}"}} {_value(v)}\n' for k, v in values.items()])
+
+
+def _multi(
+    name: str, labels: tuple[str, ...], items: Iterable[tuple[tuple[str, ...], float]]
+) -> str:
+    return "".join([f"{name}{_label_str(labels, k)} {_value(v)}\n" for k, v in items])
+
+
+def _histogram(
+    name: str, label: str, key: str, labels: str, value: HistogramValue, *, le: tuple[str, ...]
+) -> str:
+    """Cumulative `_bucket` lines, then `_count` and `_sum`; `labels` is the escaped `label` pair.
+
+    `le` goes where the encoders' sort of label names puts it: after `content_guid`, before
+    `stream`.
+    """
+    counts = value.counts
+    if len(counts) != len(le):
+        raise ValueError(
+            f"{name}{{{label}={key!r}}}: {len(counts)} bucket counts "
+            f"for {len(le)} buckets (including +Inf)"
+        )
+    cumulative = list(accumulate(counts))
+    if label < "le":
+        prefix = f'{name}_bucket{{{labels},le="'
+        bounds = [f'{bound}"}} ' for bound in le]
+    else:
+        prefix = f'{name}_bucket{{le="'
+        bounds = [f'{bound}",{labels}}} ' for bound in le]
+    lines = [
+        f"{prefix}{bound}{_value(total)}\n"
+        for bound, total in zip(bounds, cumulative)  # noqa: B905 - lengths checked above
+    ]
+    lines.append(f"{name}_count{{{labels}}} {_value(cumulative[-1])}\n")
+    lines.append(f"{name}_sum{{{labels}}} {_value(value.sum)}\n")
+    return "".join(lines)
+
+
+class ExporterRegistry(CollectorRegistry):
+    """The exporter's registry: the snapshot collector plus process_/python_ metrics.
+
+    It is an ordinary `CollectorRegistry` (for `generate_latest` and `run --once`) that also
+    exposes its parts, so the HTTP layer can serve the snapshot's text from a cache and render
+    only the cheap `runtime` collectors on each scrape.
+    """
+
+    def __init__(self, get_snapshot: Callable[[], Snapshot]) -> None:
+        super().__init__()
+        self.get_snapshot = get_snapshot
+        self.snapshot_collector = SnapshotCollector(get_snapshot)
+        self.register(self.snapshot_collector)
+        self.runtime = CollectorRegistry()
+        for collector in (ProcessCollector(registry=None), PlatformCollector(registry=None)):
+            self.register(collector)
+            self.runtime.register(collector)
+
+
+def build_registry(get_snapshot: Callable[[], Snapshot]) -> ExporterRegistry:
     """A fresh registry with the snapshot collector plus the standard process_/python_ metrics.
 
     A private registry (not the global REGISTRY) keeps tests and embedded demos independent.
     """
-    registry = CollectorRegistry()
-    registry.register(SnapshotCollector(get_snapshot))
-    ProcessCollector(registry=registry)
-    PlatformCollector(registry=registry)
-    return registry
+    return ExporterRegistry(get_snapshot)

@@ -9,9 +9,17 @@ from pathlib import Path
 
 import pytest
 from prometheus_client import generate_latest
+from prometheus_client.openmetrics.exposition import generate_latest as openmetrics_latest
 from prometheus_client.registry import CollectorRegistry
 
-from exporter.collector import SnapshotCollector, build_registry
+from bench.bench_scrape import populated_snapshot
+from exporter.collector import (
+    OPENMETRICS,
+    TEXT,
+    SnapshotCollector,
+    SnapshotRenderer,
+    build_registry,
+)
 from exporter.snapshot import (
     CONTENT_WINDOWS,
     DELETED_APP_MODE,
@@ -232,3 +240,80 @@ def test_promtool_check_metrics_is_silent(snapshot: Snapshot) -> None:
     report = (result.stdout + result.stderr).decode()
     assert result.returncode == 0, report
     assert report.strip() == "", report
+
+
+GOLDEN_OM = Path(__file__).parent / "golden" / "collector.om"
+
+
+def edge_values() -> Snapshot:
+    """Values on both sides of every formatting switch: small-int table, Go's exponent, floats."""
+    guids = [f"g-{i}" for i in range(12)]
+    values = [0, 1, 1023, 1024, 999_999, 1_000_000, 1_234_567, -5, -1_000_000, 2**53, 0.1, 1e-7]
+    return Snapshot(
+        shiny_sessions_total=dict(zip(guids, values, strict=True)),
+        content_last_activity={g: float(v) + 0.25 for g, v in zip(guids, values, strict=True)},
+        content_info={"g-0": ContentInfo('a"b', "x\\y\nz", "shiny", "acl", "ünïcode ✓")},
+        content_active_users={("g-1", "90d"): 3, ("g-1", "24h"): 1},
+        state_errors_total=10**7,
+        counting_since=float("inf"),
+        poll_duration={"shiny": HistogramValue((0,) * 12 + (5,), float("nan"))},
+    )
+
+
+def reference(snapshot: Snapshot, encoder: object = generate_latest) -> bytes:
+    registry = CollectorRegistry()
+    registry.register(SnapshotCollector(lambda: snapshot))
+    return encoder(registry)  # type: ignore[operator,no-any-return]
+
+
+def test_openmetrics_exposition_matches_golden_file() -> None:
+    text = reference(handcrafted(), openmetrics_latest).decode()
+    if os.environ.get("UPDATE_GOLDEN") == "1":
+        GOLDEN_OM.write_text(text)
+    assert text == GOLDEN_OM.read_text(), "changed; rerun with UPDATE_GOLDEN=1 if intended"
+
+
+def test_renderer_matches_both_golden_files() -> None:
+    renderer = SnapshotRenderer()
+    assert renderer.render(handcrafted(), TEXT).decode() == GOLDEN.read_text()
+    om = renderer.render(handcrafted(), OPENMETRICS).decode() + "# EOF\n"
+    assert om == GOLDEN_OM.read_text()
+
+
+@pytest.mark.parametrize(
+    "make",
+    [handcrafted, Snapshot, edge_values, lambda: populated_snapshot(150, seed=3)],
+    ids=["handcrafted", "empty", "edge-values", "populated"],
+)
+def test_renderer_is_byte_identical_to_prometheus_client(make: object) -> None:
+    snapshot = make()  # type: ignore[operator]
+    renderer = SnapshotRenderer()
+    for _ in range(2):  # the second pass runs on the label cache
+        assert renderer.render(snapshot, TEXT) == reference(snapshot)
+        om = renderer.render(snapshot, OPENMETRICS) + b"# EOF\n"
+        assert om == reference(snapshot, openmetrics_latest)
+
+
+def test_renderer_label_cache_follows_changed_content() -> None:
+    renderer = SnapshotRenderer()
+    before = Snapshot(content_info={APP: ContentInfo("old", "Old", "shiny", "acl", "alice")})
+    after = Snapshot(content_info={APP: ContentInfo("new", "New", "shiny", "acl", "alice")})
+    renderer.render(before)
+    text = renderer.render(after).decode()
+    assert text == reference(after).decode()
+    assert 'content_name="new"' in text
+    assert 'content_name="old"' not in text
+
+
+def test_renderer_refuses_wrong_bucket_count_like_the_collector() -> None:
+    bad = Snapshot(shiny_session_duration={APP: HistogramValue((1, 2, 3), 1.0)})
+    with pytest.raises(ValueError, match="3 bucket counts for 16 buckets"):
+        SnapshotRenderer().render(bad)
+
+
+def test_exporter_registry_keeps_runtime_collectors_apart() -> None:
+    registry = build_registry(handcrafted)
+    runtime = generate_latest(registry.runtime).decode()
+    assert "python_info" in runtime
+    assert "connect_usage_" not in runtime
+    assert generate_latest(registry).decode().startswith(GOLDEN.read_text())
