@@ -1,31 +1,43 @@
 """The exporter's HTTP face: `/metrics`, `/healthz`, `/readyz` and a landing page.
 
 A stdlib WSGI server with one daemon thread per request, the same shape as prometheus_client's own
-`ThreadingWSGIServer`. A scrape only reads the registry, whose collector reads the current
-snapshot reference, so it never waits for the poller.
+`ThreadingWSGIServer`. A scrape only reads the current snapshot reference, so it never waits for
+the poller; the snapshot's text is rendered once per snapshot and served from a cache
+(`MetricsEndpoint`). An optional web config (`exporter.webconfig`) adds TLS and HTTP basic auth;
+like exporter-toolkit, auth then covers every path, `/healthz` and `/readyz` included (give
+probes an `Authorization` header).
 """
 
 from __future__ import annotations
 
+import gzip
 import html
 import logging
 import socket
+import ssl
 import threading
-from collections.abc import Callable, Iterable
+import zlib
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from socketserver import ThreadingMixIn
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import make_wsgi_app
+from prometheus_client.exposition import choose_encoder, generate_latest, gzip_accepted
+from prometheus_client.openmetrics import exposition as om
 from prometheus_client.registry import CollectorRegistry
 
 from exporter import __version__
+from exporter.collector import OPENMETRICS, TEXT, ExporterRegistry, SnapshotRenderer
 from exporter.settings import parse_listen_address
+from exporter.snapshot import Snapshot
+from exporter.webconfig import BasicAuth, WebConfig
 
 if TYPE_CHECKING:
     from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
-__all__ = ["ExporterHTTPServer", "make_app", "parse_listen_address"]
+__all__ = ["ExporterHTTPServer", "MetricsEndpoint", "make_app", "parse_listen_address"]
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +45,11 @@ Readiness = Callable[[], tuple[bool, str]]
 
 _TEXT = "text/plain; charset=utf-8"
 _ALLOWED = "GET, HEAD"
+_CHALLENGE = ("WWW-Authenticate", 'Basic realm="connect-usage-exporter"')
+_PLAIN_ESCAPINGS = frozenset({om.UNDERSCORES, om.ALLOWUTF8, om.VALUES})
+# Level 1: a 33 MB exposition compresses in ~0.2 s to 4.2 MB; level 6 takes twice as long
+# for 10 % fewer bytes, and the render is what a scrape after a new snapshot waits for.
+_GZIP_LEVEL = 1
 
 
 def _landing_page() -> bytes:
@@ -51,43 +68,156 @@ def _landing_page() -> bytes:
     ).encode()
 
 
-def make_app(registry: CollectorRegistry, readiness: Readiness) -> WSGIApplication:
-    """The WSGI routing; `/metrics` is prometheus_client's app, which negotiates format and gzip."""
-    metrics_app = make_wsgi_app(registry)
+def _fast_kind(encoder: Callable[..., bytes]) -> str | None:
+    """Which cached rendering serves what `choose_encoder` picked, or None for the generic path.
+
+    Our metric and label names are valid legacy names, which the `underscores`, `allow-utf-8` and
+    `values` escapings leave alone; `dots` rewrites them, so it goes through prometheus_client.
+    """
+    func = getattr(encoder, "func", encoder)
+    keywords: dict[str, Any] = getattr(encoder, "keywords", {})
+    if keywords.get("escaping", om.UNDERSCORES) not in _PLAIN_ESCAPINGS:
+        return None
+    if func is generate_latest:
+        return TEXT
+    if func is om.generate_latest:
+        return OPENMETRICS
+    return None
+
+
+@dataclass(slots=True)
+class _Rendered:
+    """One format of one snapshot: its text, and its gzip stream up to a sync flush."""
+
+    plain: bytes
+    gzip_prefix: bytes | None = None
+    gzip_state: Any = None  # zlib compressor after a Z_SYNC_FLUSH, copied per scrape
+
+
+class MetricsEndpoint:
+    """`/metrics`: the snapshot's text rendered once per snapshot, runtime metrics per scrape.
+
+    The poller swaps an immutable `Snapshot`, so its text is cached keyed by that object's
+    identity and the format; the first scrape after a swap renders it (a scrape never waits for a
+    poll, only for a render already under way). `process_*`/`python_*` are rendered fresh on every
+    scrape and appended; with gzip, a copy of the compressor left after the cached prefix
+    compresses them, so the answer is one ordinary gzip stream. A registry that is not an
+    `ExporterRegistry`, the `dots` escaping and `name[]` filters use prometheus_client's encoders.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+        self._exporter = registry if isinstance(registry, ExporterRegistry) else None
+        self._renderer = SnapshotRenderer()
+        self._lock = threading.Lock()
+        self._state: tuple[Snapshot | None, dict[str, _Rendered]] = (None, {})
+
+    def __call__(self, environ: WSGIEnvironment) -> tuple[list[tuple[str, str]], list[bytes]]:
+        """Headers and body chunks of one scrape."""
+        encoder, content_type = choose_encoder(environ.get("HTTP_ACCEPT", ""))
+        gzipped = gzip_accepted(environ.get("HTTP_ACCEPT_ENCODING", ""))
+        params = parse_qs(environ.get("QUERY_STRING", ""))
+        kind = _fast_kind(encoder)
+        headers = [("Content-Type", content_type)]
+        if gzipped:
+            headers.append(("Content-Encoding", "gzip"))
+        if self._exporter is None or kind is None or "name[]" in params:
+            source: Any = self._registry
+            if "name[]" in params:
+                source = self._registry.restricted_registry(params["name[]"])
+            output = encoder(source)
+            return headers, [gzip.compress(output, _GZIP_LEVEL) if gzipped else output]
+        rendered = self.rendered(kind, gzipped=gzipped)
+        tail = encoder(self._exporter.runtime)
+        if not gzipped:
+            return headers, [rendered.plain, tail]
+        compressor = rendered.gzip_state.copy()
+        return headers, [
+            rendered.gzip_prefix or b"",
+            compressor.compress(tail) + compressor.flush(),
+        ]
+
+    def rendered(self, kind: str, *, gzipped: bool = False) -> _Rendered:
+        """The current snapshot's text in `kind`, rendering it (and its gzip) at most once."""
+        assert self._exporter is not None
+        snap = self._exporter.get_snapshot()
+        current, entries = self._state
+        entry = entries.get(kind) if current is snap else None
+        if entry is not None and (entry.gzip_state is not None or not gzipped):
+            return entry
+        with self._lock:
+            current, entries = self._state
+            if current is not snap:
+                entries = {}
+                self._state = (snap, entries)
+            entry = entries.get(kind)
+            if entry is None:
+                entry = entries[kind] = _Rendered(self._renderer.render(snap, kind))
+            if gzipped and entry.gzip_state is None:
+                compressor = zlib.compressobj(_GZIP_LEVEL, zlib.DEFLATED, 31)
+                prefix = compressor.compress(entry.plain) + compressor.flush(zlib.Z_SYNC_FLUSH)
+                entry.gzip_prefix, entry.gzip_state = prefix, compressor
+            return entry
+
+
+def make_app(
+    registry: CollectorRegistry,
+    readiness: Readiness,
+    *,
+    auth: BasicAuth | None = None,
+    headers: Sequence[tuple[str, str]] = (),
+) -> WSGIApplication:
+    """The WSGI routing; `/metrics` negotiates format (text or OpenMetrics) and gzip.
+
+    With `auth`, every path (`/healthz` too, as exporter-toolkit does) needs HTTP basic auth;
+    `headers` (the web config's `http_server_config.headers`) go on every response.
+    """
+    metrics = MetricsEndpoint(registry)
     landing = _landing_page()
+    common = list(headers)
 
     def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         method = environ.get("REQUEST_METHOD", "GET")
         path = environ.get("PATH_INFO", "/") or "/"
         head = method == "HEAD"
-        if method not in ("GET", "HEAD"):
+
+        def reply(
+            status: str,
+            body: bytes,
+            *,
+            content_type: str = _TEXT,
+            extra: Sequence[tuple[str, str]] = (),
+        ) -> list[bytes]:
             return _reply(
                 start_response,
-                "405 Method Not Allowed",
-                b"method not allowed\n",
-                extra=[("Allow", _ALLOWED)],
+                status,
+                body,
+                content_type=content_type,
+                extra=[*extra, *common],
+                head=head,
+            )
+
+        if auth is not None and not auth.check(environ.get("HTTP_AUTHORIZATION")):
+            return reply("401 Unauthorized", b"unauthorized\n", extra=[_CHALLENGE])
+        if method not in ("GET", "HEAD"):
+            return reply(
+                "405 Method Not Allowed", b"method not allowed\n", extra=[("Allow", _ALLOWED)]
             )
         if path == "/metrics":
-            if not head:
-                return metrics_app(environ, start_response)  # type: ignore[no-any-return]
-            return _head_of(metrics_app, environ, start_response)
+            headers, chunks = metrics(environ)
+            length = sum(map(len, chunks))
+            start_response("200 OK", [*headers, ("Content-Length", str(length)), *common])
+            return [] if head else chunks
         if path == "/healthz":
-            return _reply(start_response, "200 OK", b"ok\n", head=head)
+            return reply("200 OK", b"ok\n")
         if path == "/readyz":
             ready, reason = _check(readiness)
             if ready:
-                return _reply(start_response, "200 OK", b"ready\n", head=head)
-            body = (reason or "not ready").encode() + b"\n"
-            return _reply(start_response, "503 Service Unavailable", body, head=head)
+                return reply("200 OK", b"ready\n")
+            return reply("503 Service Unavailable", (reason or "not ready").encode() + b"\n")
         if path == "/":
-            return _reply(
-                start_response,
-                "200 OK",
-                landing,
-                content_type="text/html; charset=utf-8",
-                head=head,
-            )
-        return _reply(start_response, "404 Not Found", b"not found\n", head=head)
+            return reply("200 OK", landing, content_type="text/html; charset=utf-8")
+        return reply("404 Not Found", b"not found\n")
 
     return app
 
@@ -107,35 +237,12 @@ def _reply(
     body: bytes,
     *,
     content_type: str = _TEXT,
-    extra: list[tuple[str, str]] | None = None,
+    extra: Sequence[tuple[str, str]] = (),
     head: bool = False,
 ) -> list[bytes]:
-    headers = [("Content-Type", content_type), ("Content-Length", str(len(body)))]
-    headers += extra or []
+    headers = [("Content-Type", content_type), ("Content-Length", str(len(body))), *extra]
     start_response(status, headers)
     return [] if head else [body]
-
-
-def _head_of(
-    app: Callable[..., Iterable[bytes]],
-    environ: WSGIEnvironment,
-    start_response: StartResponse,
-) -> list[bytes]:
-    """Answer HEAD as the GET would (headers, length), without the body.
-
-    prometheus_client's app only accepts GET, so the GET is rendered and its body dropped.
-    """
-    captured: list[Any] = []
-
-    def capture(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
-        captured[:] = [status, headers]
-        return lambda _data: None
-
-    body = b"".join(app({**environ, "REQUEST_METHOD": "GET"}, capture))
-    status, headers = captured
-    headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
-    start_response(status, [*headers, ("Content-Length", str(len(body)))])
-    return []
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -145,10 +252,34 @@ class _QuietHandler(WSGIRequestHandler):
         log.debug("%s - " + format, self.address_string(), *args)
 
 
+# A client that connects and then says nothing cannot hold a thread longer than this.
+HANDSHAKE_TIMEOUT = 10.0
+
+
 class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
-    """Thread per request; daemon threads so a hung client cannot block shutdown."""
+    """Thread per request; daemon threads so a hung client cannot block shutdown.
+
+    With TLS the listening socket is wrapped without handshaking on accept: the handshake runs in
+    the request's own thread, so a slow or broken client can neither stall the accept loop nor
+    (with a failed handshake) reach the handler or kill the serving thread.
+    """
 
     daemon_threads = True
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        if isinstance(request, ssl.SSLSocket):
+            try:
+                request.settimeout(HANDSHAKE_TIMEOUT)
+                request.do_handshake()
+                request.settimeout(None)
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                log.debug("TLS handshake with %s failed: %s", client_address, exc)
+                return
+        super().finish_request(request, client_address)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that goes away mid-response is routine; anything else is logged once."""
+        log.debug("request from %s failed", client_address, exc_info=True)
 
 
 def _server_class(host: str, port: int) -> type[_ThreadingWSGIServer]:
@@ -163,7 +294,11 @@ def _server_class(host: str, port: int) -> type[_ThreadingWSGIServer]:
 
 
 class ExporterHTTPServer:
-    """The HTTP endpoint in a background daemon thread."""
+    """The HTTP(S) endpoint in a background daemon thread.
+
+    `web_config` (from `exporter.webconfig.load_web_config`) adds TLS, basic auth on every path,
+    and extra response headers; None serves plain HTTP to anyone, as before.
+    """
 
     def __init__(
         self,
@@ -172,8 +307,11 @@ class ExporterHTTPServer:
         host: str,
         port: int,
         readiness: Readiness,
+        web_config: WebConfig | None = None,
     ) -> None:
-        self._app = make_app(registry, readiness)
+        config = web_config or WebConfig()
+        self._ssl = config.ssl_context()
+        self._app = make_app(registry, readiness, auth=config.basic_auth(), headers=config.headers)
         self._host = host
         self._requested_port = port
         self._server: _ThreadingWSGIServer | None = None
@@ -190,6 +328,11 @@ class ExporterHTTPServer:
     def host(self) -> str:
         return self._host
 
+    @property
+    def scheme(self) -> str:
+        """`https` when serving TLS, else `http`."""
+        return "http" if self._ssl is None else "https"
+
     def start(self) -> None:
         """Bind and serve in a daemon thread; raises OSError if the address is taken."""
         if self._server is not None:
@@ -201,13 +344,20 @@ class ExporterHTTPServer:
             server_class=_server_class(self._host, self._requested_port),
             handler_class=_QuietHandler,
         )
+        if self._ssl is not None:
+            server.socket = self._ssl.wrap_socket(
+                server.socket, server_side=True, do_handshake_on_connect=False
+            )
         self._server = server
         # A short poll interval keeps stop() quick; the idle cost is negligible.
         self._thread = threading.Thread(
             target=server.serve_forever, args=(0.1,), name="exporter-http", daemon=True
         )
         self._thread.start()
-        log.info("serving metrics", extra={"host": self._host, "port": self.port})
+        log.info(
+            "serving metrics",
+            extra={"host": self._host, "port": self.port, "scheme": self.scheme},
+        )
 
     def stop(self) -> None:
         """Stop accepting requests and release the port; safe to call twice."""
