@@ -21,6 +21,7 @@ from exporter.model import US, UsageModel
 from exporter.poller import Health, Poller
 from exporter.settings import Settings
 from exporter.state import StateStore
+from exporter.webconfig import WebConfigError, load_web_config
 
 log = logging.getLogger("exporter.service")
 
@@ -100,7 +101,15 @@ async def serve(settings: Settings, *, on_listening: Callable[[str], None] | Non
     store = StateStore(settings.state_path)
     client, poller, registry = _build(settings, store)
     host, port = settings.listen
-    http = ExporterHTTPServer(registry, host=host, port=port, readiness=poller.readiness)
+    try:
+        web_config = load_web_config(settings.web_config_file)
+    except WebConfigError as exc:  # a bad setting: exit 2 naming it, like cli.py does
+        store.close()
+        print(f"connect-usage-exporter: invalid setting {exc}", file=sys.stderr)
+        return 2
+    http = ExporterHTTPServer(
+        registry, host=host, port=port, readiness=poller.readiness, web_config=web_config
+    )
     http.start()
     # A wildcard bind is reachable on loopback; show the address a person can open.
     shown = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(host, f"[{host}]" if ":" in host else host)
