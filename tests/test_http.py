@@ -4,14 +4,26 @@ from __future__ import annotations
 
 import gzip
 from collections.abc import Iterator
+from functools import partial
 
 import httpx
 import pytest
+from prometheus_client import generate_latest
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.openmetrics.exposition import generate_latest as openmetrics_latest
+from prometheus_client.registry import Collector, CollectorRegistry
 
 from exporter import __version__
-from exporter.collector import build_registry
-from exporter.http import ExporterHTTPServer, parse_listen_address
+from exporter.collector import (
+    OPENMETRICS,
+    TEXT,
+    SnapshotCollector,
+    SnapshotRenderer,
+    build_registry,
+)
+from exporter.http import ExporterHTTPServer, MetricsEndpoint, parse_listen_address
 from exporter.snapshot import Snapshot
+from tests.test_collector import handcrafted
 
 
 class Readiness:
@@ -205,3 +217,136 @@ def test_parse_listen_address_rejects(text: str, message: str) -> None:
     with pytest.raises(ValueError, match="invalid listen address") as info:
         parse_listen_address(text)
     assert message in str(info.value)
+
+
+# --- the per-snapshot cache -------------------------------------------------------------------
+
+
+class Swappable:
+    """A snapshot reference a test can swap, as the poller does."""
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        self.snapshot = snapshot
+
+    def __call__(self) -> Snapshot:
+        return self.snapshot
+
+
+def _environ(accept: str = "", encoding: str = "", query: str = "") -> dict[str, str]:
+    return {
+        "REQUEST_METHOD": "GET",
+        "PATH_INFO": "/metrics",
+        "HTTP_ACCEPT": accept,
+        "HTTP_ACCEPT_ENCODING": encoding,
+        "QUERY_STRING": query,
+    }
+
+
+def _usage_only(snapshot: Snapshot, encoder: object = generate_latest) -> bytes:
+    registry = CollectorRegistry()
+    registry.register(SnapshotCollector(lambda: snapshot))
+    return encoder(registry)  # type: ignore[operator,no-any-return]
+
+
+class Ticks(Collector):
+    """A runtime collector counting its own collections: proves the tail is rendered per scrape."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def collect(self) -> Iterator[Metric]:
+        self.calls += 1
+        yield GaugeMetricFamily("zz_ticks", "Collections.", value=self.calls)
+
+
+def test_snapshot_rendered_once_per_snapshot_and_format(monkeypatch: pytest.MonkeyPatch) -> None:
+    current = Swappable(handcrafted())
+    endpoint = MetricsEndpoint(build_registry(current))
+    renders: list[str] = []
+    real = SnapshotRenderer.render
+
+    def counting(self: SnapshotRenderer, snap: Snapshot, kind: str = TEXT) -> bytes:
+        renders.append(kind)
+        return real(self, snap, kind)
+
+    monkeypatch.setattr(SnapshotRenderer, "render", counting)
+    om = "application/openmetrics-text; version=1.0.0"
+    for _ in range(3):
+        endpoint(_environ())
+        endpoint(_environ(encoding="gzip"))
+        endpoint(_environ(accept=om))
+    assert renders == [TEXT, OPENMETRICS]
+    current.snapshot = Snapshot(up=True)
+    endpoint(_environ())
+    endpoint(_environ())
+    assert renders == [TEXT, OPENMETRICS, TEXT]
+
+
+def test_cached_body_is_prometheus_clients_text_plus_fresh_runtime_metrics() -> None:
+    current = Swappable(handcrafted())
+    registry = build_registry(current)
+    ticks = Ticks()
+    registry.runtime.register(ticks)
+    endpoint = MetricsEndpoint(registry)
+    usage = _usage_only(current.snapshot)
+    for n in (1, 2):
+        headers, chunks = endpoint(_environ())
+        body = b"".join(chunks)
+        assert body.startswith(usage)
+        assert f"zz_ticks {n}.0\n".encode() in body[len(usage) :]
+        assert dict(headers)["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+    headers, chunks = endpoint(_environ(encoding="gzip"))
+    assert dict(headers)["Content-Encoding"] == "gzip"
+    unzipped = gzip.decompress(b"".join(chunks))
+    assert unzipped.startswith(usage)
+    assert unzipped.endswith(b"zz_ticks 3.0\n")
+    assert b"# TYPE python_info gauge\n" in unzipped[len(usage) :]
+
+
+def test_openmetrics_body_ends_with_one_eof_after_runtime_metrics() -> None:
+    snapshot = handcrafted()
+    endpoint = MetricsEndpoint(build_registry(lambda: snapshot))
+    headers, chunks = endpoint(_environ(accept="application/openmetrics-text; version=1.0.0"))
+    body = gzip.decompress(
+        b"".join(
+            endpoint(
+                _environ(accept="application/openmetrics-text; version=1.0.0", encoding="gzip")
+            )[1]
+        )
+    )
+    for text in (b"".join(chunks), body):
+        assert text.startswith(_usage_only(snapshot, openmetrics_latest).removesuffix(b"# EOF\n"))
+        assert text.endswith(b"# EOF\n")
+        assert text.count(b"# EOF") == 1
+        assert b"# TYPE python_info gauge" in text
+    assert dict(headers)["Content-Type"].startswith("application/openmetrics-text; version=1.0.0")
+
+
+def test_dots_escaping_and_name_filter_fall_back_to_prometheus_client() -> None:
+    snapshot = handcrafted()
+    endpoint = MetricsEndpoint(build_registry(lambda: snapshot))
+    accept = "application/openmetrics-text; version=1.0.0; escaping=dots"
+    _, chunks = endpoint(_environ(accept=accept))
+    body = b"".join(chunks)
+    assert b"connect__usage__up 1.0\n" in body
+    assert body.startswith(
+        _usage_only(snapshot, partial(openmetrics_latest, escaping="dots")).removesuffix(b"# EOF\n")
+    )
+    _, chunks = endpoint(_environ(query="name[]=connect_usage_up"))
+    assert b"".join(chunks) == (
+        b"# HELP connect_usage_up 1 if the last background poll of Connect succeeded, else 0.\n"
+        b"# TYPE connect_usage_up gauge\nconnect_usage_up 1.0\n"
+    )
+
+
+def test_head_of_gzip_metrics_has_the_gets_length(base_url: str) -> None:
+    headers = {"Accept-Encoding": "gzip"}
+    with httpx.Client() as client:
+        with client.stream("GET", f"{base_url}/metrics", headers=headers) as r:
+            raw = b"".join(r.iter_raw())
+        head = client.head(f"{base_url}/metrics", headers=headers)
+    assert int(r.headers["content-length"]) == len(raw)
+    assert head.headers["content-encoding"] == "gzip"
+    # The gzip tail (runtime metrics) varies by a few bytes between scrapes, not the whole body.
+    assert abs(int(head.headers["content-length"]) - len(raw)) < 200
+    assert head.content == b""
