@@ -120,6 +120,7 @@ def run_service(
     on_listening: typing.Callable[[str], None] | None = None,
 ) -> int:
     """Run the service (or one poll) with logging set up; state problems exit 3 with the way out."""
+    from exporter.client import ConnectError
     from exporter.service import run_once, serve, setup_logging
     from exporter.state import StateError
 
@@ -130,5 +131,7 @@ def run_service(
         return anyio.run(lambda: serve(settings, on_listening=on_listening))
     except StateError as exc:
         return _fail(str(exc), EXIT_STATE)
+    except ConnectError as exc:  # only `--once`: the service itself keeps retrying
+        return _fail(f"cannot read Connect: {exc}", 1)
     except KeyboardInterrupt:
         return 0

@@ -208,11 +208,6 @@ def test_the_service_keeps_the_key_out_of_every_endpoint_log_and_state_byte(
     assert_hidden(state_bytes(state), key, where="the state file after exit")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cli.run_service lets a ConnectError from `run --once` escape as an unhandled "
-    "traceback; fix: catch exporter.client.ConnectError there and exit 1 with its one line",
-)
 @pytest.mark.parametrize("case", ["connection_refused", "tls_to_plain_port"])
 def test_run_once_that_cannot_reach_connect_says_one_line_not_a_traceback(
     connect: tuple[Simulator, str], tmp_path: Path, case: str
