@@ -3,9 +3,9 @@
 A stdlib WSGI server with one daemon thread per request, the same shape as prometheus_client's own
 `ThreadingWSGIServer`. A scrape only reads the current snapshot reference, so it never waits for
 the poller; the snapshot's text is rendered once per snapshot and served from a cache
-(`MetricsEndpoint`). An optional web config (`exporter.webconfig`) adds TLS and HTTP basic auth;
-like exporter-toolkit, auth then covers every path, `/healthz` and `/readyz` included (give
-probes an `Authorization` header).
+(`MetricsEndpoint`). An optional web config (`exporter.webconfig`) adds TLS and HTTP basic auth.
+Unlike exporter-toolkit, auth spares the probes `/healthz` and `/readyz`: they say only "ok" or
+why not ready, and Kubernetes probes carry no credentials.
 """
 
 from __future__ import annotations
@@ -160,6 +160,9 @@ class MetricsEndpoint:
             return entry
 
 
+_PROBES = frozenset({"/healthz", "/readyz"})
+
+
 def make_app(
     registry: CollectorRegistry,
     readiness: Readiness,
@@ -169,7 +172,7 @@ def make_app(
 ) -> WSGIApplication:
     """The WSGI routing; `/metrics` negotiates format (text or OpenMetrics) and gzip.
 
-    With `auth`, every path (`/healthz` too, as exporter-toolkit does) needs HTTP basic auth;
+    With `auth`, every path but the probes needs HTTP basic auth;
     `headers` (the web config's `http_server_config.headers`) go on every response.
     """
     metrics = MetricsEndpoint(registry)
@@ -197,7 +200,11 @@ def make_app(
                 head=head,
             )
 
-        if auth is not None and not auth.check(environ.get("HTTP_AUTHORIZATION")):
+        if (
+            auth is not None
+            and path not in _PROBES
+            and not auth.check(environ.get("HTTP_AUTHORIZATION"))
+        ):
             return reply("401 Unauthorized", b"unauthorized\n", extra=[_CHALLENGE])
         if method not in ("GET", "HEAD"):
             return reply(

@@ -113,7 +113,7 @@ async def serve(settings: Settings, *, on_listening: Callable[[str], None] | Non
     http.start()
     # A wildcard bind is reachable on loopback; show the address a person can open.
     shown = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(host, f"[{host}]" if ":" in host else host)
-    url = f"http://{shown}:{http.port}/metrics"
+    url = f"{http.scheme}://{shown}:{http.port}/metrics"
     log.info("serving metrics on %s (polling %s)", url, settings.server)
     if on_listening is not None:
         on_listening(url)

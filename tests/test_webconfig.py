@@ -249,17 +249,19 @@ def test_tls_with_basic_auth(pki: Path, serve_with: object) -> None:
     with httpx.Client(verify=_client_ctx(pki)) as client:
         missing = client.get(f"{url}/metrics")
         wrong = client.get(f"{url}/metrics", auth=("prometheus", "nope"))
-        unknown = client.get(f"{url}/healthz", auth=("nobody", PASSWORD))
+        unknown = client.get(f"{url}/", auth=("nobody", PASSWORD))
         ok = client.get(f"{url}/metrics", auth=("prometheus", PASSWORD))
         health = client.get(f"{url}/healthz", auth=("prometheus", PASSWORD))
         health_anon = client.get(f"{url}/healthz")
-    for r in (missing, wrong, unknown, health_anon):
+    for r in (missing, wrong, unknown):
         assert r.status_code == 401
         assert r.headers["www-authenticate"] == 'Basic realm="connect-usage-exporter"'
         assert r.text == "unauthorized\n"
     assert ok.status_code == 200
     assert "connect_usage_up 1.0\n" in ok.text
     assert (health.status_code, health.text) == (200, "ok\n")
+    # Probes carry no credentials: they stay open, and say nothing a scrape would.
+    assert (health_anon.status_code, health_anon.text) == (200, "ok\n")
 
 
 def test_plain_http_to_the_tls_port_fails(serve_with: object) -> None:
