@@ -44,19 +44,20 @@ MB = 1024.0 * 1024.0
 STREAMS = ("shiny", "visits")
 KEY_TABLES = ("shiny_keys", "visit_keys", "user_last", "pair_last")
 
-# Each episode: a name and the simulator's fault spec, switched on for ``fault_seconds``.
-# Rates stay below 1 except in the outage, so retries mostly get through and polls still fail
-# now and then; the outage drops every request for a stretch longer than the overlap.
-FAULTS: tuple[tuple[str, dict[str, Any]], ...] = (
-    ("503 burst", {"error_rate": {"503": 0.5}}),
-    ("429 + Retry-After", {"error_rate": {"429": 0.4}, "retry_after": 1}),
-    ("timeouts", {"latency": 2.5, "count": 6}),  # latency above --request-timeout
-    ("malformed JSON", {"malformed_rate": 0.3}),
-    ("truncated bodies", {"truncate_rate": 0.3}),
-    ("connection resets", {"reset_rate": 0.3}),
-    ("HTML 200 pages", {"html_rate": 0.3}),
-    ("502/504 mix", {"error_rate": {"502": 0.2, "504": 0.2}}),
-    ("outage (all dropped)", {"reset_rate": 1.0}),
+# Each episode: a name, the simulator's fault spec, and how many ``fault_seconds`` it lasts.
+# Rates stay below 1 except in the outage, so retries mostly get through; the outage drops
+# every request for longer than the client's retries last (polls fail, the loop backs off),
+# and at the default speed for ~36 simulated hours: far longer than the overlap.
+FAULTS: tuple[tuple[str, dict[str, Any], float], ...] = (
+    ("503 burst", {"error_rate": {"503": 0.5}}, 1),
+    ("429 + Retry-After", {"error_rate": {"429": 0.4}, "retry_after": 1}, 1),
+    ("timeouts", {"latency": 2.5, "count": 6}, 1),  # latency above --request-timeout
+    ("malformed JSON", {"malformed_rate": 0.3}, 1),
+    ("truncated bodies", {"truncate_rate": 0.3}, 1),
+    ("connection resets", {"reset_rate": 0.3}, 1),
+    ("HTML 200 pages", {"html_rate": 0.3}, 1),
+    ("502/504 mix", {"error_rate": {"502": 0.2, "504": 0.2}}, 1),
+    ("outage (all dropped)", {"reset_rate": 1.0}, 4),
 )
 
 
@@ -79,7 +80,7 @@ class SoakConfig:
     # handling time counts K-fold: the overlap must cover that as well as the 5-minute late
     # writes, or the fast clock itself (not the exporter) would lose late events.
     overlap: float | None = None  # default: max(900, 0.5 s real)
-    faults_every: float = 12.0  # real seconds between the starts of fault episodes
+    faults_every: float = 12.0  # real seconds between the starts of fault episodes (at least)
     fault_seconds: float = 3.0  # real seconds each episode lasts
     sample_every: float = 2.0  # real seconds between samples
     catchup_timeout: float = 180.0
@@ -472,12 +473,12 @@ def run_soak(cfg: SoakConfig, say: Callable[[str], None] = print) -> SoakResult:
                 sim.faults.clear()
                 clear_at = None
             if now >= next_fault:
-                name, spec = FAULTS[episode % len(FAULTS)]
+                name, spec, lasts = FAULTS[episode % len(FAULTS)]
                 episode += 1
                 sim.faults.configure(spec)
                 result.episodes[name] = result.episodes.get(name, 0) + 1
-                clear_at = now + cfg.fault_seconds
-                next_fault = now + cfg.faults_every
+                clear_at = now + cfg.fault_seconds * lasts
+                next_fault = max(now + cfg.faults_every, clear_at + 1)
             if now >= next_sample:
                 sample()
                 next_sample = now + cfg.sample_every

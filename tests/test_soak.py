@@ -1,0 +1,69 @@
+"""A short soak (two simulated days, every fault kind) through bench.soak's own code.
+
+The full month is ``python -m bench.soak`` (docs/soak.md); this keeps the same path honest in
+CI: the real service, a fast clock, faults on and off, exact totals, and bounded de-dup keys.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.soak import FAULTS, Series, SoakConfig, compare_with_truth, run_soak
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_short_soak_is_exact_and_keeps_keys_bounded() -> None:
+    cfg = SoakConfig(
+        days=2,
+        speed=8640,  # two simulated days in 20 real seconds
+        content=30,
+        users=80,
+        history_days=2,
+        sessions_per_day=800,
+        visits_per_day=2400,
+        faults_every=1.5,
+        fault_seconds=0.75,
+        sample_every=1.0,
+    )
+    result = run_soak(cfg, say=lambda _line: None)
+
+    assert result.caught_up, "the exporter never caught up with the stopped clock"
+    assert result.mismatches == []
+    assert result.exact
+    assert result.events > 1000
+    assert set(result.episodes) == {
+        name for name, _spec, _lasts in FAULTS
+    }  # every kind, outage too
+    assert result.scrape_failures == 0  # /metrics answered through every fault
+    assert result.exit_code == 0
+
+    keys = [s.dedup_keys for s in result.samples]
+    assert max(keys) * 5 < result.events  # keys live only inside the overlap, not forever
+    assert result.stale_keys_end == 0  # nothing a walk can no longer return is kept
+    assert result.samples[-1].dedup_keys <= max(keys)
+    users = [s.rows["user_last"] for s in result.samples]
+    assert max(users) <= cfg.users
+
+
+def test_compare_names_each_lost_or_doubled_series() -> None:
+    truth = {
+        "sessions_started": {"a": 3},
+        "visits": {"b": 2},
+        "sessions_ended": {"a": 1},
+        "session_microseconds": {"a": 1_500_000},
+        "totals": {"synthetic_visits": 4},
+    }
+    series: Series = {
+        "connect_usage_shiny_sessions_total": {(("content_guid", "a"),): 3.0},
+        "connect_usage_content_visits_total": {(("content_guid", "b"),): 3.0},
+        "connect_usage_shiny_session_duration_seconds_count": {(("content_guid", "a"),): 1.0},
+        "connect_usage_shiny_session_duration_seconds_sum": {(("content_guid", "a"),): 1.5},
+        "connect_usage_excluded_events_total": {
+            (("reason", "synthetic"), ("stream", "visits")): 4.0
+        },
+    }
+    mismatches = compare_with_truth(series, truth)
+    assert [(m.metric, m.content_guid, m.exporter, m.truth) for m in mismatches] == [
+        ("content_visits_total", "b", 3.0, 2.0)
+    ]
