@@ -1,0 +1,269 @@
+"""The exporter against the limit and the peer: catch-up, latency, memory, steady state.
+
+Run: ``.venv/bin/python -m bench.bench_exporter`` (``--help`` for sizes; the default takes a few
+minutes on 2 cores). Every figure is a ratio of two measurements taken in this one run on this
+machine, so the table travels between machines better than absolute numbers do.
+
+1. Catch-up: the exporter's first start (it walks from Connect's now - 30 d) against a simulator
+   in a subprocess, vs a bare httpx loop over the same pages that only parses the JSON (the limit)
+   and vs posit-sdk's ``client.metrics.usage.find()`` (the peer). Events are the records the API
+   returns for the range, counted the same way for all three.
+2. Latency-bound catch-up: 20 ms added to every API request; a restart after 30 days of downtime
+   (so every event counts) vs a sequential cursor walk of the same range; the counters are then
+   compared with the simulator's truth, exactly.
+3. Memory: peak RSS of a fresh exporter process through load and the first walk, and the RSS
+   growth per tracked (content, user) pair.
+4. Steady state: the clock steps by the poll interval (default 60 s) at ~100 events/s; CPU
+   seconds per poll and API requests per poll, busy and idle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.common import DAY, SimProcess, bare_walk, run_exporter, sdk_walk  # noqa: E402
+
+NOW = 1_750_000_000.0
+
+
+@dataclass
+class Row:
+    """One line of the table."""
+
+    figure: str
+    value: str
+    against: str
+    ratio: str
+    target: str
+    met: bool | None
+
+
+def sim_config(args: argparse.Namespace, events: int, content: int, users: int) -> dict[str, Any]:
+    per_day = events / args.days
+    return {
+        "seed": args.seed,
+        "content": content,
+        "users": users,
+        "history_days": args.days,
+        "sessions_per_day": per_day * 0.3,
+        "visits_per_day": per_day * 0.7,
+    }
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def catchup(args: argparse.Namespace) -> list[Row]:
+    config = sim_config(args, args.events, args.content, args.users)
+    with SimProcess(config, now=NOW) as sim:
+        log(f"catch-up: simulator generated in {sim.generation_s:.1f} s")
+        start = NOW - 30 * DAY
+        records, requests, bare_s = bare_walk(sim.url, sim.key, start)
+        log(f"bare loop: {records} records, {requests} requests, {bare_s:.1f} s")
+        job = {"mode": "catchup", "url": sim.url, "key": sim.key, "profile": args.profile}
+        exp = run_exporter(job)
+        log(f"exporter: {exp['seconds']:.1f} s, {exp['requests']} requests, cpu {exp['cpu']:.1f} s")
+        if args.skip_sdk:
+            sdk_n, sdk_s = records, float("nan")
+        else:
+            sdk_n, sdk_s = sdk_walk(sim.url, sim.key, start)
+            log(f"posit-sdk: {sdk_n} events, {sdk_s:.1f} s")
+    if sdk_n != records:
+        log(f"WARNING: posit-sdk saw {sdk_n} events, the bare loop {records}")
+    exp_rate, bare_rate, sdk_rate = records / exp["seconds"], records / bare_s, records / sdk_s
+    return [
+        Row(
+            f"catch-up, {records:,} events: exporter vs bare httpx+json loop",
+            f"{exp_rate:,.0f} ev/s",
+            f"{bare_rate:,.0f} ev/s",
+            f"{exp_rate / bare_rate:.2f}x",
+            ">= 0.8x",
+            exp_rate / bare_rate >= 0.8,
+        ),
+        Row(
+            "catch-up: exporter vs posit-sdk usage.find()",
+            f"{exp_rate:,.0f} ev/s",
+            f"{sdk_rate:,.0f} ev/s",
+            f"{exp_rate / sdk_rate:.2f}x",
+            ">= 3x",
+            exp_rate / sdk_rate >= 3,
+        ),
+    ]
+
+
+def latency(args: argparse.Namespace) -> list[Row]:
+    config = sim_config(args, args.latency_events, args.content, args.users)
+    config["history_days"] = 0.05  # the epoch is fixed near the start of the data
+    down = args.days * DAY
+    t0 = NOW - down
+    with SimProcess(config, now=t0) as sim:
+        sim.control("POST", "faults", {"latency": args.latency})
+        job = {"mode": "catchup", "url": sim.url, "key": sim.key, "load_at": down, "truth": True}
+        exp = run_exporter(job)
+        log(f"latency: exporter {exp['seconds']:.1f} s, {exp['requests']} requests")
+        # The same range the exporter read: from its first walk start (epoch - 30 d) to now.
+        records, requests, seq_s = bare_walk(sim.url, sim.key, t0 - 30 * DAY)
+        log(f"latency: sequential walk {records} records, {requests} requests, {seq_s:.1f} s")
+    truth = exp["truth"]
+    ratio = exp["seconds"] / seq_s
+    return [
+        Row(
+            f"latency {args.latency * 1000:.0f} ms/request, {records:,} events: backfill time "
+            "vs sequential cursor walk",
+            f"{exp['seconds']:.1f} s",
+            f"{seq_s:.1f} s",
+            f"{ratio:.2f}x",
+            "<= 0.25x",
+            ratio <= 0.25,
+        ),
+        Row(
+            "  exactly-once after the concurrent backfill (counters == /__sim__/truth)",
+            f"{truth['sessions']:,} sessions, {truth['visits']:,} visits",
+            f"{truth['truth_sessions']:,}, {truth['truth_visits']:,}",
+            "exact" if truth["exact"] else f"DIFFERS {truth['checks']}",
+            "exact",
+            bool(truth["exact"]),
+        ),
+    ]
+
+
+def memory(args: argparse.Namespace) -> list[Row]:
+    config = sim_config(args, args.mem_events, args.mem_content, args.mem_users)
+    with SimProcess(config, now=NOW) as sim:
+        log(f"memory: simulator generated in {sim.generation_s:.1f} s")
+        exp = run_exporter({"mode": "catchup", "url": sim.url, "key": sim.key})
+    peak_mb = exp["peak_rss_kb"] / 1024
+    base_mb = exp["base_rss_kb"] / 1024
+    per_pair = (exp["rss_kb"] - exp["base_rss_kb"]) * 1024 / max(1, exp["pairs"])
+    return [
+        Row(
+            f"peak RSS, {args.mem_content:,} content / {args.mem_users:,} users / "
+            f"{args.mem_events:,} events",
+            f"{peak_mb:.0f} MB",
+            f"{base_mb:.0f} MB at start",
+            f"{peak_mb / 200:.2f}x of 200 MB",
+            "<= 200 MB",
+            peak_mb <= 200,
+        ),
+        Row(
+            f"  RSS growth per tracked (content, user) pair ({exp['pairs']:,} pairs, "
+            f"{exp['users']:,} users)",
+            f"{per_pair:.0f} B",
+            "",
+            "",
+            "report",
+            None,
+        ),
+    ]
+
+
+def steady(args: argparse.Namespace) -> list[Row]:
+    per_day = args.rate * DAY
+    config = {
+        "seed": args.seed,
+        "content": args.content,
+        "users": args.users,
+        "history_days": 1 / 24,
+        "sessions_per_day": per_day * 0.3,
+        "visits_per_day": per_day * 0.7,
+        "bucket_seconds": 60,
+    }
+    with SimProcess(config, now=NOW) as sim:
+        job = {
+            "mode": "steady",
+            "url": sim.url,
+            "key": sim.key,
+            "step": args.poll_interval,
+            "polls": args.polls,
+        }
+        exp = run_exporter(job)
+    busy_cpu = statistics.median(c for c, _r, _n in exp["busy"])
+    busy_req = statistics.median(r for _c, r, _n in exp["busy"])
+    busy_new = statistics.median(n for _c, _r, n in exp["busy"])
+    idle_cpu = statistics.median(c for c, _r in exp["idle"])
+    idle_req = statistics.median(r for _c, r in exp["idle"])
+    interval = args.poll_interval
+    return [
+        Row(
+            f"steady state, {args.rate:g} ev/s, poll every {interval:g} s: CPU per poll",
+            f"{busy_cpu * 1000:.0f} ms ({busy_new:.0f} new ev)",
+            f"{interval:g} s interval",
+            f"{busy_cpu / interval:.4f} of a core",
+            "report",
+            None,
+        ),
+        Row(
+            "  API requests per busy poll / per idle poll (no new events)",
+            f"{busy_req:.0f} / {idle_req:.0f}",
+            f"idle CPU {idle_cpu * 1000:.0f} ms",
+            "",
+            "report",
+            bool(exp["truth"]["exact"]),
+        ),
+    ]
+
+
+def print_table(rows: list[Row]) -> None:
+    headers = ("figure", "exporter", "against", "ratio", "target", "met")
+    met = {True: "yes", False: "NO", None: "-"}
+    cells = [(r.figure, r.value, r.against, r.ratio, r.target, met[r.met]) for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
+    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))
+    print(line)
+    print("-" * len(line))
+    for cell in cells:
+        print("  ".join(c.ljust(w) for c, w in zip(cell, widths, strict=True)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--events", type=int, default=1_000_000, help="catch-up events (30 days)")
+    p.add_argument("--content", type=int, default=2_000)
+    p.add_argument("--users", type=int, default=20_000)
+    p.add_argument("--days", type=float, default=30)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--latency", type=float, default=0.02, help="seconds added per API request")
+    p.add_argument("--latency-events", type=int, default=1_000_000)
+    p.add_argument("--mem-events", type=int, default=1_000_000)
+    p.add_argument("--mem-content", type=int, default=10_000)
+    p.add_argument("--mem-users", type=int, default=100_000)
+    p.add_argument("--rate", type=float, default=100.0, help="steady-state events per second")
+    p.add_argument("--poll-interval", type=float, default=60.0)
+    p.add_argument("--polls", type=int, default=5)
+    p.add_argument("--skip-sdk", action="store_true", help="no posit-sdk run (slow)")
+    p.add_argument("--profile", help="write a pyinstrument profile of the catch-up here")
+    p.add_argument(
+        "--only",
+        nargs="*",
+        choices=("catchup", "latency", "memory", "steady"),
+        default=("catchup", "latency", "memory", "steady"),
+    )
+    args = p.parse_args(argv)
+    rows: list[Row] = []
+    for name, figure in (
+        ("catchup", catchup),
+        ("latency", latency),
+        ("memory", memory),
+        ("steady", steady),
+    ):
+        if name in args.only:
+            rows.extend(figure(args))
+    print_table(rows)
+    return 0 if all(r.met is not False for r in rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

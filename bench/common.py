@@ -1,0 +1,325 @@
+"""Shared bench helpers: a simulator in its own process, and the exporter in a fresh one.
+
+The simulator and the exporter each run in a subprocess of their own so that neither shares a
+GIL with the other (or with the bench's own loops), and so that an exporter's peak RSS is its
+own. Children speak one JSON line on stdout.
+
+Child modes (``python -m bench.common …``): ``sim`` serves until stdin closes; ``exporter`` runs
+one exporter job (``catchup`` or ``steady``) and prints its figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+DAY = 86400.0
+US = 1_000_000
+FAR_FUTURE = 1e11
+SHINY_PATH = "/__api__/v1/instrumentation/shiny/usage"
+VISITS_PATH = "/__api__/v1/instrumentation/content/visits"
+
+
+def iso(seconds: float) -> str:
+    """Epoch seconds -> the `from`/`to` spelling the API takes."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
+def rss_kb() -> tuple[int, int]:
+    """(current RSS, peak RSS) of this process in KiB, from /proc (Linux)."""
+    now = peak = 0
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                now = int(line.split()[1])
+            elif line.startswith("VmHWM:"):
+                peak = int(line.split()[1])
+    return now, peak or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+# --- the simulator in a subprocess ------------------------------------------------------------
+
+
+class SimProcess:
+    """A simulator served from a child process; `control` drives its /__sim__/ endpoints."""
+
+    def __init__(self, config: dict[str, Any], *, now: float) -> None:
+        cmd = [sys.executable, "-m", "bench.common", "sim", json.dumps(config), repr(now)]
+        self.proc = subprocess.Popen(
+            cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("the simulator child died before serving")
+        info = json.loads(line)
+        self.url: str = info["url"]
+        self.key: str = info["key"]
+        self.generation_s: float = info["generation_s"]
+        self.http = httpx.Client(base_url=self.url, timeout=600)
+
+    def control(self, method: str, name: str, body: Any = None, **params: Any) -> Any:
+        response = self.http.request(method, f"/__sim__/{name}", json=body, params=params or None)
+        response.raise_for_status()
+        return response.json()
+
+    def close(self) -> None:
+        self.http.close()
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+    def __enter__(self) -> SimProcess:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+
+def _serve_sim(config_json: str, now: float) -> None:
+    from exporter.simulator import SimConfig, SimServer, Simulator
+
+    config = SimConfig(**json.loads(config_json))
+    t0 = time.perf_counter()
+    sim = Simulator(config, now=now, paused=True)
+    generation = time.perf_counter() - t0
+    with SimServer(sim) as server:
+        info = {"url": server.url, "key": sim.keys["admin"], "generation_s": generation}
+        print(json.dumps(info), flush=True)
+        sys.stdin.read()
+
+
+# --- baselines ----------------------------------------------------------------------------------
+
+
+def bare_walk(url: str, key: str, start: float, *, limit: int = 500) -> tuple[int, int, float]:
+    """The limit: a sequential cursor walk of both streams that only parses the JSON.
+
+    Returns (records, requests, seconds).
+    """
+    records = requests = 0
+    headers = {"Authorization": f"Key {key}"}
+    t0 = time.perf_counter()
+    with httpx.Client(base_url=url, headers=headers, timeout=120) as client:
+        for path in (SHINY_PATH, VISITS_PATH):
+            params: dict[str, Any] = {"limit": limit, "asc_order": "true", "from": iso(start)}
+            while True:
+                body = json.loads(client.get(path, params=params).raise_for_status().content)
+                requests += 1
+                records += len(body["results"])
+                cursor = (body.get("paging") or {}).get("cursors", {}).get("next")
+                if not cursor:
+                    break
+                params = {**params, "next": cursor}
+    return records, requests, time.perf_counter() - t0
+
+
+def sdk_walk(url: str, key: str, start: float) -> tuple[int, float]:
+    """The peer: posit-sdk's `client.metrics.usage.find()` over the same range."""
+    from posit import connect
+
+    t0 = time.perf_counter()
+    client = connect.Client(url=url, api_key=key)
+    events = client.metrics.usage.find(start=iso(start))
+    return len(events), time.perf_counter() - t0
+
+
+# --- the exporter in a subprocess ---------------------------------------------------------------
+
+
+def run_exporter(job: dict[str, Any]) -> dict[str, Any]:
+    """Run one exporter job in a fresh interpreter; its JSON answer."""
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.common", "exporter", json.dumps(job)],
+        cwd=ROOT,
+        check=True,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+def _build(job: dict[str, Any], state_dir: Path) -> Any:
+    """The exporter as the service builds it, from default settings plus the job's overrides."""
+    from exporter import service
+    from exporter.settings import load_settings
+    from exporter.state import StateStore
+
+    settings = load_settings(
+        {"server": job["url"], "api_key": job["key"], **job.get("settings", {})}
+    )
+    store = StateStore(state_dir / "state.sqlite")
+    _client, poller, _registry = service._build(settings, store)
+    return poller
+
+
+async def _poll_streams(poller: Any) -> None:
+    """Shiny and visits once, concurrently, as the service's loops run them."""
+    import anyio
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(poller.poll_once, "shiny")
+        group.start_soon(poller.poll_once, "visits")
+
+
+def _stream_requests(poller: Any) -> int:
+    return sum(
+        n
+        for (endpoint, _outcome), n in poller.health.api_requests.items()
+        if "instrumentation" in endpoint
+    )
+
+
+def _truth_check(poller: Any, url: str) -> dict[str, Any]:
+    """Counters and histograms against the simulator's truth since the counting epoch."""
+    snap = poller.snapshot
+    truth = httpx.get(
+        f"{url}/__sim__/truth",
+        params={"from": snap.counting_since, "to": FAR_FUTURE},
+        timeout=600,
+    ).json()
+    durations = {g: h.count for g, h in snap.shiny_session_duration.items()}
+    checks = {
+        "sessions": dict(snap.shiny_sessions_total) == truth["sessions_started"],
+        "durations": durations == truth["sessions_ended"],
+        "visits": dict(snap.content_visits_total) == truth["visits"],
+        "synthetic": snap.excluded_events_total.get(("visits", "synthetic"), 0)
+        == truth["totals"]["synthetic_visits"],
+    }
+    return {
+        "exact": all(checks.values()),
+        "checks": checks,
+        "sessions": sum(snap.shiny_sessions_total.values()),
+        "visits": sum(snap.content_visits_total.values()),
+        "truth_sessions": truth["totals"]["sessions_started"],
+        "truth_visits": truth["totals"]["visits"],
+    }
+
+
+async def _catchup(job: dict[str, Any], state_dir: Path) -> dict[str, Any]:
+    poller = _build(job, state_dir)
+    base_rss, _ = rss_kb()
+    t0 = time.perf_counter()
+    c0 = time.process_time()
+    if job.get("load_at") is not None:
+        # A restart after downtime: the epoch was fixed earlier, the clock has moved on since.
+        await poller.load()
+        async with httpx.AsyncClient(base_url=job["url"], timeout=600) as ctl:
+            advance = {"advance": job["load_at"]}
+            (await ctl.post("/__sim__/clock", json=advance)).raise_for_status()
+            (await ctl.get("/__sim__/stats")).raise_for_status()  # generate before timing
+        t0 = time.perf_counter()
+        c0 = time.process_time()
+    else:
+        await poller.load()
+    await _poll_streams(poller)
+    seconds = time.perf_counter() - t0
+    cpu = time.process_time() - c0
+    now_rss, peak_rss = rss_kb()
+    ok = all(poller.health.last_ok.get(s, False) for s in ("shiny", "visits"))
+    model = poller.model
+    result: dict[str, Any] = {
+        "ok": ok,
+        "seconds": seconds,
+        "cpu": cpu,
+        "requests": _stream_requests(poller),
+        "ingested": dict(poller.health.ingested),
+        "base_rss_kb": base_rss,
+        "rss_kb": now_rss,
+        "peak_rss_kb": peak_rss,
+        "pairs": len(model.pair_last),
+        "users": len(model.user_last),
+        "visit_keys": len(model.visit_keys),
+        "shiny_keys": len(model.shiny_keys),
+        "active_users": dict(poller.snapshot.active_users),
+    }
+    if job.get("truth"):
+        result["truth"] = _truth_check(poller, job["url"])
+    if job.get("profile"):
+        result["profile"] = job["profile"]
+    return result
+
+
+async def _steady(job: dict[str, Any], state_dir: Path) -> dict[str, Any]:
+    """Catch up, then step the clock by one poll interval per poll and time each poll."""
+    poller = _build(job, state_dir)
+    ctl = httpx.AsyncClient(base_url=job["url"], timeout=600)
+    await poller.load()
+    await _poll_streams(poller)
+    step = float(job["step"])
+    busy: list[tuple[float, int, int]] = []
+    for _ in range(int(job["polls"])):
+        (await ctl.post("/__sim__/clock", json={"advance": step})).raise_for_status()
+        (await ctl.get("/__sim__/stats")).raise_for_status()  # the simulator generates now
+        before = _stream_requests(poller)
+        ingested = sum(poller.health.ingested.values())
+        c0 = time.process_time()
+        await _poll_streams(poller)
+        cpu = time.process_time() - c0
+        new = sum(poller.health.ingested.values()) - ingested
+        busy.append((cpu, _stream_requests(poller) - before, new))
+    idle: list[tuple[float, int]] = []
+    for _ in range(int(job["polls"])):
+        before = _stream_requests(poller)
+        c0 = time.process_time()
+        await _poll_streams(poller)
+        idle.append((time.process_time() - c0, _stream_requests(poller) - before))
+    await ctl.aclose()
+    return {"busy": busy, "idle": idle, "truth": _truth_check(poller, job["url"])}
+
+
+def _exporter_child(job_json: str) -> None:
+    import logging
+
+    import anyio
+
+    logging.disable(logging.CRITICAL)
+    job = json.loads(job_json)
+    with tempfile.TemporaryDirectory(prefix="bench-exporter-") as tmp:
+        runner = _steady if job["mode"] == "steady" else _catchup
+        if job.get("profile"):
+            from pyinstrument import Profiler
+
+            profiler = Profiler(interval=0.001, async_mode="enabled")
+            profiler.start()
+            result = anyio.run(runner, job, Path(tmp))
+            profiler.stop()
+            Path(job["profile"]).write_text(profiler.output_text(unicode=False, show_all=False))
+        else:
+            result = anyio.run(runner, job, Path(tmp))
+    print(json.dumps(result, default=asdict), flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    sub = parser.add_subparsers(dest="mode", required=True)
+    sim = sub.add_parser("sim")
+    sim.add_argument("config")
+    sim.add_argument("now", type=float)
+    exp = sub.add_parser("exporter")
+    exp.add_argument("job")
+    args = parser.parse_args(argv)
+    if args.mode == "sim":
+        _serve_sim(args.config, args.now)
+    else:
+        _exporter_child(args.job)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
