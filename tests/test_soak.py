@@ -1,4 +1,4 @@
-"""A short soak (two simulated days, every fault kind) through bench.soak's own code.
+"""A short soak (four simulated days, every fault kind) through bench.soak's own code.
 
 The full month is ``python -m bench.soak`` (docs/soak.md); this keeps the same path honest in
 CI: the real service, a fast clock, faults on and off, exact totals, and bounded de-dup keys.
@@ -15,8 +15,8 @@ from bench.soak import FAULTS, Series, SoakConfig, compare_with_truth, run_soak
 @pytest.mark.timeout(180)
 def test_short_soak_is_exact_and_keeps_keys_bounded() -> None:
     cfg = SoakConfig(
-        days=2,
-        speed=8640,  # two simulated days in 20 real seconds
+        days=4,
+        speed=8640,  # four simulated days in 40 real seconds
         content=30,
         users=80,
         history_days=2,
@@ -39,9 +39,11 @@ def test_short_soak_is_exact_and_keeps_keys_bounded() -> None:
     assert result.exit_code == 0
 
     keys = [s.dedup_keys for s in result.samples]
-    assert max(keys) * 5 < result.events  # keys live only inside the overlap, not forever
+    # Keys live only inside the overlap, or for the span of one catch-up walk after an outage
+    # (here up to a simulated day: ~15 real seconds of outage and back-off), never for the run.
+    assert max(keys) * 3 < result.events
+    assert result.samples[-1].dedup_keys * 10 < result.events  # pruned to the overlap's keys
     assert result.stale_keys_end == 0  # nothing a walk can no longer return is kept
-    assert result.samples[-1].dedup_keys <= max(keys)
     users = [s.rows["user_last"] for s in result.samples]
     assert max(users) <= cfg.users
 
