@@ -328,6 +328,8 @@ async def test_a_page_larger_than_limit(
     transport = Rewriter()
     r = await rig(connect, tmp_path / "s.sqlite", transport=transport)
     sim.clock.advance(1800)
+    t = sim.clock.now()  # a visit in range whatever the hour (simulated traffic is diurnal)
+    sim.add_visit(sim.world.content[1].guid, sim.world.users[2].guid, t - 30, user_agent="x/1")
     oversized = 0
 
     def pad(request: httpx.Request, body: dict[str, Any]) -> dict[str, Any] | None:
