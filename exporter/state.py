@@ -16,6 +16,9 @@ from exporter.model import Delta, UsageModel
 from exporter.snapshot import DURATION_BUCKETS
 
 SCHEMA_VERSION = 1
+_CHECKPOINT_PAGES = 16_384  # 64 MiB of WAL at 4 KiB pages
+_WAL_SIZE_LIMIT = 16 * 1024 * 1024  # bytes the WAL keeps on disk after a checkpoint
+_CACHE_KIB = 16_384  # page cache: the hot B-tree pages of the last-seen tables stay in memory
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -74,6 +77,14 @@ class StateStore:
         db = self._db
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
+        # A catch-up commits a page of last-seen rows spread over the whole key space, so each
+        # commit dirties hundreds of B-tree pages. The default checkpoint (every 1000 WAL pages)
+        # then ran every few commits, each with two fsyncs: ~30% of a catch-up's time. Fewer,
+        # larger checkpoints write each hot page once per checkpoint instead; the WAL file is
+        # truncated back after a checkpoint. Safety is unchanged: WAL commits stay atomic.
+        db.execute(f"PRAGMA wal_autocheckpoint={_CHECKPOINT_PAGES}")
+        db.execute(f"PRAGMA journal_size_limit={_WAL_SIZE_LIMIT}")
+        db.execute(f"PRAGMA cache_size=-{_CACHE_KIB}")
         result = db.execute("PRAGMA quick_check").fetchone()
         if result is None or result[0] != "ok":
             raise sqlite3.DatabaseError(f"integrity check failed: {result}")
