@@ -242,7 +242,7 @@ async def _catchup(job: dict[str, Any], state_dir: Path) -> dict[str, Any]:
         "base_rss_kb": base_rss,
         "rss_kb": now_rss,
         "peak_rss_kb": peak_rss,
-        "pairs": len(model.pair_last),
+        "pairs": model.pair_count(),
         "users": len(model.user_last),
         "visit_keys": len(model.visit_keys),
         "shiny_keys": len(model.shiny_keys),

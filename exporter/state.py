@@ -139,8 +139,13 @@ class StateStore:
                 (c, u, s): (st, t) for c, u, s, st, t in db.execute("SELECT * FROM shiny_keys")
             }
             model.visit_keys = {k: (n, t) for k, n, t in db.execute("SELECT * FROM visit_keys")}
-            model.user_last = dict(db.execute("SELECT * FROM user_last"))
-            model.pair_last = {(c, u): t for c, u, t in db.execute("SELECT * FROM pair_last")}
+            model.user_last = {model.intern(u): t for u, t in db.execute("SELECT * FROM user_last")}
+            model.pair_last = {}
+            for c, u, t in db.execute("SELECT * FROM pair_last"):
+                users = model.pair_last.get(c)
+                if users is None:
+                    users = model.pair_last[c] = {}
+                users[model.intern(u)] = t
             model.content_last = dict(db.execute("SELECT * FROM content_last"))
             for user, hour, count in db.execute("SELECT * FROM user_hours"):
                 model.user_hours.setdefault(user, {})[hour] = count
