@@ -310,6 +310,13 @@ class Poller:
         """
         walk = WalkTally(start_us=self.model.walk_start(stream))
         begin_us = int(self.connect_now()) * US
+        if self.catchup_concurrency > 1 and begin_us - walk.start_us > SLICE_MIN_SPAN_US:
+            # Slicing needs Connect's present time up front; our clock is only an estimate
+            # (unknown skew right after a start), so ask: one cheap request per catch-up.
+            server_time = await self.client.server_time()
+            self._note_server_time(server_time)
+            if server_time is not None:
+                begin_us = int(server_time) * US
         span = begin_us - walk.start_us
         if self.catchup_concurrency > 1 and span > SLICE_MIN_SPAN_US:
             count = min(self.catchup_concurrency * SLICES_PER_WORKER, span // SLICE_MIN_WIDTH_US)
@@ -388,15 +395,15 @@ class Poller:
                         else:
                             model.apply_visits(mine, walk)
                             last = records[-1].time if records else None
+                        if last is not None:
+                            anchor = max(anchor, last)
+                            slices.progress[index] = max(slices.progress[index], last)
                         if page.malformed:
                             model.count_malformed(
                                 stream, [_raw_identity(m) for m in page.malformed], anchor, walk
                             )
                             for error in page.malformed:
                                 log.warning("skipped a malformed record: %s", error)
-                        if last is not None:
-                            anchor = max(anchor, last)
-                            slices.progress[index] = max(slices.progress[index], last)
                         mark = slices.mark()
                         if mark is not None:
                             model.set_hwm(stream, min(mark, walk_now_us))

@@ -24,6 +24,7 @@ from exporter.simulator import SimConfig, SimServer, Simulator
 from tests.support import FAR_FUTURE
 
 EXE = [sys.executable, "-m", "exporter"]
+TUESDAY_AFTERNOON = 1_764_079_200.0  # 2025-11-25T14:00:00Z
 
 
 def env_for(url: str | None, key: str | None, **extra: str) -> dict[str, str]:
@@ -78,8 +79,14 @@ def assert_exposition_matches_truth(text: str, sim: Simulator) -> None:
 
 @pytest.fixture
 def live_connect() -> Iterator[tuple[Simulator, str]]:
-    """A simulated Connect whose clock runs 120 times fast, so traffic flows while processes die."""
-    sim = Simulator(SimConfig(seed=11, content=30, users=80, history_days=2, clock_speed=120.0))
+    """A simulated Connect whose clock runs 120 times fast, so traffic flows while processes die.
+
+    It starts on a Tuesday afternoon: at night the daily rhythm can leave a short run without a
+    single new session, and the tests must not depend on the hour they run at."""
+    sim = Simulator(
+        SimConfig(seed=11, content=30, users=80, history_days=2, clock_speed=120.0),
+        now=TUESDAY_AFTERNOON,
+    )
     server = SimServer(sim)
     url = server.start()
     try:
