@@ -16,8 +16,10 @@ from exporter.model import Delta, UsageModel
 from exporter.snapshot import DURATION_BUCKETS
 
 SCHEMA_VERSION = 1
-_CHECKPOINT_PAGES = 16_384  # 64 MiB of WAL at 4 KiB pages
+_PAGE_SIZE = 1024
+_CHECKPOINT_BYTES = 64 * 1024 * 1024  # of WAL between automatic checkpoints
 _WAL_SIZE_LIMIT = 16 * 1024 * 1024  # bytes the WAL keeps on disk after a checkpoint
+_FOLD_ROWS = 200_000  # last-seen log rows that trigger a fold into the tables
 _CACHE_KIB = 16_384  # page cache: the hot B-tree pages of the last-seen tables stay in memory
 
 _SCHEMA = """
@@ -38,6 +40,11 @@ CREATE TABLE IF NOT EXISTS user_last (
 CREATE TABLE IF NOT EXISTS pair_last (
     content_guid TEXT NOT NULL, user_guid TEXT NOT NULL, last INTEGER NOT NULL,
     PRIMARY KEY (content_guid, user_guid)) WITHOUT ROWID;
+-- Append-only logs of last-seen changes, folded into user_last / pair_last in bulk: a commit
+-- then writes a few sequential pages instead of one random B-tree page per row.
+CREATE TABLE IF NOT EXISTS user_last_log (user_guid TEXT NOT NULL, last INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS pair_last_log (
+    content_guid TEXT NOT NULL, user_guid TEXT NOT NULL, last INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS content_last (content_guid TEXT PRIMARY KEY, last INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS user_hours (
     user_guid TEXT NOT NULL, hour INTEGER NOT NULL, count INTEGER NOT NULL,
@@ -60,6 +67,7 @@ class StateStore:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.Lock()
+        self._log_rows = 0  # rows in the last-seen logs; counted again on restore
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
@@ -75,14 +83,18 @@ class StateStore:
 
     def _check_and_create(self) -> None:
         db = self._db
+        # A catch-up commits a page of last-seen rows spread over the whole key space, so each
+        # commit dirties hundreds of B-tree pages, and WAL writes whole pages: small pages write
+        # less per commit (a new file only; an existing one keeps its page size).
+        db.execute(f"PRAGMA page_size={_PAGE_SIZE}")
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
-        # A catch-up commits a page of last-seen rows spread over the whole key space, so each
-        # commit dirties hundreds of B-tree pages. The default checkpoint (every 1000 WAL pages)
-        # then ran every few commits, each with two fsyncs: ~30% of a catch-up's time. Fewer,
-        # larger checkpoints write each hot page once per checkpoint instead; the WAL file is
-        # truncated back after a checkpoint. Safety is unchanged: WAL commits stay atomic.
-        db.execute(f"PRAGMA wal_autocheckpoint={_CHECKPOINT_PAGES}")
+        # The default checkpoint (every 1000 WAL pages) then ran every few commits, each with two
+        # fsyncs: ~30% of a catch-up's time. Fewer, larger checkpoints write each hot page once
+        # per checkpoint instead; the WAL file is truncated back after a checkpoint. Safety is
+        # unchanged: WAL commits stay atomic.
+        page_size = db.execute("PRAGMA page_size").fetchone()[0]
+        db.execute(f"PRAGMA wal_autocheckpoint={_CHECKPOINT_BYTES // page_size}")
         db.execute(f"PRAGMA journal_size_limit={_WAL_SIZE_LIMIT}")
         db.execute(f"PRAGMA cache_size=-{_CACHE_KIB}")
         result = db.execute("PRAGMA quick_check").fetchone()
@@ -139,13 +151,24 @@ class StateStore:
                 (c, u, s): (st, t) for c, u, s, st, t in db.execute("SELECT * FROM shiny_keys")
             }
             model.visit_keys = {k: (n, t) for k, n, t in db.execute("SELECT * FROM visit_keys")}
-            model.user_last = {model.intern(u): t for u, t in db.execute("SELECT * FROM user_last")}
+            # A log row is only ever appended when its value grew, but take the max anyway.
+            user_last: dict[str, int] = {}
+            model.user_last = user_last
+            for query in ("SELECT * FROM user_last", "SELECT * FROM user_last_log"):
+                for u, t in db.execute(query):
+                    if user_last.get(u, -1) < t:
+                        user_last[model.intern(u)] = t
             model.pair_last = {}
-            for c, u, t in db.execute("SELECT * FROM pair_last"):
-                users = model.pair_last.get(c)
-                if users is None:
-                    users = model.pair_last[c] = {}
-                users[model.intern(u)] = t
+            for query in ("SELECT * FROM pair_last", "SELECT * FROM pair_last_log"):
+                for c, u, t in db.execute(query):
+                    users = model.pair_last.get(c)
+                    if users is None:
+                        users = model.pair_last[c] = {}
+                    if users.get(u, -1) < t:
+                        users[model.intern(u)] = t
+            self._log_rows = db.execute(
+                "SELECT (SELECT count(*) FROM user_last_log) + (SELECT count(*) FROM pair_last_log)"
+            ).fetchone()[0]
             model.content_last = dict(db.execute("SELECT * FROM content_last"))
             for user, hour, count in db.execute("SELECT * FROM user_hours"):
                 model.user_hours.setdefault(user, {})[hour] = count
@@ -178,8 +201,12 @@ class StateStore:
                 )
                 _many(db, "INSERT OR REPLACE INTO visit_keys VALUES (?, ?, ?)", delta.visit_upserts)
                 _many(db, "DELETE FROM visit_keys WHERE key=?", delta.visit_deletes)
-                _many(db, "INSERT OR REPLACE INTO user_last VALUES (?, ?)", delta.user_last)
-                _many(db, "INSERT OR REPLACE INTO pair_last VALUES (?, ?, ?)", delta.pair_last)
+                _many(db, "INSERT INTO user_last_log VALUES (?, ?)", delta.user_last)
+                _many(db, "INSERT INTO pair_last_log VALUES (?, ?, ?)", delta.pair_last)
+                log_rows = self._log_rows + len(delta.user_last) + len(delta.pair_last)
+                if log_rows >= _FOLD_ROWS:
+                    _fold(db)
+                    log_rows = 0
                 _many(db, "INSERT OR REPLACE INTO content_last VALUES (?, ?)", delta.content_last)
                 _many(db, "INSERT OR REPLACE INTO user_hours VALUES (?, ?, ?)", delta.user_hours)
                 if delta.prune_last_before is not None:
@@ -195,12 +222,34 @@ class StateStore:
                         "(SELECT user_guid FROM shiny_keys WHERE state = 0)",
                         (cutoff,),
                     )
+                    for log in ("user_last_log", "pair_last_log"):
+                        # An older row of a key that has a newer one may go: restore takes max.
+                        db.execute(
+                            f"DELETE FROM {log} WHERE last < ? AND user_guid NOT IN "  # noqa: S608
+                            "(SELECT user_guid FROM shiny_keys WHERE state = 0)",
+                            (cutoff,),
+                        )
                     db.execute("DELETE FROM user_hours WHERE hour < ?", (cutoff // 3_600_000_000,))
                 db.execute("COMMIT")
             except BaseException:
                 if db.in_transaction:
                     db.execute("ROLLBACK")
                 raise
+            self._log_rows = log_rows
+
+
+def _fold(db: sqlite3.Connection) -> None:
+    """Move the last-seen logs into their tables: one sorted pass, each B-tree page once."""
+    db.execute(
+        "INSERT OR REPLACE INTO user_last "
+        "SELECT user_guid, max(last) FROM user_last_log GROUP BY user_guid"
+    )
+    db.execute(
+        "INSERT OR REPLACE INTO pair_last SELECT content_guid, user_guid, max(last) "
+        "FROM pair_last_log GROUP BY content_guid, user_guid"
+    )
+    db.execute("DELETE FROM user_last_log")
+    db.execute("DELETE FROM pair_last_log")
 
 
 def _many(db: sqlite3.Connection, sql: str, rows: Sequence[tuple[object, ...]]) -> None:
