@@ -85,6 +85,7 @@ class Delta:
     content_last: list[tuple[str, int]] = field(default_factory=list)
     user_hours: list[tuple[str, int, int]] = field(default_factory=list)
     prune_last_before: int | None = None
+    prune_visits_before: int | None = None  # visit keys below this time go, as one range
 
     def is_empty(self) -> bool:
         return not any(
@@ -102,6 +103,7 @@ class Delta:
                 self.content_last,
                 self.user_hours,
                 self.prune_last_before is not None,
+                self.prune_visits_before is not None,
             )
         )
 
@@ -181,6 +183,7 @@ class UsageModel:
         self._dirty_content: set[str] = set()
         self._dirty_hours: set[tuple[str, int]] = set()
         self._prune_last_before: int | None = None
+        self._prune_visits_before: int | None = None
 
     def take_delta(self) -> Delta:
         """Everything changed since the last call, as rows; the dirty marks are cleared."""
@@ -218,6 +221,7 @@ class UsageModel:
             if hour in self.user_hours.get(user, {})
         ]
         delta.prune_last_before = self._prune_last_before
+        delta.prune_visits_before = self._prune_visits_before
         self._clear_dirty()
         return delta
 
@@ -259,7 +263,10 @@ class UsageModel:
             vstale = [k for k, (_count, t) in self.visit_keys.items() if t < bound]
             for vkey in vstale:
                 del self.visit_keys[vkey]
-                self._dirty_visits.add(vkey)
+                self._dirty_visits.discard(vkey)
+            # Exactly the keys below `bound`: the store deletes them as one range of its
+            # time-ordered table, not key by key.
+            self._prune_visits_before = max(bound, self._prune_visits_before or bound)
 
     def prune_windows(self, now_us: int) -> None:
         """Drop last-seen entries older than the largest window; the gauges never read them."""

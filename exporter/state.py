@@ -19,6 +19,8 @@ SCHEMA_VERSION = 1
 _PAGE_SIZE = 1024
 _CHECKPOINT_BYTES = 64 * 1024 * 1024  # of WAL between automatic checkpoints
 _WAL_SIZE_LIMIT = 16 * 1024 * 1024  # bytes the WAL keeps on disk after a checkpoint
+_SHINY_COLUMNS = "content_guid, user_guid, started, state, time"  # the model's order
+_VISIT_COLUMNS = "key, count, time"
 _FOLD_ROWS = 200_000  # last-seen log rows that trigger a fold into the tables
 _CACHE_KIB = 16_384  # page cache: the hot B-tree pages of the last-seen tables stay in memory
 
@@ -29,12 +31,17 @@ CREATE TABLE IF NOT EXISTS counters (
     name TEXT NOT NULL, label TEXT NOT NULL, value INTEGER NOT NULL, PRIMARY KEY (name, label));
 CREATE TABLE IF NOT EXISTS durations (
     content_guid TEXT PRIMARY KEY, counts TEXT NOT NULL, sum_us INTEGER NOT NULL);
+-- De-dup keys are ordered by time first: a walk reads in time order, so a commit's new keys
+-- land on a few adjacent B-tree pages instead of one random page each, and a prune is a range.
+-- (Key columns come first: SQLite 3.40's quick_check misreads a WITHOUT ROWID table whose
+-- key columns are declared in another order. Statements name their columns.)
 CREATE TABLE IF NOT EXISTS shiny_keys (
-    content_guid TEXT NOT NULL, user_guid TEXT NOT NULL, started INTEGER NOT NULL,
+    started INTEGER NOT NULL, content_guid TEXT NOT NULL, user_guid TEXT NOT NULL,
     state INTEGER NOT NULL, time INTEGER NOT NULL,
-    PRIMARY KEY (content_guid, user_guid, started)) WITHOUT ROWID;
+    PRIMARY KEY (started, content_guid, user_guid)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS visit_keys (
-    key BLOB PRIMARY KEY, count INTEGER NOT NULL, time INTEGER NOT NULL) WITHOUT ROWID;
+    time INTEGER NOT NULL, key BLOB NOT NULL, count INTEGER NOT NULL,
+    PRIMARY KEY (time, key)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS user_last (
     user_guid TEXT PRIMARY KEY, last INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS pair_last (
@@ -118,6 +125,7 @@ class StateStore:
             raise sqlite3.DatabaseError("unknown tables, no exporter metadata")
         # One transaction: a crash here leaves no half-made schema behind.
         db.execute("BEGIN IMMEDIATE")
+        _reorder_key_tables(db)
         for statement in filter(str.strip, _SCHEMA.split(";")):
             db.execute(statement)
         db.executemany(
@@ -148,9 +156,18 @@ class StateStore:
                 model.duration_counts[guid] = [int(x) for x in counts.split(",")]
                 model.duration_sums[guid] = total
             model.shiny_keys = {
-                (c, u, s): (st, t) for c, u, s, st, t in db.execute("SELECT * FROM shiny_keys")
+                (c, u, s): (st, t)
+                for c, u, s, st, t in db.execute(
+                    "SELECT content_guid, user_guid, started, state, time FROM shiny_keys"
+                )
             }
-            model.visit_keys = {k: (n, t) for k, n, t in db.execute("SELECT * FROM visit_keys")}
+            # A key whose time moved on (a malformed record's anchor) has a row per time until
+            # the older one is pruned; its newest row has the largest count.
+            visit_keys: dict[bytes, tuple[int, int]] = {}
+            for k, n, t in db.execute("SELECT key, count, time FROM visit_keys"):
+                if n > visit_keys.get(k, (0, 0))[0]:
+                    visit_keys[k] = (n, t)
+            model.visit_keys = visit_keys
             # A log row is only ever appended when its value grew, but take the max anyway.
             user_last: dict[str, int] = {}
             model.user_last = user_last
@@ -191,7 +208,8 @@ class StateStore:
                 _many(db, "INSERT OR REPLACE INTO durations VALUES (?, ?, ?)", delta.durations)
                 _many(
                     db,
-                    "INSERT OR REPLACE INTO shiny_keys VALUES (?, ?, ?, ?, ?)",
+                    "INSERT OR REPLACE INTO shiny_keys (content_guid, user_guid, started, state, "
+                    "time) VALUES (?, ?, ?, ?, ?)",
                     delta.shiny_upserts,
                 )
                 _many(
@@ -199,8 +217,16 @@ class StateStore:
                     "DELETE FROM shiny_keys WHERE content_guid=? AND user_guid=? AND started=?",
                     delta.shiny_deletes,
                 )
-                _many(db, "INSERT OR REPLACE INTO visit_keys VALUES (?, ?, ?)", delta.visit_upserts)
+                _many(
+                    db,
+                    "INSERT OR REPLACE INTO visit_keys (key, count, time) VALUES (?, ?, ?)",
+                    delta.visit_upserts,
+                )
                 _many(db, "DELETE FROM visit_keys WHERE key=?", delta.visit_deletes)
+                if delta.prune_visits_before is not None:
+                    db.execute(
+                        "DELETE FROM visit_keys WHERE time < ?", (delta.prune_visits_before,)
+                    )
                 _many(db, "INSERT INTO user_last_log VALUES (?, ?)", delta.user_last)
                 _many(db, "INSERT INTO pair_last_log VALUES (?, ?, ?)", delta.pair_last)
                 log_rows = self._log_rows + len(delta.user_last) + len(delta.pair_last)
@@ -236,6 +262,27 @@ class StateStore:
                     db.execute("ROLLBACK")
                 raise
             self._log_rows = log_rows
+
+
+def _reorder_key_tables(db: sqlite3.Connection) -> None:
+    """Files from before the time-first key order get their key tables rebuilt, in place."""
+    rows = dict(db.execute("SELECT name, sql FROM sqlite_master WHERE type='table'"))
+    old = {
+        "shiny_keys": "PRIMARY KEY (content_guid, user_guid, started)",
+        "visit_keys": "key BLOB PRIMARY KEY",
+    }
+    for table, marker in old.items():
+        if marker in (rows.get(table) or ""):
+            db.execute(f"ALTER TABLE {table} RENAME TO {table}_old")
+            create = next(
+                st for st in _SCHEMA.split(";") if f"CREATE TABLE IF NOT EXISTS {table} " in st
+            )
+            db.execute(create)
+            columns = _SHINY_COLUMNS if table == "shiny_keys" else _VISIT_COLUMNS
+            db.execute(
+                f"INSERT INTO {table} ({columns}) SELECT {columns} FROM {table}_old"  # noqa: S608
+            )
+            db.execute(f"DROP TABLE {table}_old")
 
 
 def _fold(db: sqlite3.Connection) -> None:
