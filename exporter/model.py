@@ -86,6 +86,7 @@ class Delta:
     user_hours: list[tuple[str, int, int]] = field(default_factory=list)
     prune_last_before: int | None = None
     prune_visits_before: int | None = None  # visit keys below this time go, as one range
+    prune_closed_before: int | None = None  # closed Shiny keys below this time go
 
     def is_empty(self) -> bool:
         return not any(
@@ -104,6 +105,7 @@ class Delta:
                 self.user_hours,
                 self.prune_last_before is not None,
                 self.prune_visits_before is not None,
+                self.prune_closed_before is not None,
             )
         )
 
@@ -184,6 +186,7 @@ class UsageModel:
         self._dirty_hours: set[tuple[str, int]] = set()
         self._prune_last_before: int | None = None
         self._prune_visits_before: int | None = None
+        self._prune_closed_before: int | None = None
 
     def take_delta(self) -> Delta:
         """Everything changed since the last call, as rows; the dirty marks are cleared."""
@@ -222,6 +225,7 @@ class UsageModel:
         ]
         delta.prune_last_before = self._prune_last_before
         delta.prune_visits_before = self._prune_visits_before
+        delta.prune_closed_before = self._prune_closed_before
         self._clear_dirty()
         return delta
 
@@ -258,7 +262,10 @@ class UsageModel:
             ]
             for key in stale:
                 del self.shiny_keys[key]
-                self._dirty_shiny.add(key)
+                self._dirty_shiny.discard(key)
+            # Exactly the closed keys below `bound`: one statement for the store, not one per
+            # key (the end of a 30-day walk prunes ~300k of them).
+            self._prune_closed_before = max(bound, self._prune_closed_before or bound)
         else:
             vstale = [k for k, (_count, t) in self.visit_keys.items() if t < bound]
             for vkey in vstale:

@@ -204,6 +204,16 @@ class StateStore:
                     db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", delta.meta.items())
                 if delta.hwm:
                     db.executemany("INSERT OR REPLACE INTO hwm VALUES (?, ?)", delta.hwm.items())
+                # Range prunes first: a key written after its prune is upserted below.
+                if delta.prune_closed_before is not None:
+                    db.execute(
+                        "DELETE FROM shiny_keys WHERE state = 1 AND time < ?",
+                        (delta.prune_closed_before,),
+                    )
+                if delta.prune_visits_before is not None:
+                    db.execute(
+                        "DELETE FROM visit_keys WHERE time < ?", (delta.prune_visits_before,)
+                    )
                 _many(db, "INSERT OR REPLACE INTO counters VALUES (?, ?, ?)", delta.counters)
                 _many(db, "INSERT OR REPLACE INTO durations VALUES (?, ?, ?)", delta.durations)
                 _many(
@@ -223,10 +233,6 @@ class StateStore:
                     delta.visit_upserts,
                 )
                 _many(db, "DELETE FROM visit_keys WHERE key=?", delta.visit_deletes)
-                if delta.prune_visits_before is not None:
-                    db.execute(
-                        "DELETE FROM visit_keys WHERE time < ?", (delta.prune_visits_before,)
-                    )
                 _many(db, "INSERT INTO user_last_log VALUES (?, ?)", delta.user_last)
                 _many(db, "INSERT INTO pair_last_log VALUES (?, ?, ?)", delta.pair_last)
                 log_rows = self._log_rows + len(delta.user_last) + len(delta.pair_last)
