@@ -75,6 +75,9 @@ class StateStore:
         self.path = path
         self._lock = threading.Lock()
         self._log_rows = 0  # rows in the last-seen logs; counted again on restore
+        # Rows in user_last + pair_last: a fold waits for a log at least this long, so each
+        # row is folded O(1) times however large the tables grow.
+        self._table_rows = 0
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
@@ -183,6 +186,7 @@ class StateStore:
                         users = model.pair_last[c] = {}
                     if users.get(u, -1) < t:
                         users[model.intern(u)] = t
+            self._table_rows = _table_rows(db)
             self._log_rows = db.execute(
                 "SELECT (SELECT count(*) FROM user_last_log) + (SELECT count(*) FROM pair_last_log)"
             ).fetchone()[0]
@@ -236,8 +240,8 @@ class StateStore:
                 _many(db, "INSERT INTO user_last_log VALUES (?, ?)", delta.user_last)
                 _many(db, "INSERT INTO pair_last_log VALUES (?, ?, ?)", delta.pair_last)
                 log_rows = self._log_rows + len(delta.user_last) + len(delta.pair_last)
-                if log_rows >= _FOLD_ROWS:
-                    _fold(db)
+                if log_rows >= max(_FOLD_ROWS, self._table_rows):
+                    self._table_rows = _fold(db)
                     log_rows = 0
                 _many(db, "INSERT OR REPLACE INTO content_last VALUES (?, ?)", delta.content_last)
                 _many(db, "INSERT OR REPLACE INTO user_hours VALUES (?, ?, ?)", delta.user_hours)
@@ -291,7 +295,14 @@ def _reorder_key_tables(db: sqlite3.Connection) -> None:
             db.execute(f"DROP TABLE {table}_old")
 
 
-def _fold(db: sqlite3.Connection) -> None:
+def _table_rows(db: sqlite3.Connection) -> int:
+    row = db.execute(
+        "SELECT (SELECT count(*) FROM user_last) + (SELECT count(*) FROM pair_last)"
+    ).fetchone()
+    return int(row[0])
+
+
+def _fold(db: sqlite3.Connection) -> int:
     """Move the last-seen logs into their tables: one sorted pass, each B-tree page once."""
     db.execute(
         "INSERT OR REPLACE INTO user_last "
@@ -303,6 +314,7 @@ def _fold(db: sqlite3.Connection) -> None:
     )
     db.execute("DELETE FROM user_last_log")
     db.execute("DELETE FROM pair_last_log")
+    return _table_rows(db)
 
 
 def _many(db: sqlite3.Connection, sql: str, rows: Sequence[tuple[object, ...]]) -> None:
