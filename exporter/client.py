@@ -355,6 +355,7 @@ def _parse_all(
         try:
             append(parse(item))
         except MalformedRecord as exc:
+            exc.raw = item  # its identity for de-dup: records have no ids
             malformed.append(exc)
     return records, malformed
 

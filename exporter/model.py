@@ -494,9 +494,20 @@ class UsageModel:
         walk.records += records
 
     def count_malformed(
-        self, stream: str, raws: Iterable[bytes], anchor_us: int, walk: WalkTally
+        self,
+        stream: str,
+        raws: Iterable[bytes],
+        anchor_us: int,
+        walk: WalkTally,
+        key_time_us: int | None = None,
     ) -> None:
-        """Malformed records are counted once each, keyed by their raw bytes like visits."""
+        """Malformed records are counted once each, keyed by their raw bytes like visits.
+
+        Their own time is unreadable, so `anchor_us` (the last good record before them) says
+        whether they fall before the counting epoch, and the key is kept until `key_time_us`
+        (the walk's now, which no record that existed then can be after) leaves the overlap.
+        """
+        keep_until = anchor_us if key_time_us is None else max(anchor_us, key_time_us)
         t0 = self.counting_since
         assert t0 is not None
         if anchor_us < t0:
@@ -507,7 +518,7 @@ class UsageModel:
             walk.visit_counts[key] = seen
             stored = self.visit_keys.get(key)
             if stored is None or seen > stored[0]:
-                self.visit_keys[key] = (seen, max(anchor_us, stored[1] if stored else 0))
+                self.visit_keys[key] = (seen, max(keep_until, stored[1] if stored else 0))
                 self._dirty_visits.add(key)
                 self._add(EXCLUDED, f"{stream}/malformed")
                 walk.malformed += 1

@@ -400,7 +400,11 @@ class Poller:
                             slices.progress[index] = max(slices.progress[index], last)
                         if page.malformed:
                             model.count_malformed(
-                                stream, [_raw_identity(m) for m in page.malformed], anchor, walk
+                                stream,
+                                [_raw_identity(m) for m in page.malformed],
+                                anchor,
+                                walk,
+                                key_time_us=walk_now_us,
                             )
                             for error in page.malformed:
                                 log.warning("skipped a malformed record: %s", error)

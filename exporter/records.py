@@ -45,6 +45,7 @@ class MalformedRecord(ValueError):
         self.endpoint = endpoint
         self.field = field
         self.reason = reason
+        self.raw: object = None  # the offending record, set by whoever read it
         super().__init__(f"malformed record from {endpoint}: field {field!r}: {reason}")
 
     def __reduce__(self) -> tuple[Any, ...]:

@@ -85,6 +85,13 @@ class StateStore:
             raise StateError(f"cannot open state file {path}: {exc}") from None
         try:
             self._check_and_create()
+        except sqlite3.OperationalError as exc:
+            # Read-only or full: the file may be fine, so never advise deleting it.
+            self._db.close()
+            raise StateError(
+                f"cannot write the state file {path} ({exc}); check that its directory is "
+                "writable and has free space"
+            ) from None
         except sqlite3.DatabaseError as exc:
             self._db.close()
             raise StateError(

@@ -341,12 +341,6 @@ def test_a_read_only_state_directory_stops_cleanly_and_corrupts_nothing(
     assert db_counters(state) == counters
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="state.StateStore.__init__ reports a read-only (or full) state directory as a corrupt "
-    "file and advises deleting it, which would throw the counters away; fix: catch "
-    "sqlite3.OperationalError before sqlite3.DatabaseError and say the file cannot be written",
-)
 def test_a_read_only_state_directory_is_not_called_corrupt(
     read_only_state: tuple[subprocess.CompletedProcess[str], Path, dict[tuple[str, str], int]],
 ) -> None:
