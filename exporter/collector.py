@@ -331,6 +331,22 @@ class _LabelSets(dict[str, dict[str, str]]):
 _EMPTY_POLL = HistogramValue(counts=(0,) * len(_POLL_LE), sum=0.0)
 
 
+def content_with_windows(snap: Snapshot) -> dict[str, None]:
+    """Content items that get every window of content_active_users (0 if absent), in order."""
+    guids: dict[str, None] = dict.fromkeys(snap.content_info)
+    for usage in (
+        snap.shiny_sessions_total,
+        snap.shiny_session_duration,
+        snap.shiny_sessions_active,
+        snap.shiny_sessions_abandoned_total,
+        snap.content_visits_total,
+        snap.content_last_activity,
+    ):
+        guids.update(dict.fromkeys(usage))
+    guids.update(dict.fromkeys(guid for guid, _ in snap.content_active_users))
+    return guids
+
+
 class SnapshotCollector(Collector):
     """A prometheus_client collector that renders whatever `get_snapshot()` returns.
 
@@ -452,17 +468,7 @@ class SnapshotCollector(Collector):
     def _content_active_users(snap: Snapshot, metric: Metric) -> None:
         """Every content item known from usage or metadata gets every window, at 0 if absent."""
         cau = snap.content_active_users
-        guids: dict[str, None] = dict.fromkeys(snap.content_info)
-        for usage in (
-            snap.shiny_sessions_total,
-            snap.shiny_session_duration,
-            snap.shiny_sessions_active,
-            snap.shiny_sessions_abandoned_total,
-            snap.content_visits_total,
-            snap.content_last_activity,
-        ):
-            guids.update(dict.fromkeys(usage))
-        guids.update(dict.fromkeys(guid for guid, _ in cau))
+        guids = content_with_windows(snap)
         name = metric.name
         get = cau.get
         metric.samples.extend(
@@ -715,17 +721,7 @@ class SnapshotRenderer:
     def _content_active_users(self, snap: Snapshot) -> str:
         """Same series, same order as `SnapshotCollector._content_active_users`."""
         cau = snap.content_active_users
-        guids: dict[str, None] = dict.fromkeys(snap.content_info)
-        for usage in (
-            snap.shiny_sessions_total,
-            snap.shiny_session_duration,
-            snap.shiny_sessions_active,
-            snap.shiny_sessions_abandoned_total,
-            snap.content_visits_total,
-            snap.content_last_activity,
-        ):
-            guids.update(dict.fromkeys(usage))
-        guids.update(dict.fromkeys(g for g, _ in cau))
+        guids = content_with_windows(snap)
         name = PREFIX + "content_active_users"
         guid = self._guid
         get = cau.get

@@ -171,6 +171,15 @@ class UsageModel:
         self.user_hours: dict[str, dict[int, int]] = {}
         self._clear_dirty()
 
+    def empty_like(self) -> UsageModel:
+        """A model with the same rules and no data: what a reload from the state file fills."""
+        return UsageModel(
+            overlap_us=self.overlap_us,
+            max_session_age_us=self.max_session_age_us,
+            exclude_user_agents=self.exclude_user_agents,
+            track_user_hours=self.track_user_hours,
+        )
+
     # -- dirty bookkeeping ------------------------------------------------------------------
 
     def _clear_dirty(self) -> None:

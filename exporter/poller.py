@@ -288,12 +288,7 @@ class Poller:
         except Exception as exc:
             self.health.state_errors += 1
             log.error("cannot commit to the state file %s: %s", self.store.path, exc)
-            fresh = UsageModel(
-                overlap_us=self.model.overlap_us,
-                max_session_age_us=self.model.max_session_age_us,
-                exclude_user_agents=self.model.exclude_user_agents,
-                track_user_hours=self.model.track_user_hours,
-            )
+            fresh = self.model.empty_like()
             await anyio.to_thread.run_sync(self.store.restore, fresh)
             self.model = fresh
             raise
@@ -350,8 +345,7 @@ class Poller:
                 model.prune(stream)
                 model.prune_windows(walk_now_us)
                 await self._commit()
-                self.publish()
-        return walk
+        return walk  # poll_once publishes, once the poll's health is recorded too
 
     async def _walk_slice(self, stream: str, walk: WalkTally, slices: _Slices, index: int) -> None:
         """Read one slice's pages in order; each page is one committed batch."""
@@ -456,7 +450,6 @@ class Poller:
                 permissions=permissions,
                 server_version=settings.version,
             )
-            self.publish()
 
     # -- loops --------------------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ from exporter.logs import configure_logging
 from exporter.model import US, UsageModel
 from exporter.poller import Health, Poller
 from exporter.settings import Settings
-from exporter.state import StateStore
+from exporter.state import StateError, StateStore
 from exporter.webconfig import WebConfigError, load_web_config
 
 log = logging.getLogger("exporter.service")
@@ -83,11 +83,9 @@ async def _load(poller: Poller, attempts: int | None = None) -> None:
         try:
             await poller.load()
             return
+        except StateError:
+            raise  # a file problem waits for a person, not for Connect
         except Exception as exc:
-            from exporter.state import StateError
-
-            if isinstance(exc, StateError):
-                raise
             tried += 1
             if attempts is not None and tried >= attempts:
                 raise
