@@ -84,6 +84,7 @@ class SoakConfig:
     fault_seconds: float = 3.0  # real seconds each episode lasts
     sample_every: float = 2.0  # real seconds between samples
     catchup_timeout: float = 180.0
+    keep: Path | None = None  # keep the state file and logs here (a failing run's evidence)
 
     @property
     def overlap_seconds(self) -> float:
@@ -407,6 +408,17 @@ def wait_ready(metrics_url: str, timeout: float) -> None:
 # -- the run ----------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _workdir(keep: Path | None) -> Iterator[str]:
+    """A temporary directory, or ``keep`` (created, left in place) when asked."""
+    if keep is None:
+        with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
+            yield tmp
+        return
+    keep.mkdir(parents=True, exist_ok=True)
+    yield str(keep)
+
+
 def run_soak(cfg: SoakConfig, say: Callable[[str], None] = print) -> SoakResult:
     """Run one soak and return its figures (it never raises on a mismatch: it reports it)."""
     result = SoakResult(config=cfg)
@@ -425,7 +437,7 @@ def run_soak(cfg: SoakConfig, say: Callable[[str], None] = print) -> SoakResult:
     with (
         contextlib.ExitStack() as stack,
         SimServer(sim) as server,
-        tempfile.TemporaryDirectory(prefix="soak-") as tmp,
+        _workdir(cfg.keep) as tmp,
         exporter_service(server.url, sim.keys["admin"], Path(tmp), cfg) as (proc, metrics, log),
     ):
         state = Path(tmp) / "state.sqlite"
@@ -561,6 +573,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--faults-every", type=float, default=d.faults_every, help="real s")
     p.add_argument("--fault-seconds", type=float, default=d.fault_seconds, help="real s")
     p.add_argument("--sample-every", type=float, default=d.sample_every, help="real s")
+    p.add_argument("--keep", type=Path, default=None, help="keep state and logs in this dir")
     a = p.parse_args(argv)
     cfg = SoakConfig(
         days=a.days,
@@ -576,6 +589,7 @@ def main(argv: list[str] | None = None) -> int:
         faults_every=a.faults_every,
         fault_seconds=a.fault_seconds,
         sample_every=a.sample_every,
+        keep=a.keep,
     )
     result = run_soak(cfg, say=lambda line: print(line, flush=True))
     print()

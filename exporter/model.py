@@ -375,7 +375,9 @@ class UsageModel:
                         self._add(ABANDONED_SESSIONS, content)
                     else:
                         keys[key] = (OPEN, session.started)
-                        walk.open_seen.add(key)
+                    # Seen without an end in this walk: `finish_shiny_walk` keeps the key, so
+                    # the next walk, which lists it again, does not count it again.
+                    walk.open_seen.add(key)
                     self._dirty_shiny.add(key)
                     self._touch(content, session.user_guid, session.started, new_event=new)
                 else:

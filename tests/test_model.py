@@ -143,6 +143,25 @@ def test_open_session_past_max_age_or_vanished_is_abandoned() -> None:
     assert view.shiny_session_duration == {}
 
 
+def test_session_first_seen_past_max_age_is_counted_once_across_walks() -> None:
+    # Connect lists a session without an end on every call. Met for the first time when already
+    # past the age limit (the exporter was down for longer), it is counted and abandoned once,
+    # and its key must survive the walk's end, or the next walk counts it again.
+    m = model()
+    stuck = session("a", "u1", T0 + 1 * US, None)
+    later = T0 + 25 * 3600 * US
+    for step in range(3):
+        w = walk(m, "shiny")
+        m.apply_shiny([stuck], w, later + step * US)
+        m.finish_shiny_walk(w, later + step * US)
+        m.set_hwm("shiny", later + step * US)
+        m.prune("shiny")
+    view = m.view(later / US)
+    assert view.shiny_sessions_total == {"a": 1}
+    assert view.shiny_sessions_abandoned_total == {"a": 1}
+    assert m.shiny_keys[("a", "u1", T0 + 1 * US)][0] == ABANDONED
+
+
 def test_delta_holds_exactly_the_changes() -> None:
     m = model()
     m.take_delta()

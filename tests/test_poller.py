@@ -8,7 +8,13 @@ import pytest
 
 from exporter.simulator import Simulator
 from exporter.snapshot import DELETED_APP_MODE
-from tests.support import FAR_FUTURE, Connect, assert_matches_truth, make_poller
+from tests.support import (
+    FAR_FUTURE,
+    Connect,
+    assert_counters_match_truth,
+    assert_matches_truth,
+    make_poller,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -179,6 +185,27 @@ async def test_abandoned_sessions_close_after_max_age(connect: Connect, tmp_path
     assert poller.snapshot.shiny_sessions_active.get(guid, 0) == 0
     assert poller.snapshot.shiny_sessions_abandoned_total[guid] == 1
     assert poller.snapshot.shiny_sessions_total[guid] == 1  # abandoning does not recount
+    await stop(client, store)
+
+
+async def test_stuck_session_first_seen_after_long_downtime_counts_once(
+    connect: Connect, tmp_path: Path
+) -> None:
+    # Found by the 30-day soak: after an outage longer than the age limit, a session whose end
+    # is never recorded is first met already too old; it was abandoned and counted, then its
+    # key was dropped at the walk's end and every later walk counted it again.
+    sim = connect.sim
+    client, poller, store = await start(connect, tmp_path / "s.sqlite", max_session_age=3600)
+    guid = "0badc0de-0000-4000-8000-000000000002"  # an app with no other traffic
+    sim.add_shiny_session(guid, sim.world.users[1].guid, now(sim) + 1, None)
+    sim.clock.advance(7200)  # down for longer than the age limit: first seen already too old
+    for _ in range(4):
+        assert await poller.poll_all_once()
+        sim.clock.advance(30)
+    assert poller.snapshot.shiny_sessions_total[guid] == 1
+    assert poller.snapshot.shiny_sessions_abandoned_total[guid] == 1
+    assert poller.snapshot.shiny_sessions_active.get(guid, 0) == 0
+    assert_counters_match_truth(poller, sim)
     await stop(client, store)
 
 
