@@ -197,6 +197,24 @@ class UsageModel:
         self._prune_visits_before: int | None = None
         self._prune_closed_before: int | None = None
 
+    def has_changes(self) -> bool:
+        """Whether anything changed since the last `take_delta()`."""
+        return bool(
+            self._dirty_meta
+            or self._dirty_hwm
+            or self._dirty_counters
+            or self._dirty_durations
+            or self._dirty_shiny
+            or self._dirty_visits
+            or self._dirty_users
+            or self._dirty_pairs
+            or self._dirty_content
+            or self._dirty_hours
+            or self._prune_last_before is not None
+            or self._prune_visits_before is not None
+            or self._prune_closed_before is not None
+        )
+
     def take_delta(self) -> Delta:
         """Everything changed since the last call, as rows; the dirty marks are cleared."""
         delta = Delta(meta=dict(self._dirty_meta))

@@ -1,10 +1,12 @@
 """The poller: one loop per stream and one for metadata, each on its own cadence.
 
-A walk reads a stream from `hwm - overlap` to the end. Each page is applied to the model and
-committed together with the page's high-water mark in one transaction (under one lock shared by
-all streams, so the model never holds another stream's uncommitted changes at commit time), and
-only then is a new snapshot published. Cancellation (SIGTERM) cannot split a batch: apply, commit
-and publish run shielded.
+A walk reads a stream from `hwm - overlap` to the end. Pages are applied to the model under one
+lock shared by all streams; the applied pages are committed together with the high-water mark
+they reach in one transaction, at least every `COMMIT_EVERY` seconds and at the end of each
+slice. Between two pages the model is always a valid state to commit (the mark covers only the
+completed prefix), so a batch may hold one page or many. A snapshot is only built right after a
+commit, so it never shows what a crash could take back. Cancellation (SIGTERM) cannot split a
+batch: apply, commit and publish run shielded, and a cancelled walk commits what it applied.
 """
 
 from __future__ import annotations
@@ -40,6 +42,10 @@ from exporter.state import StateStore
 log = logging.getLogger("exporter.poller")
 
 PUBLISH_EVERY = 1.0  # seconds between snapshots during a long walk; each costs a pass over the maps
+# Seconds of applied pages per transaction during a long walk. One transaction per page cost ~20%
+# of a catch-up's CPU (and held the GIL against the event loop); a crash loses at most this much
+# reading, never a count: the mark on disk only covers committed pages.
+COMMIT_EVERY = 0.5
 SLICE_MIN_SPAN_US = 2 * 3600 * US  # shorter ranges are read in one sequential walk
 SLICE_MIN_WIDTH_US = 15 * 60 * US
 SLICES_PER_WORKER = 4  # more slices than workers evens out uneven traffic
@@ -167,6 +173,8 @@ class Poller:
         self._offset = 0.0  # Connect's clock minus ours, when they differ by more than Date's 1 s
         self._snapshot = Snapshot()
         self._published_at = 0.0
+        self._committed_at = 0.0
+        self._pending_ingested = dict.fromkeys(STREAMS, 0)  # applied, not yet committed
         self._loaded = False
         self._dropped_users: dict[str, set[str]] = {w: set() for w in USER_WINDOWS}
 
@@ -281,8 +289,15 @@ class Poller:
         self.publish()
 
     async def _commit(self) -> None:
-        """Write the model's changes; on failure reload what is on disk so memory equals disk."""
+        """Write the model's changes; on failure reload what is on disk so memory equals disk.
+
+        Call with the lock held. Applied but uncommitted pages are thrown away on failure: the
+        mark on disk does not cover them, so the next walk reads them again.
+        """
         delta = self.model.take_delta()
+        pending = self._pending_ingested
+        self._pending_ingested = dict.fromkeys(STREAMS, 0)
+        self._committed_at = time.monotonic()
         try:
             await anyio.to_thread.run_sync(self.store.commit, delta)
         except Exception as exc:
@@ -292,6 +307,13 @@ class Poller:
             await anyio.to_thread.run_sync(self.store.restore, fresh)
             self.model = fresh
             raise
+        for stream, count in pending.items():
+            self.health.ingested[stream] += count
+
+    async def _commit_pending(self) -> None:
+        """Commit what is applied and not yet committed (lock held): before any snapshot."""
+        if self.model.has_changes():
+            await self._commit()
 
     # -- streams ------------------------------------------------------------------------------
 
@@ -348,7 +370,7 @@ class Poller:
         return walk  # poll_once publishes, once the poll's health is recorded too
 
     async def _walk_slice(self, stream: str, walk: WalkTally, slices: _Slices, index: int) -> None:
-        """Read one slice's pages in order; each page is one committed batch."""
+        """Read one slice's pages in order, committing every `COMMIT_EVERY` seconds."""
         lo, hi = slices.bounds(index)
         first = index == 0
         # Shiny's `from` filters on the END: the first slice must reach back to the walk start
@@ -359,6 +381,28 @@ class Poller:
             pages = self.client.shiny_usage_pages(start=start, end=hi)
         else:
             pages = self.client.visit_pages(start=start, end=hi)
+        try:
+            await self._read_pages(stream, walk, slices, index, pages, first, lo, hi)
+        except BaseException:
+            # A failure or cancellation (SIGTERM) between pages: what was applied is a valid
+            # state (the mark covers the completed prefix only), so keep it.
+            with anyio.CancelScope(shield=True):
+                async with self._lock:
+                    await self._commit_pending()
+            raise
+        slices.done[index] = True  # committed with the next batch, or at the walk's end
+
+    async def _read_pages(  # noqa: PLR0917 - one slice's loop, split out for the finally
+        self,
+        stream: str,
+        walk: WalkTally,
+        slices: _Slices,
+        index: int,
+        pages: AsyncIterator[Page[ShinySession]] | AsyncIterator[Page[Visit]],
+        first: bool,
+        lo: int,
+        hi: int | None,
+    ) -> None:
         anchor = lo
         async with aclosing(pages) as page_iter:  # type: ignore[type-var]
             async for page in page_iter:
@@ -405,11 +449,11 @@ class Poller:
                         mark = slices.mark()
                         if mark is not None:
                             model.set_hwm(stream, min(mark, walk_now_us))
-                        await self._commit()
-                        self.health.ingested[stream] += walk.new_events - before
-                        if time.monotonic() - self._published_at >= PUBLISH_EVERY:
-                            self.publish()
-        slices.done[index] = True
+                        self._pending_ingested[stream] += walk.new_events - before
+                        if time.monotonic() - self._committed_at >= COMMIT_EVERY:
+                            await self._commit()
+                            if time.monotonic() - self._published_at >= PUBLISH_EVERY:
+                                self.publish()
 
     # -- metadata -----------------------------------------------------------------------------
 
@@ -497,6 +541,8 @@ class Poller:
         elif ok:
             log.info("refreshed metadata in %.2fs", elapsed, extra={"stream": stream})
         async with self._lock:
+            # Another stream's walk may hold applied pages: commit them before they are shown.
+            await self._commit_pending()
             self.publish()
         return ok
 
