@@ -225,16 +225,30 @@ class UsageModel:
         for guid in self._dirty_durations:
             counts = ",".join(map(str, self.duration_counts[guid]))
             delta.durations.append((guid, counts, self.duration_sums[guid]))
+        # A key below `hwm - overlap` (the mark this delta commits) is one no later walk can
+        # return: a long walk's keys mostly fall there before their first commit, so they are
+        # dropped instead of written now and range-pruned later. An on-disk row of a dropped
+        # visit key is inert (below every walk start); a dropped Shiny key's row is deleted, as
+        # it may still say "open".
+        shiny_bound = self._key_bound("shiny")
+        shiny_keys = self.shiny_keys
         for key in self._dirty_shiny:
-            state = self.shiny_keys.get(key)
+            state = shiny_keys.get(key)
             if state is None:
+                delta.shiny_deletes.append(key)
+            elif state[0] == CLOSED and state[1] < shiny_bound:
+                del shiny_keys[key]
                 delta.shiny_deletes.append(key)
             else:
                 delta.shiny_upserts.append((*key, state[0], state[1]))
+        visit_bound = self._key_bound("visits")
+        visit_keys = self.visit_keys
         for vkey in self._dirty_visits:
-            vstate = self.visit_keys.get(vkey)
+            vstate = visit_keys.get(vkey)
             if vstate is None:
                 delta.visit_deletes.append((vkey,))
+            elif vstate[1] < visit_bound:
+                del visit_keys[vkey]
             else:
                 delta.visit_upserts.append((vkey, vstate[0], vstate[1]))
         delta.user_last = [(u, self.user_last[u]) for u in self._dirty_users if u in self.user_last]
@@ -255,6 +269,11 @@ class UsageModel:
         delta.prune_closed_before = self._prune_closed_before
         self._clear_dirty()
         return delta
+
+    def _key_bound(self, stream: str) -> int:
+        """Keys below this serve no walk to come (-1 before the stream has a mark)."""
+        hwm = self.hwm.get(stream)
+        return -1 if hwm is None else self.walk_start(stream)
 
     def _add(self, name: str, label: str, amount: int = 1) -> None:
         key = (name, label)

@@ -172,3 +172,31 @@ def test_delta_holds_exactly_the_changes() -> None:
     assert delta.shiny_upserts == [("a", "u1", T0 + 1 * US, OPEN, T0 + 1 * US)]
     assert delta.user_last == [("u1", T0 + 1 * US)]
     assert m.take_delta().is_empty()
+
+
+def test_keys_below_the_committed_mark_minus_overlap_are_dropped_not_written() -> None:
+    # A long walk meets most of its keys after the mark has passed them by more than the
+    # overlap: no later walk can return those records, so they are not written at all.
+    m = model()
+    m.take_delta()
+    w = walk(m, "visits")
+    old, recent = visit("doc", "u1", T0 + 10 * US), visit("doc", "u2", T0 + 500 * US)
+    m.apply_visits([old, recent], w)
+    s_old = session("app", "u1", T0 + 1 * US, T0 + 20 * US)
+    s_open = session("app", "u2", T0 + 2 * US, None)
+    ws = walk(m, "shiny")
+    m.apply_shiny([s_old, s_open], ws, T0 + 600 * US)
+    m.set_hwm("visits", T0 + 500 * US)  # bound: 500 s - 120 s overlap
+    m.set_hwm("shiny", T0 + 500 * US)
+    delta = m.take_delta()
+    assert [row[2] for row in delta.visit_upserts] == [T0 + 500 * US]
+    assert len(m.visit_keys) == 1
+    assert [row[:3] for row in delta.shiny_upserts] == [("app", "u2", T0 + 2 * US)]  # open
+    assert delta.shiny_deletes == [("app", "u1", T0 + 1 * US)]  # its row may say "open"
+    # The counts are all there, and a walk from the mark meets nothing it could count again.
+    assert m.view((T0 + 600 * US) / US).content_visits_total == {"doc": 2}
+    m.apply_visits([old, recent], walk(m, "visits"))
+    m.apply_shiny([s_old, s_open], walk(m, "shiny"), T0 + 600 * US)
+    view = m.view((T0 + 600 * US) / US)
+    assert view.content_visits_total == {"doc": 2}
+    assert view.shiny_sessions_total == {"app": 2}
