@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 from bisect import bisect_left
+from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -115,7 +116,19 @@ class WalkTally:
     """What one walk over a stream has met so far; multiset counts live only for one walk."""
 
     start_us: int
+    # How often this walk has met each visit key. Entries go once the committed mark passes
+    # them by the overlap (`forget_before`), with the keys themselves: a whole walk's tally
+    # would cost ~150 B per visit of a catch-up. Kept in arrival order for that.
     visit_counts: dict[bytes, int] = field(default_factory=dict)
+    visit_order: deque[tuple[int, bytes]] = field(default_factory=deque)
+    malformed_counts: dict[bytes, int] = field(default_factory=dict)
+
+    def forget_before(self, bound_us: int) -> None:
+        """Drop the tally of visits before `bound_us`; records arrive about in time order."""
+        order, counts = self.visit_order, self.visit_counts
+        while order and order[0][0] < bound_us:
+            counts.pop(order.popleft()[1], None)
+
     open_seen: set[ShinyKey] = field(default_factory=set)
     new_events: int = 0
     records: int = 0
@@ -161,6 +174,9 @@ class UsageModel:
         self.duration_counts: dict[str, list[int]] = {}
         self.duration_sums: dict[str, int] = {}  # µs: exact, whatever the order of adding
         self.shiny_keys: dict[ShinyKey, tuple[int, int]] = {}  # key -> (state, time µs)
+        # Keys whose row in the state file may say open or abandoned: a dropped key's row must
+        # then be deleted; any other dropped key has no row worth a delete.
+        self.shiny_open_on_disk: set[ShinyKey] = set()
         self.visit_keys: dict[bytes, tuple[int, int]] = {}  # key -> (count, time µs)
         self.user_last: dict[str, int] = {}
         # content -> user -> last µs. Nested, not keyed by (content, user): no tuple per pair
@@ -232,15 +248,23 @@ class UsageModel:
         # it may still say "open".
         shiny_bound = self._key_bound("shiny")
         shiny_keys = self.shiny_keys
+        open_on_disk = self.shiny_open_on_disk
         for key in self._dirty_shiny:
             state = shiny_keys.get(key)
             if state is None:
                 delta.shiny_deletes.append(key)
+                open_on_disk.discard(key)
             elif state[0] == CLOSED and state[1] < shiny_bound:
                 del shiny_keys[key]
-                delta.shiny_deletes.append(key)
+                if key in open_on_disk:
+                    delta.shiny_deletes.append(key)
+                    open_on_disk.discard(key)
             else:
                 delta.shiny_upserts.append((*key, state[0], state[1]))
+                if state[0] == CLOSED:
+                    open_on_disk.discard(key)
+                else:
+                    open_on_disk.add(key)
         visit_bound = self._key_bound("visits")
         visit_keys = self.visit_keys
         for vkey in self._dirty_visits:
@@ -306,9 +330,15 @@ class UsageModel:
             stale = [
                 k for k, (state, t) in self.shiny_keys.items() if state == CLOSED and t < bound
             ]
+            open_on_disk = self.shiny_open_on_disk
             for key in stale:
                 del self.shiny_keys[key]
-                self._dirty_shiny.discard(key)
+                if key in open_on_disk:
+                    # Its row still says open (it closed in this walk): the range below only
+                    # removes closed rows, so this one needs its own delete.
+                    self._dirty_shiny.add(key)
+                else:
+                    self._dirty_shiny.discard(key)
             # Exactly the closed keys below `bound`: one statement for the store, not one per
             # key (the end of a 30-day walk prunes ~300k of them).
             self._prune_closed_before = max(bound, self._prune_closed_before or bound)
@@ -484,6 +514,7 @@ class UsageModel:
         from_us = walk.start_us
         keys = self.visit_keys
         tally = walk.visit_counts
+        remember = walk.visit_order.append
         # The per-record path of a catch-up (a million visits): `_touch` inlined, attributes
         # bound to locals, one C `startswith` for the exclusions. Same rules, ~40% less time.
         prefixes = self.exclude_user_agents
@@ -493,6 +524,7 @@ class UsageModel:
         intern = self.intern
         track_hours = self.track_user_hours
         records = 0
+        added: dict[str, int] = {}
         for visit in visits:
             records += 1
             when = visit.time
@@ -502,6 +534,8 @@ class UsageModel:
             if when >= t0:
                 key = visit_key(visit)
                 seen = tally.get(key, 0) + 1
+                if seen == 1:
+                    remember((when, key))
                 tally[key] = seen
                 stored = keys.get(key)
                 if stored is None or seen > stored[0]:
@@ -516,8 +550,7 @@ class UsageModel:
                     walk.excluded += 1
                 continue
             if new:
-                self._add(VISITS, content)
-                walk.new_events += 1
+                added[content] = added.get(content, 0) + 1
             if content_last.get(content, -1) < when:
                 content_last[content] = when
                 dirty_content.add(content)
@@ -540,6 +573,9 @@ class UsageModel:
             if new and track_hours:
                 self._count_hour(user, when)
         walk.records += records
+        for content, count in added.items():  # one counter update per item, not per visit
+            self._add(VISITS, content, count)
+            walk.new_events += count
 
     def count_malformed(
         self,
@@ -562,8 +598,8 @@ class UsageModel:
             return
         for raw in raws:
             key = hashlib.blake2b(stream.encode() + b"\x1f" + raw, digest_size=16).digest()
-            seen = walk.visit_counts.get(key, 0) + 1
-            walk.visit_counts[key] = seen
+            seen = walk.malformed_counts.get(key, 0) + 1
+            walk.malformed_counts[key] = seen
             stored = self.visit_keys.get(key)
             if stored is None or seen > stored[0]:
                 self.visit_keys[key] = (seen, max(keep_until, stored[1] if stored else 0))

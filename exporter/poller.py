@@ -11,6 +11,7 @@ batch: apply, commit and publish run shielded, and a cancelled walk commits what
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -47,29 +48,120 @@ PUBLISH_EVERY = 1.0  # seconds between snapshots during a long walk; each costs 
 # reading, never a count: the mark on disk only covers committed pages.
 COMMIT_EVERY = 0.5
 SLICE_MIN_SPAN_US = 2 * 3600 * US  # shorter ranges are read in one sequential walk
-SLICE_MIN_WIDTH_US = 15 * 60 * US
-SLICES_PER_WORKER = 4  # more slices than workers evens out uneven traffic
+SLICE_MIN_WIDTH_US = 60 * US
+SLICE_RECORDS = 5000  # what a slice should hold (10 pages): the read-ahead stays small
+SPLIT_MIN_RECORDS = 100  # a first page with fewer of the slice's own records says too little
+# Pages a reader may hold ahead of the apply before it waits: bounds the read-ahead of a walk
+# that is not sliced, and of a slice whose first page could not tell it was too large.
+SLICE_BUFFER_PAGES = 64
 
 
-class _Slices:
-    """Time slices of one walk: [bounds[i], bounds[i+1]), the last one open-ended."""
+@dataclass(eq=False)
+class _Run:
+    """One time slice of a walk, [lo, hi) by sort time (hi None: open-ended), and its pages."""
 
-    def __init__(self, starts: list[int], walk_now_us: int | None) -> None:
-        self.starts = starts
-        self.progress = list(starts)
-        self.done = [False] * len(starts)
-        self.walk_now_us = walk_now_us
+    lo: int
+    hi: int | None
+    first: bool  # the walk's first slice: Shiny sessions that started before it count here
+    send: Any = None  # MemoryObjectSendStream of (page, own records, last sort time)
+    receive: Any = None
+    reading: bool = False
+    error: BaseException | None = None
+    records: int = 0
 
-    def bounds(self, index: int) -> tuple[int, int | None]:
-        end = self.starts[index + 1] if index + 1 < len(self.starts) else None
-        return self.starts[index], end
+    def __post_init__(self) -> None:
+        self.send, self.receive = anyio.create_memory_object_stream[Any](SLICE_BUFFER_PAGES)
 
-    def mark(self) -> int | None:
-        """Sort time below which every record has been applied: the completed prefix."""
-        for index, done in enumerate(self.done):
-            if not done:
-                return self.progress[index]
+
+class _Plan:
+    """The slices of one walk: read concurrently, applied in order.
+
+    Applying in order keeps the mark on the last applied record, as in a sequential walk, so the
+    keys of everything further back than the overlap need never be written. Slices are cut from
+    the front of the range on demand, at most `ahead` beyond the one being applied, and sized by
+    what earlier ones held; a reader whose first page shows its slice is far larger than that
+    splits it, and the rest becomes the next slice. Read-ahead is so a few thousand records.
+    """
+
+    def __init__(self, start_us: int, now_us: int | None, width_us: int | None, ahead: int):
+        self.start = self.next_lo = start_us
+        self.now_us = now_us  # None: the walk is one open-ended slice, its now from page one
+        self.width = width_us  # None: no slicing
+        self.ahead = ahead
+        self.order: list[_Run] = []
+        self.applied = 0  # index in `order` of the slice being applied
+        self.cut_all = False
+        self.finished = False
+        self.model: Any = None  # the model this walk applies to: a reload ends the walk
+        self.changed = anyio.Condition()
+
+    def extend(self) -> None:
+        """Cut slices from the front of the unread range until `ahead` wait to be applied."""
+        while not self.cut_all and len(self.order) - self.applied <= self.ahead:
+            lo = self.next_lo
+            hi: int | None = None
+            if self.width is not None and self.now_us is not None and lo + self.width < self.now_us:
+                hi = lo + self.width
+            self.order.append(_Run(lo, hi, first=lo == self.start))
+            if hi is None:
+                self.cut_all = True
+            else:
+                self.next_lo = hi
+
+    def take(self) -> _Run | None:
+        """The earliest slice nobody reads yet, within `ahead` of the one being applied."""
+        for run in self.order[self.applied : self.applied + self.ahead + 1]:
+            if not run.reading:
+                run.reading = True
+                return run
         return None
+
+    def split(self, run: _Run, first_page: list[Any], first: int, last: int) -> bool:
+        """Cut `run` short if its first page shows it is far denser than planned.
+
+        Density is measured from the page's first record, not the slice's start: a slice that
+        begins in a quiet stretch (nights, or the days before the counting epoch) and runs into
+        a busy one must still be cut.
+        """
+        if self.width is None or len(first_page) < SPLIT_MIN_RECORDS or last < first:
+            return False
+        end = run.hi if run.hi is not None else max(self.now_us or last, last + 1)
+        span = last + 1 - first
+        if (end - first) * len(first_page) <= 2 * SLICE_RECORDS * span:
+            return False
+        new_hi = max(last + 1, first + span * SLICE_RECORDS // len(first_page))
+        if new_hi >= end:
+            return False
+        self.width = max(SLICE_MIN_WIDTH_US, new_hi - first)
+        rest = _Run(new_hi, run.hi, first=False)
+        run.hi = new_hi
+        self.order.insert(self.order.index(run, self.applied) + 1, rest)
+        return True
+
+    def cut(self, run: _Run, last: int) -> bool:
+        """Cut `run` after `last` once it holds twice what a slice should (a busy stretch its
+        first page did not foresee); the reader reads one more page for ties at `last`."""
+        if self.width is None or run.records < 2 * SLICE_RECORDS:
+            return False
+        if run.hi is not None and last + 1 >= run.hi:
+            return False
+        rest = _Run(last + 1, run.hi, first=False)
+        run.hi = last + 1
+        self.order.insert(self.order.index(run, self.applied) + 1, rest)
+        return True
+
+    def learn(self, run: _Run) -> None:
+        """Resize the slices not yet cut by how full this one was."""
+        if self.width is None or run.hi is None:
+            return
+        wanted = (run.hi - run.lo) * SLICE_RECORDS // max(run.records, 1)
+        self.width = max(SLICE_MIN_WIDTH_US, min(2 * self.width, wanted))
+
+
+class WalkAbandonedError(Exception):
+    """A failed commit reloaded the model from the state file while this walk was applying
+    pages: the pages it applied went with the old model, so it must not go on (its mark would
+    pass them). The next walk reads again from the committed mark."""
 
 
 def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
@@ -174,6 +266,7 @@ class Poller:
         self._snapshot = Snapshot()
         self._published_at = 0.0
         self._committed_at = 0.0
+        self._clock_known = False  # whether a Date from Connect has been seen since the start
         self._pending_ingested = dict.fromkeys(STREAMS, 0)  # applied, not yet committed
         self._loaded = False
         self._dropped_users: dict[str, set[str]] = {w: set() for w in USER_WINDOWS}
@@ -199,6 +292,7 @@ class Poller:
     def _note_server_time(self, server_time: float | None) -> None:
         if server_time is None:
             return
+        self._clock_known = True
         offset = server_time - self.clock()
         self._offset = offset if abs(offset) > 2.0 else 0.0
 
@@ -310,6 +404,16 @@ class Poller:
         for stream, count in pending.items():
             self.health.ingested[stream] += count
 
+    def _model_of(self, plan: _Plan) -> UsageModel:
+        """The model a walk applies to, unless a failed commit has replaced it since."""
+        if self.model is not plan.model:
+            raise WalkAbandonedError(
+                "the state was reloaded from the state file after a failed commit; "
+                "the next poll reads again from the committed mark"
+            )
+        model: UsageModel = plan.model
+        return model
+
     async def _commit_pending(self) -> None:
         """Commit what is applied and not yet committed (lock held): before any snapshot."""
         if self.model.has_changes():
@@ -322,43 +426,34 @@ class Poller:
 
         A long range (catch-up after a first start or downtime) is cut into time slices read
         concurrently: on a Connect far away, round trips, not records, bound a sequential walk.
-        The slices partition the records by their sort time, so each is applied exactly once;
-        the mark only advances over the completed prefix of slices.
+        The slices partition the records by their sort time and are applied in order, so each
+        record is applied exactly once and the mark follows the last one applied.
         """
-        walk = WalkTally(start_us=self.model.walk_start(stream))
+        walk_model = self.model
+        walk = WalkTally(start_us=walk_model.walk_start(stream))
         begin_us = int(self.connect_now()) * US
-        if self.catchup_concurrency > 1 and begin_us - walk.start_us > SLICE_MIN_SPAN_US:
+        plan = _Plan(walk.start_us, None, None, 1)
+        workers = 1
+        long_walk = begin_us - walk.start_us > SLICE_MIN_SPAN_US
+        if self.catchup_concurrency > 1 and (long_walk or not self._clock_known):
             # Slicing needs Connect's present time up front; our clock is only an estimate
-            # (unknown skew right after a start), so ask: one cheap request per catch-up.
+            # (unknown skew right after a start), so ask: one cheap request per catch-up, and
+            # one at the first walk after a start, when a skewed clock could hide a catch-up.
             server_time = await self.client.server_time()
             self._note_server_time(server_time)
             if server_time is not None:
                 begin_us = int(server_time) * US
-        span = begin_us - walk.start_us
-        if self.catchup_concurrency > 1 and span > SLICE_MIN_SPAN_US:
-            count = min(self.catchup_concurrency * SLICES_PER_WORKER, span // SLICE_MIN_WIDTH_US)
-            width = span // count
-            bounds = [walk.start_us + i * width for i in range(count)]
-            slices = _Slices(bounds, begin_us)
-            limiter = anyio.CapacityLimiter(self.catchup_concurrency)
-
-            async def read(index: int) -> None:
-                async with limiter:
-                    await self._walk_slice(stream, walk, slices, index)
-
-            try:
-                async with anyio.create_task_group() as group:
-                    for index in range(count):
-                        group.start_soon(read, index)
-            except BaseExceptionGroup as group_error:
-                raise _first_error(group_error) from None
-        else:
-            slices = _Slices([walk.start_us], None)
-            await self._walk_slice(stream, walk, slices, 0)
-        walk_now_us = slices.walk_now_us if slices.walk_now_us is not None else begin_us
+            span = begin_us - walk.start_us
+            if span > SLICE_MIN_SPAN_US:
+                width = max(SLICE_MIN_WIDTH_US, span // 256)  # small first: the plan learns
+                workers = self.catchup_concurrency
+                plan = _Plan(walk.start_us, begin_us, width, workers + 1)
+        plan.model = walk_model
+        await self._walk(stream, walk, plan, workers)
+        walk_now_us = plan.now_us if plan.now_us is not None else begin_us
         with anyio.CancelScope(shield=True):
             async with self._lock:
-                model = self.model
+                model = self._model_of(plan)
                 if stream == "shiny":
                     abandoned = model.finish_shiny_walk(walk, walk_now_us)
                     if abandoned:
@@ -369,51 +464,79 @@ class Poller:
                 await self._commit()
         return walk  # poll_once publishes, once the poll's health is recorded too
 
-    async def _walk_slice(self, stream: str, walk: WalkTally, slices: _Slices, index: int) -> None:
-        """Read one slice's pages in order, committing every `COMMIT_EVERY` seconds."""
-        lo, hi = slices.bounds(index)
-        first = index == 0
+    async def _walk(self, stream: str, walk: WalkTally, plan: _Plan, workers: int) -> None:
+        """`workers` readers fill the slices; this task applies them in order.
+
+        A slice's failure surfaces when the apply reaches it, so the slices before it still
+        count and move the mark.
+        """
+
+        async def reader() -> None:
+            while True:
+                async with plan.changed:
+                    run = plan.take()
+                    while run is None and not plan.finished:
+                        await plan.changed.wait()
+                        run = plan.take()
+                if run is None:
+                    return
+                async with run.send:
+                    try:
+                        await self._read_slice(stream, walk, plan, run)
+                    except Exception as exc:  # surfaces in order, from the apply side
+                        run.error = exc
+
+        async def changed() -> None:
+            async with plan.changed:
+                plan.changed.notify_all()
+
+        try:
+            async with anyio.create_task_group() as group:
+                for _ in range(workers):
+                    group.start_soon(reader)
+                try:
+                    plan.extend()
+                    await changed()
+                    while plan.applied < len(plan.order):
+                        run = plan.order[plan.applied]
+                        await self._apply_slice(stream, walk, plan, run)
+                        plan.learn(run)
+                        plan.applied += 1
+                        plan.extend()
+                        await changed()
+                except BaseException:
+                    # A failure or cancellation (SIGTERM) between pages: what was applied is a
+                    # valid state (the mark covers only what was applied), so keep it.
+                    with anyio.CancelScope(shield=True):
+                        async with self._lock:
+                            await self._commit_pending()
+                    raise
+                finally:
+                    plan.finished = True
+                    with anyio.CancelScope(shield=True):
+                        await changed()
+        except BaseExceptionGroup as group_error:
+            raise _first_error(group_error) from None
+
+    async def _read_slice(self, stream: str, walk: WalkTally, plan: _Plan, run: _Run) -> None:
+        """Fetch one slice's pages into its buffer, keeping only the records it owns."""
+        lo, first = run.lo, run.first
         # Shiny's `from` filters on the END: the first slice must reach back to the walk start
         # for sessions that started earlier; later slices only hold sessions started in them.
         start = walk.start_us if first else lo
         pages: AsyncIterator[Page[ShinySession]] | AsyncIterator[Page[Visit]]
         if stream == "shiny":
-            pages = self.client.shiny_usage_pages(start=start, end=hi)
+            pages = self.client.shiny_usage_pages(start=start, end=run.hi)
         else:
-            pages = self.client.visit_pages(start=start, end=hi)
-        try:
-            await self._read_pages(stream, walk, slices, index, pages, first, lo, hi)
-        except BaseException:
-            # A failure or cancellation (SIGTERM) between pages: what was applied is a valid
-            # state (the mark covers the completed prefix only), so keep it.
-            with anyio.CancelScope(shield=True):
-                async with self._lock:
-                    await self._commit_pending()
-            raise
-        slices.done[index] = True  # committed with the next batch, or at the walk's end
-
-    async def _read_pages(  # noqa: PLR0917 - one slice's loop, split out for the finally
-        self,
-        stream: str,
-        walk: WalkTally,
-        slices: _Slices,
-        index: int,
-        pages: AsyncIterator[Page[ShinySession]] | AsyncIterator[Page[Visit]],
-        first: bool,
-        lo: int,
-        hi: int | None,
-    ) -> None:
-        anchor = lo
+            pages = self.client.visit_pages(start=start, end=run.hi)
+        first_page = True
         async with aclosing(pages) as page_iter:  # type: ignore[type-var]
             async for page in page_iter:
-                self._note_server_time(page.server_time)
-                if slices.walk_now_us is None:
-                    # Connect's own clock decides what "already happened" means for the mark.
-                    now = page.server_time if page.server_time is not None else self.connect_now()
-                    slices.walk_now_us = int(now) * US
-                walk_now_us = slices.walk_now_us
                 records: list[Any] = page.records
-                if stream == "shiny":
+                hi = run.hi  # a split may have moved it
+                if first and hi is None:
+                    mine = records
+                elif stream == "shiny":
                     mine = [
                         r
                         for r in records
@@ -423,19 +546,46 @@ class Poller:
                     mine = [r for r in records if r.time >= lo and (hi is None or r.time < hi)]
                 if len(mine) == len(records):
                     mine = records
+                last = None
+                if records:
+                    last = records[-1].started if stream == "shiny" else records[-1].time
+                if first_page and mine and last is not None:
+                    head = mine[0].started if stream == "shiny" else mine[0].time
+                    split = plan.split(run, mine, max(head, lo), last)
+                else:
+                    split = False
+                first_page = False
+                run.records += len(mine)
+                if not split and last is not None and plan.cut(run, last):
+                    split = True
+                if split:
+                    async with plan.changed:
+                        plan.changed.notify_all()
+                await run.send.send((page, mine, last))
+                if run.hi is not None and last is not None and last >= run.hi:
+                    return  # split: the rest of this cursor belongs to the next slice
+
+    async def _apply_slice(self, stream: str, walk: WalkTally, plan: _Plan, run: _Run) -> None:
+        """Apply one slice's pages as they arrive, committing every `COMMIT_EVERY` seconds."""
+        anchor = run.lo
+        async with run.receive:
+            async for page, mine, last in run.receive:
+                self._note_server_time(page.server_time)
+                if plan.now_us is None:
+                    # Connect's own clock decides what "already happened" means for the mark.
+                    now = page.server_time if page.server_time is not None else self.connect_now()
+                    plan.now_us = int(now) * US
+                walk_now_us = plan.now_us
                 with anyio.CancelScope(shield=True):
                     async with self._lock:
-                        model = self.model
+                        model = self._model_of(plan)
                         before = walk.new_events
                         if stream == "shiny":
                             model.apply_shiny(mine, walk, walk_now_us)
-                            last = records[-1].started if records else None
                         else:
                             model.apply_visits(mine, walk)
-                            last = records[-1].time if records else None
                         if last is not None:
-                            anchor = max(anchor, last)
-                            slices.progress[index] = max(slices.progress[index], last)
+                            anchor = max(anchor, last if run.hi is None else min(last, run.hi))
                         if page.malformed:
                             model.count_malformed(
                                 stream,
@@ -446,14 +596,19 @@ class Poller:
                             )
                             for error in page.malformed:
                                 log.warning("skipped a malformed record: %s", error)
-                        mark = slices.mark()
-                        if mark is not None:
-                            model.set_hwm(stream, min(mark, walk_now_us))
+                        # Every record sorting before `anchor` is applied: the slices before
+                        # this one are complete, and this one is read in sort order.
+                        model.set_hwm(stream, min(anchor, walk_now_us))
                         self._pending_ingested[stream] += walk.new_events - before
                         if time.monotonic() - self._committed_at >= COMMIT_EVERY:
                             await self._commit()
+                            # The commit dropped the keys no later walk can meet; so goes
+                            # this walk's tally of them.
+                            walk.forget_before(self.model.walk_start(stream))
                             if time.monotonic() - self._published_at >= PUBLISH_EVERY:
                                 self.publish()
+        if run.error is not None:
+            raise run.error
 
     # -- metadata -----------------------------------------------------------------------------
 
@@ -512,6 +667,8 @@ class Poller:
             ok = True
         except ConnectError as exc:
             log.error("poll of %s failed: %s", stream, exc, extra={"stream": stream})
+        except WalkAbandonedError as exc:
+            log.warning("poll of %s abandoned: %s", stream, exc, extra={"stream": stream})
         except Exception:
             log.exception("poll of %s failed unexpectedly", stream, extra={"stream": stream})
         elapsed = time.monotonic() - started
@@ -542,7 +699,10 @@ class Poller:
             log.info("refreshed metadata in %.2fs", elapsed, extra={"stream": stream})
         async with self._lock:
             # Another stream's walk may hold applied pages: commit them before they are shown.
-            await self._commit_pending()
+            # If that fails, `_commit` has counted and logged it and reloaded the model from
+            # the state file: what is published is then the committed state, as it must be.
+            with contextlib.suppress(Exception):
+                await self._commit_pending()
             self.publish()
         return ok
 

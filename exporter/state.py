@@ -200,6 +200,7 @@ class StateStore:
             model.content_last = dict(db.execute("SELECT * FROM content_last"))
             for user, hour, count in db.execute("SELECT * FROM user_hours"):
                 model.user_hours.setdefault(user, {})[hour] = count
+            model.shiny_open_on_disk = {k for k, (st, _t) in model.shiny_keys.items() if st != 1}
             model.take_delta()  # what was just loaded is not a change
             return True
 

@@ -178,25 +178,48 @@ def test_keys_below_the_committed_mark_minus_overlap_are_dropped_not_written() -
     # A long walk meets most of its keys after the mark has passed them by more than the
     # overlap: no later walk can return those records, so they are not written at all.
     m = model()
-    m.take_delta()
+    m.apply_shiny([session("app", "u3", T0 + 3 * US, None)], walk(m, "shiny"), T0 + 4 * US)
+    assert m.take_delta().shiny_upserts  # written as open
     w = walk(m, "visits")
     old, recent = visit("doc", "u1", T0 + 10 * US), visit("doc", "u2", T0 + 500 * US)
     m.apply_visits([old, recent], w)
     s_old = session("app", "u1", T0 + 1 * US, T0 + 20 * US)
     s_open = session("app", "u2", T0 + 2 * US, None)
+    s_was_open = session("app", "u3", T0 + 3 * US, T0 + 30 * US)
     ws = walk(m, "shiny")
-    m.apply_shiny([s_old, s_open], ws, T0 + 600 * US)
+    m.apply_shiny([s_old, s_open, s_was_open], ws, T0 + 600 * US)
     m.set_hwm("visits", T0 + 500 * US)  # bound: 500 s - 120 s overlap
     m.set_hwm("shiny", T0 + 500 * US)
     delta = m.take_delta()
     assert [row[2] for row in delta.visit_upserts] == [T0 + 500 * US]
     assert len(m.visit_keys) == 1
     assert [row[:3] for row in delta.shiny_upserts] == [("app", "u2", T0 + 2 * US)]  # open
-    assert delta.shiny_deletes == [("app", "u1", T0 + 1 * US)]  # its row may say "open"
+    # Only the row that says "open" is deleted; the other dropped key never had a row.
+    assert delta.shiny_deletes == [("app", "u3", T0 + 3 * US)]
     # The counts are all there, and a walk from the mark meets nothing it could count again.
     assert m.view((T0 + 600 * US) / US).content_visits_total == {"doc": 2}
     m.apply_visits([old, recent], walk(m, "visits"))
-    m.apply_shiny([s_old, s_open], walk(m, "shiny"), T0 + 600 * US)
+    m.apply_shiny([s_old, s_open, s_was_open], walk(m, "shiny"), T0 + 600 * US)
     view = m.view((T0 + 600 * US) / US)
     assert view.content_visits_total == {"doc": 2}
-    assert view.shiny_sessions_total == {"app": 2}
+    assert view.shiny_sessions_total == {"app": 3}
+
+
+def test_a_session_open_on_disk_that_closes_below_the_prune_bound_gets_its_row_deleted() -> None:
+    # Found by the SIGKILL test: a session written as open, seen closed by a long catch-up whose
+    # end prunes it in the same walk. The prune's range delete only removes closed rows, so the
+    # row kept saying open; after the next restart the session showed as running, then as
+    # abandoned.
+    m = model()
+    key = ("app", "u1", T0 + 1 * US)
+    m.apply_shiny([session("app", "u1", T0 + 1 * US, None)], walk(m, "shiny"), T0 + 2 * US)
+    assert m.take_delta().shiny_upserts == [(*key, OPEN, T0 + 1 * US)]
+    w = walk(m, "shiny")
+    m.apply_shiny([session("app", "u1", T0 + 1 * US, T0 + 60 * US)], w, T0 + 3 * 86400 * US)
+    m.finish_shiny_walk(w, T0 + 3 * 86400 * US)
+    m.set_hwm("shiny", T0 + 3 * 86400 * US)
+    m.prune("shiny")
+    delta = m.take_delta()
+    assert key in delta.shiny_deletes
+    assert key not in m.shiny_keys and key not in m.shiny_open_on_disk
+    assert m.view(T0 / US + 3 * 86400).shiny_session_duration["app"].count == 1

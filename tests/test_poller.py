@@ -394,3 +394,57 @@ async def test_a_cancelled_walk_commits_the_pages_it_applied(
     assert await poller.poll_all_once()
     assert_matches_truth(poller, sim)
     await stop(client, store)
+
+
+async def test_a_failed_commit_abandons_every_walk_in_flight_and_loses_nothing(
+    connect: Connect, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A failed commit reloads the model from the state file. Found by the full-disk test: a
+    # walk in flight went on applying pages to the reloaded model, its mark passed the pages
+    # that went with the old one, and they were never counted.
+    import sqlite3
+
+    import anyio
+
+    from exporter import poller as poller_module
+
+    sim = connect.sim
+    client, poller, store = await start(
+        connect,
+        tmp_path / "s.sqlite",
+        catchup_concurrency=1,  # page after page: predictable
+    )
+    sim.clock.advance(2 * 86400)
+    monkeypatch.setattr(poller_module, "COMMIT_EVERY", 1e9)  # pages wait for the walk's end
+    sim.faults.configure({"latency": 0.3})  # ~2,000 visits (5 pages) outlast ~700 (2 pages)
+    real_commit = store.commit
+    fail = [False]
+
+    def commit(delta):  # type: ignore[no-untyped-def]
+        if fail[0]:
+            fail[0] = False
+            raise sqlite3.OperationalError("database or disk is full")
+        real_commit(delta)
+
+    monkeypatch.setattr(store, "commit", commit)
+    outcome: list[object] = []
+
+    async def walk_visits() -> None:
+        try:
+            outcome.append(await poller.poll_stream("visits"))
+        except poller_module.WalkAbandonedError as exc:
+            outcome.append(exc)
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(walk_visits)
+        await anyio.sleep(0.45)  # a visits page applied, not committed
+        assert poller.model.has_changes()
+        fail[0] = True
+        # The Shiny walk's end commits the visits pages too: that commit fails.
+        assert not await poller.poll_once("shiny")
+    assert poller.health.state_errors == 1
+    assert isinstance(outcome[0], poller_module.WalkAbandonedError)
+    sim.faults.clear()
+    assert await poller.poll_all_once()
+    assert_matches_truth(poller, sim)
+    await stop(client, store)
