@@ -80,7 +80,8 @@ class _Plan:
     keys of everything further back than the overlap need never be written. Slices are cut from
     the front of the range on demand, at most `ahead` beyond the one being applied, and sized by
     what earlier ones held; a reader whose first page shows its slice is far larger than that
-    splits it, and the rest becomes the next slice. Read-ahead is so a few thousand records.
+    splits it, and the rest becomes the next slice; one that passes twice that is cut after the
+    page in hand. Read-ahead is so about `ahead` slices of ~`SLICE_RECORDS` records each.
     """
 
     def __init__(self, start_us: int, now_us: int | None, width_us: int | None, ahead: int):
