@@ -121,7 +121,10 @@ class WalkTally:
     # would cost ~150 B per visit of a catch-up. Kept in arrival order for that.
     visit_counts: dict[bytes, int] = field(default_factory=dict)
     visit_order: deque[tuple[int, bytes]] = field(default_factory=deque)
-    malformed_counts: dict[bytes, int] = field(default_factory=dict)
+    # Per (slice, key): a slice's query also returns the open and long sessions that started
+    # before it, so one bad record can reach several slices of a walk; it is as many events as
+    # the most any one slice met, not their sum.
+    malformed_counts: dict[tuple[int, bytes], int] = field(default_factory=dict)
 
     def forget_before(self, bound_us: int) -> None:
         """Drop the tally of visits before `bound_us`; records arrive about in time order."""
@@ -583,7 +586,9 @@ class UsageModel:
         raws: Iterable[bytes],
         anchor_us: int,
         walk: WalkTally,
+        *,
         key_time_us: int | None = None,
+        scope: int = 0,
     ) -> None:
         """Malformed records are counted once each, keyed by their raw bytes like visits.
 
@@ -598,8 +603,8 @@ class UsageModel:
             return
         for raw in raws:
             key = hashlib.blake2b(stream.encode() + b"\x1f" + raw, digest_size=16).digest()
-            seen = walk.malformed_counts.get(key, 0) + 1
-            walk.malformed_counts[key] = seen
+            seen = walk.malformed_counts.get((scope, key), 0) + 1
+            walk.malformed_counts[(scope, key)] = seen
             stored = self.visit_keys.get(key)
             if stored is None or seen > stored[0]:
                 self.visit_keys[key] = (seen, max(keep_until, stored[1] if stored else 0))

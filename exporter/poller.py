@@ -594,6 +594,7 @@ class Poller:
                                 anchor,
                                 walk,
                                 key_time_us=walk_now_us,
+                                scope=id(run),
                             )
                             for error in page.malformed:
                                 log.warning("skipped a malformed record: %s", error)

@@ -415,6 +415,39 @@ async def test_records_with_missing_extra_and_mistyped_fields(
     await r.close()
 
 
+async def test_a_bad_open_session_that_every_slice_meets_counts_once(
+    connect: Connect, tmp_path: Path
+) -> None:
+    # Connect returns a session without an end on every call, so a catch-up's slices all meet
+    # it; a malformed one was counted once per slice.
+    sim = connect.sim
+    transport = Rewriter()
+    r = await rig(connect, tmp_path / "s.sqlite", transport=transport)
+    await r.close()
+    sim.clock.advance(12 * 3600)  # an outage, then a restart: the walk is cut into slices
+    r = await rig(connect, tmp_path / "s.sqlite", transport=transport, load=False)
+    await r.poller.load()
+    bad = {"content_guid": LONE_GUID, "user_guid": 7, "started": "2026-01-01T00:00:00Z",
+           "ended": None}  # fmt: skip
+    pages = [0]
+
+    def spoil(request: httpx.Request, body: dict[str, Any]) -> dict[str, Any] | None:
+        if not request.url.path.endswith("/" + ENDPOINT_SHINY):
+            return None
+        pages[0] += 1
+        body["results"].insert(0, bad)  # sorted first: it started long ago
+        return body
+
+    transport.rewrite = spoil
+    assert await r.poller.poll_all_once()
+    assert await r.poller.poll_all_once()
+    transport.rewrite = None
+    assert pages[0] > 4  # several slices, each of which met it
+    assert r.poller.snapshot.excluded_events_total[("shiny", "malformed")] == 1
+    assert_matches_truth(r.poller, sim)
+    await r.close()
+
+
 class TruthPlus:
     """The simulator's truth plus visits only the exporter was shown (anonymous ones)."""
 
