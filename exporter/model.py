@@ -125,18 +125,17 @@ class WalkTally:
     # before it, so one bad record can reach several slices of a walk; it is as many events as
     # the most any one slice met, not their sum.
     malformed_counts: dict[tuple[int, bytes], int] = field(default_factory=dict)
+    open_seen: set[ShinyKey] = field(default_factory=set)
+    new_events: int = 0
+    records: int = 0
+    malformed: int = 0
+    excluded: int = 0
 
     def forget_before(self, bound_us: int) -> None:
         """Drop the tally of visits before `bound_us`; records arrive about in time order."""
         order, counts = self.visit_order, self.visit_counts
         while order and order[0][0] < bound_us:
             counts.pop(order.popleft()[1], None)
-
-    open_seen: set[ShinyKey] = field(default_factory=set)
-    new_events: int = 0
-    records: int = 0
-    malformed: int = 0
-    excluded: int = 0
 
 
 @dataclass(slots=True)

@@ -1,12 +1,13 @@
 """The poller: one loop per stream and one for metadata, each on its own cadence.
 
-A walk reads a stream from `hwm - overlap` to the end. Pages are applied to the model under one
-lock shared by all streams; the applied pages are committed together with the high-water mark
-they reach in one transaction, at least every `COMMIT_EVERY` seconds and at the end of each
-slice. Between two pages the model is always a valid state to commit (the mark covers only the
-completed prefix), so a batch may hold one page or many. A snapshot is only built right after a
-commit, so it never shows what a crash could take back. Cancellation (SIGTERM) cannot split a
-batch: apply, commit and publish run shielded, and a cancelled walk commits what it applied.
+A walk reads a stream from `hwm - overlap` to the end, in time slices read concurrently and
+applied in order. Pages are applied to the model under one lock shared by all streams; the
+applied pages are committed together with the high-water mark they reach in one transaction, at
+least every `COMMIT_EVERY` seconds and at the end of the walk. Between two pages the model is
+always a valid state to commit (the mark follows the last applied record), so a batch may hold
+one page or many. A snapshot is only built right after a commit, so it never shows what a crash
+could take back. Cancellation (SIGTERM) cannot split a batch: apply, commit and publish run
+shielded, and a cancelled walk commits what it applied.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any
 
 import anyio
@@ -84,7 +86,15 @@ class _Plan:
     page in hand. Read-ahead is so about `ahead` slices of ~`SLICE_RECORDS` records each.
     """
 
-    def __init__(self, start_us: int, now_us: int | None, width_us: int | None, ahead: int):
+    def __init__(
+        self,
+        model: UsageModel,
+        start_us: int,
+        now_us: int | None = None,
+        width_us: int | None = None,
+        ahead: int = 1,
+    ):
+        self.model = model  # the model this walk applies to: a reload ends the walk
         self.start = self.next_lo = start_us
         self.now_us = now_us  # None: the walk is one open-ended slice, its now from page one
         self.width = width_us  # None: no slicing
@@ -93,7 +103,6 @@ class _Plan:
         self.applied = 0  # index in `order` of the slice being applied
         self.cut_all = False
         self.finished = False
-        self.model: Any = None  # the model this walk applies to: a reload ends the walk
         self.changed = anyio.Condition()
 
     def extend(self) -> None:
@@ -134,9 +143,7 @@ class _Plan:
         if new_hi >= end:
             return False
         self.width = max(SLICE_MIN_WIDTH_US, new_hi - first)
-        rest = _Run(new_hi, run.hi, first=False)
-        run.hi = new_hi
-        self.order.insert(self.order.index(run, self.applied) + 1, rest)
+        self._end_at(run, new_hi)
         return True
 
     def cut(self, run: _Run, last: int) -> bool:
@@ -146,10 +153,14 @@ class _Plan:
             return False
         if run.hi is not None and last + 1 >= run.hi:
             return False
-        rest = _Run(last + 1, run.hi, first=False)
-        run.hi = last + 1
-        self.order.insert(self.order.index(run, self.applied) + 1, rest)
+        self._end_at(run, last + 1)
         return True
+
+    def _end_at(self, run: _Run, hi: int) -> None:
+        """End `run` at `hi`; the rest of its range becomes the very next slice."""
+        rest = _Run(hi, run.hi, first=False)
+        run.hi = hi
+        self.order.insert(self.order.index(run, self.applied) + 1, rest)
 
     def learn(self, run: _Run) -> None:
         """Resize the slices not yet cut by how full this one was."""
@@ -163,6 +174,11 @@ class WalkAbandonedError(Exception):
     """A failed commit reloaded the model from the state file while this walk was applying
     pages: the pages it applied went with the old model, so it must not go on (its mark would
     pass them). The next walk reads again from the committed mark."""
+
+
+def _sort_key(stream: str) -> Callable[[Any], int]:
+    """What a stream's pages are sorted and sliced by: a session's start, a visit's time."""
+    return attrgetter("started" if stream == "shiny" else "time")
 
 
 def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
@@ -412,8 +428,7 @@ class Poller:
                 "the state was reloaded from the state file after a failed commit; "
                 "the next poll reads again from the committed mark"
             )
-        model: UsageModel = plan.model
-        return model
+        return plan.model
 
     async def _commit_pending(self) -> None:
         """Commit what is applied and not yet committed (lock held): before any snapshot."""
@@ -433,7 +448,7 @@ class Poller:
         walk_model = self.model
         walk = WalkTally(start_us=walk_model.walk_start(stream))
         begin_us = int(self.connect_now()) * US
-        plan = _Plan(walk.start_us, None, None, 1)
+        plan = _Plan(walk_model, walk.start_us)
         workers = 1
         long_walk = begin_us - walk.start_us > SLICE_MIN_SPAN_US
         if self.catchup_concurrency > 1 and (long_walk or not self._clock_known):
@@ -448,8 +463,7 @@ class Poller:
             if span > SLICE_MIN_SPAN_US:
                 width = max(SLICE_MIN_WIDTH_US, span // 256)  # small first: the plan learns
                 workers = self.catchup_concurrency
-                plan = _Plan(walk.start_us, begin_us, width, workers + 1)
-        plan.model = walk_model
+                plan = _Plan(walk_model, walk.start_us, begin_us, width, workers + 1)
         await self._walk(stream, walk, plan, workers)
         walk_now_us = plan.now_us if plan.now_us is not None else begin_us
         with anyio.CancelScope(shield=True):
@@ -522,6 +536,8 @@ class Poller:
     async def _read_slice(self, stream: str, walk: WalkTally, plan: _Plan, run: _Run) -> None:
         """Fetch one slice's pages into its buffer, keeping only the records it owns."""
         lo, first = run.lo, run.first
+        key = _sort_key(stream)
+        reach_back = first and stream == "shiny"
         # Shiny's `from` filters on the END: the first slice must reach back to the walk start
         # for sessions that started earlier; later slices only hold sessions started in them.
         start = walk.start_us if first else lo
@@ -537,22 +553,17 @@ class Poller:
                 hi = run.hi  # a split may have moved it
                 if first and hi is None:
                     mine = records
-                elif stream == "shiny":
+                else:
                     mine = [
                         r
                         for r in records
-                        if (first or r.started >= lo) and (hi is None or r.started < hi)
+                        if (reach_back or key(r) >= lo) and (hi is None or key(r) < hi)
                     ]
-                else:
-                    mine = [r for r in records if r.time >= lo and (hi is None or r.time < hi)]
                 if len(mine) == len(records):
                     mine = records
-                last = None
-                if records:
-                    last = records[-1].started if stream == "shiny" else records[-1].time
+                last = key(records[-1]) if records else None
                 if first_page and mine and last is not None:
-                    head = mine[0].started if stream == "shiny" else mine[0].time
-                    split = plan.split(run, mine, max(head, lo), last)
+                    split = plan.split(run, mine, max(key(mine[0]), lo), last)
                 else:
                     split = False
                 first_page = False

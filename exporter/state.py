@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from exporter import __version__
-from exporter.model import Delta, UsageModel
+from exporter.model import CLOSED, Delta, UsageModel
 from exporter.snapshot import DURATION_BUCKETS
 
 SCHEMA_VERSION = 1
@@ -203,7 +203,9 @@ class StateStore:
             model.content_last = dict(db.execute("SELECT * FROM content_last"))
             for user, hour, count in db.execute("SELECT * FROM user_hours"):
                 model.user_hours.setdefault(user, {})[hour] = count
-            model.shiny_open_on_disk = {k for k, (st, _t) in model.shiny_keys.items() if st != 1}
+            model.shiny_open_on_disk = {
+                k for k, (st, _t) in model.shiny_keys.items() if st != CLOSED
+            }
             model.take_delta()  # what was just loaded is not a change
             return True
 

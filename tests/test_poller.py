@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
+import anyio
 import pytest
 
+from exporter import poller as poller_module
 from exporter.simulator import Simulator
 from exporter.snapshot import DELETED_APP_MODE
 from tests.support import (
@@ -29,6 +32,16 @@ async def start(connect: Connect, path: Path, **kw: object):  # type: ignore[no-
 async def stop(client, store) -> None:  # type: ignore[no-untyped-def]
     await client.aclose()
     store.close()
+
+
+async def restart_after(connect: Connect, path: Path, downtime: float, **kw: object):  # type: ignore[no-untyped-def]
+    """A state file from a first start, Connect `downtime` seconds on, and a fresh exporter."""
+    client, _poller, store = await start(connect, path)
+    await stop(client, store)
+    connect.sim.clock.advance(downtime)
+    client, poller, store = make_poller(connect, path, **kw)  # type: ignore[arg-type]
+    await poller.load()
+    return client, poller, store
 
 
 def now(sim: Simulator) -> float:
@@ -280,12 +293,10 @@ async def test_a_slice_failing_midway_loses_and_doubles_nothing(
     connect: Connect, tmp_path: Path
 ) -> None:
     sim = connect.sim
-    path = tmp_path / "s.sqlite"
-    client, poller, store = await start(connect, path)
-    await stop(client, store)
-    sim.clock.advance(12 * 3600)  # a long outage: the next walk is cut into slices
-    client, poller, store = make_poller(connect, path, max_retries=0)
-    await poller.load()
+    # A long outage: the next walk is cut into slices.
+    client, poller, store = await restart_after(
+        connect, tmp_path / "s.sqlite", 12 * 3600, max_retries=0
+    )
     sim.faults.configure({"error_rate": {"503": 0.2}})
     failed = 0
     for _ in range(6):
@@ -325,15 +336,9 @@ async def test_batched_pages_are_committed_before_any_snapshot_shows_them(
 ) -> None:
     # Several pages go into one transaction; a snapshot built while some are applied but not
     # committed would show counts a crash takes back (Prometheus would count them twice).
-    from exporter import poller as poller_module
-
     sim = connect.sim
-    path = tmp_path / "s.sqlite"
-    client, poller, store = await start(connect, path)
-    await stop(client, store)
-    sim.clock.advance(2 * 86400)  # a long catch-up: many pages, in slices
-    client, poller, store = make_poller(connect, path)
-    await poller.load()
+    # A long catch-up: many pages, in slices.
+    client, poller, store = await restart_after(connect, tmp_path / "s.sqlite", 2 * 86400)
     monkeypatch.setattr(poller_module, "COMMIT_EVERY", 1e9)  # only slice ends and walk ends
     monkeypatch.setattr(poller_module, "PUBLISH_EVERY", 0.0)
     published: list[bool] = []
@@ -368,17 +373,9 @@ async def test_a_cancelled_walk_commits_the_pages_it_applied(
     connect: Connect, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # SIGTERM mid-walk: the batch in hand is committed, and a restart neither loses nor doubles.
-    import anyio
-
-    from exporter import poller as poller_module
-
     sim = connect.sim
     path = tmp_path / "s.sqlite"
-    client, poller, store = await start(connect, path)
-    await stop(client, store)
-    sim.clock.advance(2 * 86400)
-    client, poller, store = make_poller(connect, path, catchup_concurrency=1)
-    await poller.load()
+    client, poller, store = await restart_after(connect, path, 2 * 86400, catchup_concurrency=1)
     monkeypatch.setattr(poller_module, "COMMIT_EVERY", 1e9)
     before = poller.model.hwm["visits"]
     sim.faults.configure({"latency": 0.2})
@@ -403,12 +400,6 @@ async def test_a_failed_commit_abandons_every_walk_in_flight_and_loses_nothing(
     # A failed commit reloads the model from the state file. Found by the full-disk test: a
     # walk in flight went on applying pages to the reloaded model, its mark passed the pages
     # that went with the old one, and they were never counted.
-    import sqlite3
-
-    import anyio
-
-    from exporter import poller as poller_module
-
     sim = connect.sim
     client, poller, store = await start(
         connect,
