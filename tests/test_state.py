@@ -117,3 +117,87 @@ def test_foreign_database_is_refused(tmp_path: Path) -> None:
     db.close()
     with pytest.raises(StateError, match="not an exporter state file"):
         StateStore(path)
+
+
+def _downgrade_to_v1(path: Path) -> None:
+    """Rewrite a file's last-seen tables the way schema 1 kept them: guid text, no ids."""
+    db = sqlite3.connect(path)
+    g = "(SELECT guid FROM guids WHERE id = {})"
+    for table in ("user_last", "user_last_log"):
+        db.execute(f"CREATE TABLE {table}_x (user_guid TEXT NOT NULL, last INTEGER NOT NULL)")
+        db.execute(f"INSERT INTO {table}_x SELECT {g.format('user_id')}, last FROM {table}")
+    for table in ("pair_last", "pair_last_log"):
+        db.execute(
+            f"CREATE TABLE {table}_x (content_guid TEXT NOT NULL, user_guid TEXT NOT NULL, "
+            "last INTEGER NOT NULL)"
+        )
+        db.execute(
+            f"INSERT INTO {table}_x SELECT {g.format('content_id')}, {g.format('user_id')}, "
+            f"last FROM {table}"
+        )
+    for table in ("user_last", "user_last_log", "pair_last", "pair_last_log", "guids"):
+        db.execute(f"DROP TABLE {table}")
+    for table in ("user_last", "user_last_log", "pair_last", "pair_last_log"):
+        db.execute(f"ALTER TABLE {table}_x RENAME TO {table}")
+    db.execute("UPDATE meta SET value='1' WHERE key='schema_version'")
+    db.commit()
+    db.close()
+
+
+def test_schema_1_file_is_migrated_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "state.sqlite"
+    store = StateStore(path)
+    m = populated()
+    store.commit(m.take_delta())  # pair rows in the log
+    m.apply_visits(
+        [Visit("e", "u3", T0 + 70 * US, None, None, "1", 3, "/", "x")],
+        WalkTally(start_us=m.walk_start("visits")),
+    )
+    store.commit(m.take_delta())
+    store.close()
+    _downgrade_to_v1(path)
+    store = StateStore(path)
+    again = fresh()
+    assert store.restore(again) is True
+    assert comparable(again) == comparable(m)
+    # Ids assigned after the migration do not collide with the migrated ones.
+    again.apply_visits(
+        [Visit("f", "u4", T0 + 80 * US, None, None, "1", 3, "/", "x")],
+        WalkTally(start_us=again.walk_start("visits")),
+    )
+    store.commit(again.take_delta())
+    store.close()
+    third = fresh()
+    store = StateStore(path)
+    assert store.restore(third) is True
+    assert comparable(third) == comparable(again)
+    assert third.pair_last["f"] == {"u4": T0 + 80 * US}
+    store.close()
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("2",)
+    assert db.execute("SELECT count(*) FROM guids").fetchone() == (8,)  # a d e f, u1..u4
+    db.close()
+
+
+def test_a_failed_batch_gives_back_the_ids_it_took(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite"
+    store = StateStore(path)
+    m = populated()
+    store.commit(m.take_delta())
+    m.apply_visits(
+        [Visit("e", "u9", T0 + 70 * US, None, None, "1", 3, "/", "x")],
+        WalkTally(start_us=m.walk_start("visits")),
+    )
+    delta = m.take_delta()
+    # Written after the last-seen rows, so the ids are taken before the batch fails.
+    delta.content_last.append(("broken", None))  # type: ignore[arg-type]  # NOT NULL violation
+    with pytest.raises(sqlite3.IntegrityError):
+        store.commit(delta)
+    delta.content_last.pop()
+    store.commit(delta)  # the same guids again: same fresh ids, no UNIQUE clash
+    store.close()
+    again = fresh()
+    store = StateStore(path)
+    assert store.restore(again) is True
+    assert comparable(again) == comparable(m)
+    store.close()
