@@ -45,11 +45,12 @@ ABANDONED_SESSIONS = "shiny_sessions_abandoned"
 EXCLUDED = "excluded"  # label "stream/reason"
 
 
+_NEVER = 2**63  # a time after every other
+
+
 def _bucket_index(seconds: float) -> int:
-    for index, bound in enumerate(DURATION_BUCKETS):
-        if seconds <= bound:
-            return index
-    return len(DURATION_BUCKETS)
+    """The first bucket whose upper bound (`le`) holds `seconds`; the last one is +Inf."""
+    return bisect_left(DURATION_BUCKETS, seconds)
 
 
 def visit_key(visit: Visit) -> bytes:
@@ -126,6 +127,13 @@ class WalkTally:
     # the most any one slice met, not their sum.
     malformed_counts: dict[tuple[int, bytes], int] = field(default_factory=dict)
     open_seen: set[ShinyKey] = field(default_factory=set)
+    # Visits after `fresh_after` (the newest key any earlier walk made) cannot be in the de-dup
+    # keys yet: each is a new event, with no key to hash or look up while it is applied (a
+    # third of a downtime catch-up's model time). `fresh` keeps them in arrival order; before
+    # each delta the model makes the keys of those still inside the overlap and lets the rest
+    # go. The default (a tally built by hand, not by `walk_tally`): no visit is fresh.
+    fresh_after: int = _NEVER
+    fresh: deque[tuple[int, Visit]] = field(default_factory=deque)
     new_events: int = 0
     records: int = 0
     malformed: int = 0
@@ -180,6 +188,10 @@ class UsageModel:
         # then be deleted; any other dropped key has no row worth a delete.
         self.shiny_open_on_disk: set[ShinyKey] = set()
         self.visit_keys: dict[bytes, tuple[int, int]] = {}  # key -> (count, time µs)
+        # At least the newest time of any visit key made so far (-1: none): later visits are
+        # fresh to the next walk. Never lowered, so pruning cannot make a seen visit look fresh.
+        self.visit_keys_until = -1
+        self._fresh_walk: WalkTally | None = None  # the visits walk whose fresh keys are due
         self.user_last: dict[str, int] = {}
         # content -> user -> last µs. Nested, not keyed by (content, user): no tuple per pair
         # (~60 B of the ~200 B a pair cost) and `view` counts a content's window with one C sort.
@@ -268,6 +280,7 @@ class UsageModel:
                 else:
                     open_on_disk.add(key)
         visit_bound = self._key_bound("visits")
+        self._settle_fresh(visit_bound)
         visit_keys = self.visit_keys
         for vkey in self._dirty_visits:
             vstate = visit_keys.get(vkey)
@@ -295,6 +308,40 @@ class UsageModel:
         delta.prune_closed_before = self._prune_closed_before
         self._clear_dirty()
         return delta
+
+    def walk_tally(self, stream: str) -> WalkTally:
+        """The tally a new walk of `stream` starts with (the model keeps the visits one)."""
+        if stream == "visits":
+            self._settle_fresh(self._key_bound("visits"))  # the last walk's, before it goes
+        walk = WalkTally(start_us=self.walk_start(stream))
+        if stream == "visits":
+            walk.fresh_after = self.visit_keys_until
+            self._fresh_walk = walk
+        return walk
+
+    def _settle_fresh(self, bound: int) -> None:
+        """Make the keys of the walk's fresh visits still inside the overlap; let older go.
+
+        Called before every delta and when the next walk starts, so a key exists wherever a
+        walk before it could have made one.
+        """
+        walk = self._fresh_walk
+        if walk is None or not walk.fresh:
+            return
+        fresh = walk.fresh
+        while fresh and fresh[0][0] < bound:
+            fresh.popleft()
+        counts: dict[Visit, int] = {}
+        for _when, visit in fresh:  # identical visits share a time: none was let go alone
+            counts[visit] = counts.get(visit, 0) + 1
+        keys = self.visit_keys
+        for visit, count in counts.items():
+            key = visit_key(visit)
+            state = (count, visit.time)
+            if keys.get(key) != state:
+                keys[key] = state
+                self._dirty_visits.add(key)
+                self.visit_keys_until = max(self.visit_keys_until, visit.time)
 
     def _key_bound(self, stream: str) -> int:
         """Keys below this serve no walk to come (-1 before the stream has a mark)."""
@@ -425,8 +472,11 @@ class UsageModel:
         from_us = walk.start_us
         max_age = self.max_session_age_us
         keys = self.shiny_keys
+        dirty = self._dirty_shiny
+        added: dict[str, int] = {}  # one counter update per item and page, not per session
+        records = 0
         for session in sessions:
-            walk.records += 1
+            records += 1
             ended = session.ended
             if ended is not None and ended < from_us:
                 continue  # the query's `from` is whole seconds; this one lies before the walk
@@ -436,8 +486,7 @@ class UsageModel:
             if known is None:
                 new = session.started >= t0
                 if new:
-                    self._add(SESSIONS, content)
-                    walk.new_events += 1
+                    added[content] = added.get(content, 0) + 1
                 if ended is None:
                     if session.started < now_us - max_age:
                         keys[key] = (ABANDONED, session.started)
@@ -454,7 +503,7 @@ class UsageModel:
                         self._observe(content, session.started, ended)
                     if new or ended >= t0:
                         keys[key] = (CLOSED, ended)
-                        self._dirty_shiny.add(key)
+                        dirty.add(key)
                     self._touch(content, session.user_guid, ended, new_event=new)
                 continue
             state = known[0]
@@ -474,6 +523,10 @@ class UsageModel:
                     keys[key] = (CLOSED, ended)
                     self._dirty_shiny.add(key)
                     self._touch(content, session.user_guid, ended, new_event=False)
+        walk.records += records
+        for content, count in added.items():
+            self._add(SESSIONS, content, count)
+            walk.new_events += count
 
     def finish_shiny_walk(self, walk: WalkTally, now_us: int) -> int:
         """After a complete walk: open sessions past the age limit, or gone, close as abandoned."""
@@ -514,6 +567,8 @@ class UsageModel:
         t0 = self.counting_since
         assert t0 is not None, "start_counting() or restore before applying records"
         from_us = walk.start_us
+        fresh_after = walk.fresh_after
+        keep_fresh = walk.fresh.append
         keys = self.visit_keys
         tally = walk.visit_counts
         remember = walk.visit_order.append
@@ -533,7 +588,10 @@ class UsageModel:
             if when < from_us:
                 continue
             new = False
-            if when >= t0:
+            if when > fresh_after and when >= t0:
+                keep_fresh((when, visit))
+                new = True
+            elif when >= t0:
                 key = visit_key(visit)
                 seen = tally.get(key, 0) + 1
                 if seen == 1:
@@ -544,6 +602,7 @@ class UsageModel:
                     keys[key] = (seen, when)
                     dirty_visits.add(key)
                     new = True
+                    self.visit_keys_until = max(self.visit_keys_until, when)
             agent = visit.user_agent
             content = visit.content_guid
             if agent and prefixes and agent.startswith(prefixes):
@@ -606,7 +665,9 @@ class UsageModel:
             walk.malformed_counts[(scope, key)] = seen
             stored = self.visit_keys.get(key)
             if stored is None or seen > stored[0]:
-                self.visit_keys[key] = (seen, max(keep_until, stored[1] if stored else 0))
+                key_time = max(keep_until, stored[1] if stored else 0)
+                self.visit_keys[key] = (seen, key_time)
+                self.visit_keys_until = max(self.visit_keys_until, key_time)
                 self._dirty_visits.add(key)
                 self._add(EXCLUDED, f"{stream}/malformed")
                 walk.malformed += 1

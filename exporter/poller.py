@@ -446,7 +446,7 @@ class Poller:
         record is applied exactly once and the mark follows the last one applied.
         """
         walk_model = self.model
-        walk = WalkTally(start_us=walk_model.walk_start(stream))
+        walk = walk_model.walk_tally(stream)
         begin_us = int(self.connect_now()) * US
         plan = _Plan(walk_model, walk.start_us)
         workers = 1

@@ -197,6 +197,7 @@ class StateStore:
                 if n > visit_keys.get(k, (0, 0))[0]:
                     visit_keys[k] = (n, t)
             model.visit_keys = visit_keys
+            model.visit_keys_until = max((t for _n, t in visit_keys.values()), default=-1)
             # A log row is only ever appended when its value grew, but take the max anyway.
             names = {i: model.intern(guid) for guid, i in self._ids.items()}
             user_last: dict[str, int] = {}

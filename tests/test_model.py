@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from exporter.model import ABANDONED, CLOSED, OPEN, US, UsageModel, WalkTally
 from exporter.records import ShinySession, Visit
+from exporter.state import StateStore
 
 T0 = 1_700_000_000 * US
 OVERLAP = 120 * US
@@ -29,7 +34,7 @@ def visit(content: str, user: str | None, t: int, ua: str | None = "Mozilla/5.0"
 
 
 def walk(m: UsageModel, stream: str) -> WalkTally:
-    return WalkTally(start_us=m.walk_start(stream))
+    return m.walk_tally(stream)
 
 
 def test_session_counted_once_across_overlapping_walks_and_duration_on_end() -> None:
@@ -223,3 +228,83 @@ def test_a_session_open_on_disk_that_closes_below_the_prune_bound_gets_its_row_d
     assert key in delta.shiny_deletes
     assert key not in m.shiny_keys and key not in m.shiny_open_on_disk
     assert m.view(T0 / US + 3 * 86400).shiny_session_duration["app"].count == 1
+
+
+def test_fresh_visits_get_keys_only_inside_the_overlap_with_their_multiplicity() -> None:
+    m = model()
+    w = walk(m, "visits")
+    assert w.fresh_after == -1  # no key yet: every visit of this walk is fresh
+    early, late = visit("doc", "u1", T0 + 10 * US), visit("doc", "u2", T0 + 500 * US)
+    m.apply_visits([early, early, late], w)
+    assert m.visit_keys == {}  # nothing hashed while applying
+    m.set_hwm("visits", T0 + 500 * US)
+    delta = m.take_delta()
+    assert [(row[1], row[2]) for row in delta.visit_upserts] == [(1, T0 + 500 * US)]
+    # The same walk meets an identical late visit after the commit: its key counts both.
+    m.apply_visits([late], w)
+    delta = m.take_delta()
+    assert [(row[1], row[2]) for row in delta.visit_upserts] == [(2, T0 + 500 * US)]
+    assert m.view((T0 + 600 * US) / US).content_visits_total == {"doc": 4}
+    # The next walk re-reads the overlap: both late visits are known, nothing counts again.
+    again = walk(m, "visits")
+    assert again.fresh_after == T0 + 500 * US
+    m.apply_visits([late, late], again)
+    assert m.view((T0 + 600 * US) / US).content_visits_total == {"doc": 4}
+
+
+def test_a_walk_without_a_delta_still_leaves_keys_for_the_next() -> None:
+    m = model()
+    v = visit("doc", "u1", T0 + 5 * US)
+    m.apply_visits([v], walk(m, "visits"))
+    second = walk(m, "visits")  # no take_delta between the walks
+    assert second.fresh_after == T0 + 5 * US
+    m.apply_visits([v], second)
+    assert m.view((T0 + 10 * US) / US).content_visits_total == {"doc": 1}
+    assert [row[1:] for row in m.take_delta().visit_upserts] == [(1, T0 + 5 * US)]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    gaps=st.lists(st.sampled_from([0, 0, 1, 30, 90, 200]), min_size=1, max_size=40),
+    users=st.lists(st.sampled_from(["u1", "u2"]), min_size=40, max_size=40),
+    cuts=st.lists(st.integers(0, 40), max_size=6),
+    crashes=st.sets(st.integers(0, 40), max_size=3),
+)
+def test_visits_count_exactly_once_across_commits_and_crashes(
+    tmp_path_factory: pytest.TempPathFactory,
+    gaps: list[int],
+    users: list[str],
+    cuts: list[int],
+    crashes: set[int],
+) -> None:
+    """A Connect listing visits (identical ones too) read by walks that commit at random
+    points and crash at others: every visit counts once, whatever was fresh or keyed."""
+    times = [T0 + 5 * US + sum(gaps[: i + 1]) * US for i in range(len(gaps))]
+    listed = [visit("doc", users[i], t) for i, t in enumerate(times)]
+    store = StateStore(tmp_path_factory.mktemp("state") / "s.sqlite")
+    m = model()
+    store.commit(m.take_delta())
+    walks = 0
+    while True:
+        walks += 1
+        w = walk(m, "visits")
+        todo = [v for v in listed if v.time >= w.start_us]
+        crashed = False
+        for i, v in enumerate(todo):
+            m.apply_visits([v], w)
+            m.set_hwm("visits", v.time)
+            if i in cuts:
+                store.commit(m.take_delta())
+            if i in crashes and walks <= 3:
+                crashed = True
+                break
+        if crashed:
+            m = model()  # a restart: what was not committed is gone
+            assert store.restore(m)
+            continue
+        m.prune("visits")
+        store.commit(m.take_delta())
+        if walks >= 4:
+            break
+    assert m.view(times[-1] / US).content_visits_total == {"doc": len(listed)}
+    store.close()
