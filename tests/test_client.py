@@ -340,6 +340,24 @@ async def test_cursor_paging_without_filters_sends_only_limit_and_order(
 
 
 @pytest.mark.anyio
+async def test_a_page_the_fast_parser_refuses_is_read_by_the_stdlib_not_refused(
+    client: ConnectClient, mock: respx.MockRouter
+) -> None:
+    # orjson refuses integers past 64 bits and NaN; json takes both. Such a page must not stall
+    # the stream: the big version is read, the NaN one is a malformed record like any other.
+    visit = {"content_guid": GUID_A, "user_guid": None, "time": "2025-06-10T22:00:00Z"}
+    body = json.dumps(
+        {"results": [{**visit, "data_version": 2**70}, {**visit, "data_version": float("nan")}]}
+    )
+    mock.get(VISITS).mock(return_value=httpx.Response(200, text=body, headers={"Date": DATE}))
+    pages = await collect(client.visit_pages())
+    assert [v.data_version for v in pages[0].records] == [2**70]
+    assert [(m.field, m.reason) for m in pages[0].malformed] == [
+        ("data_version", "expected an integer or null, got nan")
+    ]
+
+
+@pytest.mark.anyio
 @pytest.mark.parametrize(("asked", "sent"), [(0, "1"), (-5, "1"), (20, "20"), (10_000, "500")])
 async def test_limit_is_clamped(
     client: ConnectClient, mock: respx.MockRouter, asked: int, sent: str
