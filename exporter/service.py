@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -26,6 +27,16 @@ from exporter.webconfig import WebConfigError, load_web_config
 log = logging.getLogger("exporter.service")
 
 LOAD_RETRY_MAX = 60.0  # seconds between tries when Connect is unreachable at first start
+# The cyclic collector's thresholds. The model holds millions of long-lived objects, and a page
+# allocates a few thousand short-lived ones that reference counting frees (few cycles: ~8k in a
+# 1M-event catch-up). With the defaults (700, 10, 10) full collections walked the whole model
+# 27-40 times per catch-up: 1.3 s of a 11.3 s backfill's CPU, 0.6 s of a 9.3 s first start.
+GC_THRESHOLDS = (50_000, 20, 10)
+
+
+def tune_gc() -> None:
+    """Collect cycles about 70x less often: same collector, far fewer passes over the model."""
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def _verify(settings: Settings) -> bool | str:
@@ -42,6 +53,7 @@ def _verify(settings: Settings) -> bool | str:
 def _build(
     settings: Settings, store: StateStore
 ) -> tuple[ConnectClient, Poller, CollectorRegistry]:
+    tune_gc()
     health = Health()
     client = ConnectClient(
         settings.server,
