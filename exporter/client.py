@@ -46,6 +46,7 @@ from exporter.records import (
     ShinySession,
     User,
     Visit,
+    bound_shared_values,
     format_query_time,
     parse_content_item,
     parse_group,
@@ -349,6 +350,7 @@ def _offset_page_check(body: Any) -> tuple[list[Any], int | None, int | None]:
 def _parse_all(
     raw: list[Any], parse: Callable[[object], T]
 ) -> tuple[list[T], list[MalformedRecord]]:
+    bound_shared_values()
     records: list[T] = []
     malformed: list[MalformedRecord] = []
     append = records.append

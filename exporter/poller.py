@@ -44,7 +44,9 @@ from exporter.state import StateStore
 
 log = logging.getLogger("exporter.poller")
 
-PUBLISH_EVERY = 1.0  # seconds between snapshots during a long walk; each costs a pass over the maps
+# Seconds between snapshots during a long walk. Each walks every last-seen pair (58 ms at 370k
+# pairs) and blocks the event loop the readers' responses wait on; scrapes come 15-60 s apart.
+PUBLISH_EVERY = 5.0
 # Seconds of applied pages per transaction during a long walk. One transaction per page cost ~20%
 # of a catch-up's CPU (and held the GIL against the event loop); a crash loses at most this much
 # reading, never a count: the mark on disk only covers committed pages.
@@ -52,10 +54,16 @@ COMMIT_EVERY = 0.5
 SLICE_MIN_SPAN_US = 2 * 3600 * US  # shorter ranges are read in one sequential walk
 SLICE_MIN_WIDTH_US = 60 * US
 SLICE_RECORDS = 5000  # what a slice should hold (10 pages): the read-ahead stays small
+PAGE_RECORDS = 500  # what a cursor page holds (MAX_PAGE_LIMIT)
 SPLIT_MIN_RECORDS = 100  # a first page with fewer of the slice's own records says too little
 # Pages a reader may hold ahead of the apply before it waits: bounds the read-ahead of a walk
 # that is not sliced, and of a slice whose first page could not tell it was too large.
 SLICE_BUFFER_PAGES = 64
+# Slices read ahead of the one being applied, per reader: from 1 (+1) while the apply finds each
+# slice read in full (Connect answers fast, the apply is the bottleneck: more read-ahead only
+# costs memory and cache), up to 4 while it waits for the head slice's pages (a slice is read
+# page by page, so a slow Connect holds up the in-order apply unless many slices read at once).
+AHEAD_MAX_PER_READER = 4
 
 
 @dataclass(eq=False)
@@ -68,6 +76,7 @@ class _Run:
     send: Any = None  # MemoryObjectSendStream of (page, own records, last sort time)
     receive: Any = None
     reading: bool = False
+    read_done: bool = False  # every page is in the buffer (or the error is set)
     error: BaseException | None = None
     records: int = 0
 
@@ -104,6 +113,8 @@ class _Plan:
         self.cut_all = False
         self.finished = False
         self.changed = anyio.Condition()
+        self.ahead_range = (ahead, ahead)  # `adapt` moves `ahead` within it
+        self.idle_readers = 0  # readers waiting for a slice to read
 
     def extend(self) -> None:
         """Cut slices from the front of the unread range until `ahead` wait to be applied."""
@@ -161,6 +172,40 @@ class _Plan:
         rest = _Run(hi, run.hi, first=False)
         run.hi = hi
         self.order.insert(self.order.index(run, self.applied) + 1, rest)
+
+    def share_head(self, run: _Run, last: int) -> bool:
+        """Cut the slice being applied after `last` and deal its unread rest out to idle readers.
+
+        A slice is read page by page; when the apply waits on it while readers have nothing to
+        read, its rest is split by time into one piece per idle reader (each at least two
+        pages by the density read so far). Like `cut`, the reader reads one more page for ties.
+        """
+        if (
+            self.width is None
+            or self.idle_readers == 0
+            or self.applied >= len(self.order)
+            or self.order[self.applied] is not run
+            or run.hi is None
+            or last + 1 >= run.hi
+            or last <= run.lo
+        ):
+            return False
+        per_us = run.records / (last - run.lo)
+        pieces = min(self.idle_readers + 1, int((run.hi - last) * per_us) // (2 * PAGE_RECORDS))
+        if pieces < 2:
+            return False
+        lo, hi = last + 1, run.hi
+        self._end_at(run, lo)
+        rest = self.order[self.order.index(run, self.applied) + 1]
+        for i in range(1, pieces):
+            self._end_at(rest, lo + (hi - lo) * i // pieces)
+            rest = self.order[self.order.index(rest, self.applied) + 1]
+        return True
+
+    def adapt(self, head: _Run) -> None:
+        """Read further ahead while the apply waits for the head slice, less when it does not."""
+        low, high = self.ahead_range
+        self.ahead = max(low, self.ahead - 1) if head.read_done else min(high, self.ahead * 2)
 
     def learn(self, run: _Run) -> None:
         """Resize the slices not yet cut by how full this one was."""
@@ -464,6 +509,7 @@ class Poller:
                 width = max(SLICE_MIN_WIDTH_US, span // 256)  # small first: the plan learns
                 workers = self.catchup_concurrency
                 plan = _Plan(walk_model, walk.start_us, begin_us, width, workers + 1)
+                plan.ahead_range = (workers + 1, AHEAD_MAX_PER_READER * workers)
         await self._walk(stream, walk, plan, workers)
         walk_now_us = plan.now_us if plan.now_us is not None else begin_us
         with anyio.CancelScope(shield=True):
@@ -491,7 +537,11 @@ class Poller:
                 async with plan.changed:
                     run = plan.take()
                     while run is None and not plan.finished:
-                        await plan.changed.wait()
+                        plan.idle_readers += 1
+                        try:
+                            await plan.changed.wait()
+                        finally:
+                            plan.idle_readers -= 1
                         run = plan.take()
                 if run is None:
                     return
@@ -500,6 +550,7 @@ class Poller:
                         await self._read_slice(stream, walk, plan, run)
                     except Exception as exc:  # surfaces in order, from the apply side
                         run.error = exc
+                    run.read_done = True
 
         async def changed() -> None:
             async with plan.changed:
@@ -514,6 +565,9 @@ class Poller:
                     await changed()
                     while plan.applied < len(plan.order):
                         run = plan.order[plan.applied]
+                        plan.adapt(run)
+                        plan.extend()
+                        await changed()
                         await self._apply_slice(stream, walk, plan, run)
                         plan.learn(run)
                         plan.applied += 1
@@ -569,6 +623,8 @@ class Poller:
                 first_page = False
                 run.records += len(mine)
                 if not split and last is not None and plan.cut(run, last):
+                    split = True
+                if not split and last is not None and plan.share_head(run, last):
                     split = True
                 if split:
                     async with plan.changed:

@@ -97,7 +97,7 @@ class Settings(BaseSettings):
     exclude_user_agents: Annotated[tuple[str, ...], NoDecode] = DEFAULT_EXCLUDE_USER_AGENTS
     permissions_enabled: bool = True
     permissions_concurrency: int = Field(default=4, ge=1, le=64)
-    catchup_concurrency: int = Field(default=4, ge=1, le=32)
+    catchup_concurrency: int = Field(default=8, ge=1, le=32)
     top_users: int = Field(default=0, ge=0, le=1000)
     web_config_file: Path | None = None
     max_response_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)

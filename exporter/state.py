@@ -9,6 +9,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 from collections.abc import Sequence
+from operator import itemgetter
 from pathlib import Path
 
 from exporter import __version__
@@ -336,29 +337,28 @@ def _id_rows(
     user_last: Sequence[tuple[str, int]],
     pair_last: Sequence[tuple[str, str, int]],
 ) -> tuple[list[tuple[int, int]], list[tuple[int, int, int]]]:
-    """The last-seen rows with guids swapped for ids; guids met first get the next ids."""
+    """The last-seen rows with guids swapped for ids; guids met first get the next ids.
 
-    first = max_id + 1
-
-    def assign(guid: str) -> int:
-        new_id = first + len(new_guids)
-        ids[guid] = new_id
-        new_guids.append((new_id, guid))
-        return new_id
-
-    get = ids.get
-    user_rows = []
-    for user, last in user_last:
-        user_id = get(user)
-        user_rows.append((assign(user) if user_id is None else user_id, last))
-    pair_rows = []
-    for content, user, last in pair_last:
-        content_id, user_id = get(content), get(user)
-        if content_id is None:
-            content_id = assign(content)
-        if user_id is None:
-            user_id = assign(user)
-        pair_rows.append((content_id, user_id, last))
+    Set and map passes in C, not a loop in Python: this runs on ~25k rows per commit of a
+    catch-up, holding the GIL the event loop needs.
+    """
+    first, second, third = itemgetter(0), itemgetter(1), itemgetter(2)
+    met = set(map(first, user_last))
+    met.update(map(first, pair_last), map(second, pair_last))
+    for guid in sorted(met.difference(ids)):  # sorted: the same file from the same data
+        max_id += 1
+        ids[guid] = max_id
+        new_guids.append((max_id, guid))
+    get = ids.__getitem__
+    user_rows = list(zip(map(get, map(first, user_last)), map(second, user_last), strict=True))
+    pair_rows = list(
+        zip(
+            map(get, map(first, pair_last)),
+            map(get, map(second, pair_last)),
+            map(third, pair_last),
+            strict=True,
+        )
+    )
     return user_rows, pair_rows
 
 

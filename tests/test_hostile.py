@@ -13,7 +13,7 @@ import json
 import logging
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, is_dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -283,9 +283,18 @@ near_records = st.dictionaries(
 
 def well_typed(record: Any) -> bool:
     """Every attribute has its declared type: str fields hold non-empty text, times are ints."""
-    for f in fields(record):
-        value = getattr(record, f.name)
-        declared = str(f.type)
+    # Dataclasses and NamedTuples (the two hot records) alike; annotations are strings here.
+    declared_types = (
+        {f.name: str(f.type) for f in fields(record)}
+        if is_dataclass(record)
+        else {
+            name: getattr(t, "__forward_arg__", str(t))
+            for name, t in type(record).__annotations__.items()
+        }
+    )
+    assert declared_types, record
+    for name, declared in declared_types.items():
+        value = getattr(record, name)
         if value is None:
             if "None" not in declared:
                 return False

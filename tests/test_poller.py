@@ -8,6 +8,7 @@ from pathlib import Path
 import anyio
 import pytest
 
+from exporter import client as client_module
 from exporter import poller as poller_module
 from exporter.simulator import Simulator
 from exporter.snapshot import DELETED_APP_MODE
@@ -440,3 +441,76 @@ async def test_a_failed_commit_abandons_every_walk_in_flight_and_loses_nothing(
     assert await poller.poll_all_once()
     assert_matches_truth(poller, sim)
     await stop(client, store)
+
+
+async def test_a_slow_head_slice_is_dealt_out_to_idle_readers_exactly(
+    connect: Connect, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Slices far larger than the readers can share, on a Connect with latency: readers run out
+    # of slices while the apply waits on the head, so its unread rest is split among them.
+    sim = connect.sim
+    client, poller, store = await restart_after(
+        connect, tmp_path / "s.sqlite", 3 * 86400, catchup_concurrency=4
+    )
+    monkeypatch.setattr(poller_module, "SLICE_RECORDS", 100_000)
+    # Pages of 20 records, so that the ~3,600 records of 3 days make slices of many pages.
+    monkeypatch.setattr(client_module, "MAX_PAGE_LIMIT", 20)
+    monkeypatch.setattr(poller_module, "PAGE_RECORDS", 20)
+    shared: list[tuple[int, int]] = []
+    original = poller_module._Plan.share_head
+
+    def share_head(plan: poller_module._Plan, run: poller_module._Run, last: int) -> bool:
+        before = len(plan.order)
+        done = original(plan, run, last)
+        if done:
+            shared.append((len(plan.order) - before, plan.idle_readers))
+        return done
+
+    monkeypatch.setattr(poller_module._Plan, "share_head", share_head)
+    sim.faults.configure({"latency": 0.01})
+    assert await poller.poll_all_once()
+    assert shared, "no head slice was shared"
+    assert all(2 <= pieces <= idle + 1 for pieces, idle in shared)
+    assert_matches_truth(poller, sim)
+    await stop(client, store)
+
+
+def test_share_head_partitions_the_unread_rest_of_the_head_only() -> None:
+    model = poller_module.UsageModel(overlap_us=0, max_session_age_us=1)
+    plan = poller_module._Plan(model, 0, now_us=10_000_000, width_us=1_000_000, ahead=4)
+    plan.extend()
+    head, after = plan.order[0], plan.order[1]
+    head.records = 1000  # 1000 records in [0, 100_000): 10 per µs-per-thousand
+    plan.idle_readers = 3
+    assert not plan.share_head(after, 50)  # not the head
+    assert plan.share_head(head, 99_999)
+    # Cut after the last record read; the rest [100_000, 1_000_000) in idle + 1 = 4 pieces.
+    bounds = [(r.lo, r.hi) for r in plan.order[:6]]
+    assert bounds == [
+        (0, 100_000),
+        (100_000, 325_000),
+        (325_000, 550_000),
+        (550_000, 775_000),
+        (775_000, 1_000_000),
+        (after.lo, after.hi),
+    ]
+    plan.idle_readers = 0
+    assert not plan.share_head(plan.order[0], 50_000)  # nobody idle to take pieces
+    plan.idle_readers = 2
+    head.records = 10  # sparse: the rest holds less than two pages per piece
+    head.hi = 200_000
+    assert not plan.share_head(head, 100_000)
+
+
+def test_read_ahead_grows_while_the_apply_waits_and_shrinks_when_it_does_not() -> None:
+    model = poller_module.UsageModel(overlap_us=0, max_session_age_us=1)
+    plan = poller_module._Plan(model, 0, now_us=10_000_000, width_us=1_000_000, ahead=5)
+    plan.ahead_range = (5, 16)
+    waiting, read = poller_module._Run(0, 1, first=False), poller_module._Run(0, 1, first=False)
+    read.read_done = True
+    seen = []
+    for head in (waiting, waiting, waiting, read, read, waiting, *[read] * 20):
+        plan.adapt(head)
+        seen.append(plan.ahead)
+    assert seen[:6] == [10, 16, 16, 15, 14, 16]
+    assert seen[-1] == 5

@@ -151,7 +151,7 @@ def test_shiny_sessions_from_fixture() -> None:
     ]
 
 
-def test_fast_built_records_behave_like_dataclasses() -> None:
+def test_fast_built_records_equal_constructed_ones() -> None:
     raw = {"content_guid": "g", "user_guid": None, "started": "2025-01-01T00:00:00Z"}
     session = parse_shiny_session(raw)
     same = ShinySession("g", None, us(2025, 1, 1), None, None)
