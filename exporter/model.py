@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from exporter.records import ShinySession, Visit
+from exporter.records import ShinySession, Visit, share
 from exporter.snapshot import (
     CONTENT_WINDOWS,
     DURATION_BUCKETS,
@@ -196,7 +196,6 @@ class UsageModel:
         # content -> user -> last µs. Nested, not keyed by (content, user): no tuple per pair
         # (~60 B of the ~200 B a pair cost) and `view` counts a content's window with one C sort.
         self.pair_last: dict[str, dict[str, int]] = {}
-        self._names: dict[str, str] = {}  # one str object per user guid across every map
         self.content_last: dict[str, int] = {}
         self.user_hours: dict[str, dict[int, int]] = {}
         self._clear_dirty()
@@ -410,8 +409,6 @@ class UsageModel:
                 self._dirty_pairs.pop((content, user), None)
             if not users:
                 del self.pair_last[content]
-        for name in [n for n in self._names if n not in self.user_last]:
-            del self._names[name]
         if self.track_user_hours:
             first_hour = cutoff // HOUR_US
             for hours in self.user_hours.values():
@@ -549,7 +546,7 @@ class UsageModel:
 
     def intern(self, user: str) -> str:
         """The one str object kept for this guid: a pair then costs a pointer, not ~85 B."""
-        return self._names.setdefault(user, user)
+        return share(user)
 
     def pair_count(self) -> int:
         """Tracked (content, user) pairs: what the windowed per-content gauges cost in memory."""

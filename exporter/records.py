@@ -293,6 +293,11 @@ _shared: dict[object, object] = {}
 _share = _shared.setdefault
 
 
+def share(value: str) -> str:
+    """The one shared str object equal to `value` (the parsers' table; the model's too)."""
+    return _share(value, value)  # type: ignore[return-value]
+
+
 def bound_shared_values() -> None:
     """Call between pages: keeps the table of shared values under its bound."""
     if len(_shared) > _SHARED_MAX:
