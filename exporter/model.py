@@ -307,12 +307,11 @@ class UsageModel:
 
     def walk_tally(self, stream: str) -> WalkTally:
         """The tally a new walk of `stream` starts with (the model keeps the visits one)."""
-        if stream == "visits":
-            self._settle_fresh(self._key_bound("visits"))  # the last walk's, before it goes
-        walk = WalkTally(start_us=self.walk_start(stream))
-        if stream == "visits":
-            walk.fresh_after = self.visit_keys_until
-            self._fresh_walk = walk
+        if stream != "visits":
+            return WalkTally(start_us=self.walk_start(stream))
+        self._settle_fresh(self._key_bound("visits"))  # the last walk's, before it goes
+        walk = WalkTally(start_us=self.walk_start(stream), fresh_after=self.visit_keys_until)
+        self._fresh_walk = walk
         return walk
 
     def _settle_fresh(self, bound: int) -> None:

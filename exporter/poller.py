@@ -26,7 +26,7 @@ from typing import Any
 import anyio
 
 from exporter import __version__
-from exporter.client import ConnectClient, ConnectError, NotFoundError, Page
+from exporter.client import MAX_PAGE_LIMIT, ConnectClient, ConnectError, NotFoundError, Page
 from exporter.model import US, UsageModel, WalkTally
 from exporter.records import ContentItem, MalformedRecord, ShinySession, User, Visit
 from exporter.snapshot import (
@@ -54,7 +54,7 @@ COMMIT_EVERY = 0.5
 SLICE_MIN_SPAN_US = 2 * 3600 * US  # shorter ranges are read in one sequential walk
 SLICE_MIN_WIDTH_US = 60 * US
 SLICE_RECORDS = 5000  # what a slice should hold (10 pages): the read-ahead stays small
-PAGE_RECORDS = 500  # what a cursor page holds (MAX_PAGE_LIMIT)
+PAGE_RECORDS = MAX_PAGE_LIMIT  # what a cursor page holds
 SPLIT_MIN_RECORDS = 100  # a first page with fewer of the slice's own records says too little
 # Pages a reader may hold ahead of the apply before it waits: bounds the read-ahead of a walk
 # that is not sliced, and of a slice whose first page could not tell it was too large.
@@ -102,6 +102,8 @@ class _Plan:
         now_us: int | None = None,
         width_us: int | None = None,
         ahead: int = 1,
+        *,
+        ahead_max: int | None = None,
     ):
         self.model = model  # the model this walk applies to: a reload ends the walk
         self.start = self.next_lo = start_us
@@ -113,7 +115,7 @@ class _Plan:
         self.cut_all = False
         self.finished = False
         self.changed = anyio.Condition()
-        self.ahead_range = (ahead, ahead)  # `adapt` moves `ahead` within it
+        self.ahead_range = (ahead, ahead_max or ahead)  # `adapt` moves `ahead` within it
         self.idle_readers = 0  # readers waiting for a slice to read
 
     def extend(self) -> None:
@@ -167,11 +169,12 @@ class _Plan:
         self._end_at(run, last + 1)
         return True
 
-    def _end_at(self, run: _Run, hi: int) -> None:
-        """End `run` at `hi`; the rest of its range becomes the very next slice."""
+    def _end_at(self, run: _Run, hi: int) -> _Run:
+        """End `run` at `hi`; the rest of its range becomes the very next slice, returned."""
         rest = _Run(hi, run.hi, first=False)
         run.hi = hi
         self.order.insert(self.order.index(run, self.applied) + 1, rest)
+        return rest
 
     def share_head(self, run: _Run, last: int) -> bool:
         """Cut the slice being applied after `last` and deal its unread rest out to idle readers.
@@ -195,11 +198,9 @@ class _Plan:
         if pieces < 2:
             return False
         lo, hi = last + 1, run.hi
-        self._end_at(run, lo)
-        rest = self.order[self.order.index(run, self.applied) + 1]
+        rest = self._end_at(run, lo)
         for i in range(1, pieces):
-            self._end_at(rest, lo + (hi - lo) * i // pieces)
-            rest = self.order[self.order.index(rest, self.applied) + 1]
+            rest = self._end_at(rest, lo + (hi - lo) * i // pieces)
         return True
 
     def adapt(self, head: _Run) -> None:
@@ -508,8 +509,14 @@ class Poller:
             if span > SLICE_MIN_SPAN_US:
                 width = max(SLICE_MIN_WIDTH_US, span // 256)  # small first: the plan learns
                 workers = self.catchup_concurrency
-                plan = _Plan(walk_model, walk.start_us, begin_us, width, workers + 1)
-                plan.ahead_range = (workers + 1, AHEAD_MAX_PER_READER * workers)
+                plan = _Plan(
+                    walk_model,
+                    walk.start_us,
+                    begin_us,
+                    width,
+                    ahead=workers + 1,
+                    ahead_max=AHEAD_MAX_PER_READER * workers,
+                )
         await self._walk(stream, walk, plan, workers)
         walk_now_us = plan.now_us if plan.now_us is not None else begin_us
         with anyio.CancelScope(shield=True):

@@ -30,6 +30,7 @@ _FOLD_ROWS = 50_000
 _OPEN_USER_IDS = (
     "SELECT g.id FROM shiny_keys s JOIN guids g ON g.guid = s.user_guid WHERE s.state = 0"
 )
+_LAST_SEEN_TABLES = ("user_last", "pair_last", "user_last_log", "pair_last_log")
 _CACHE_KIB = 8_192  # page cache: the hot B-tree pages of the last-seen tables stay in memory
 
 _SCHEMA = """
@@ -291,7 +292,7 @@ class StateStore:
                     cutoff = delta.prune_last_before
                     # Users with an open session are kept in memory; keep them on disk too.
                     # (An older log row of a key that has a newer one may go: restore takes max.)
-                    for table in ("user_last", "pair_last", "user_last_log", "pair_last_log"):
+                    for table in _LAST_SEEN_TABLES:
                         db.execute(
                             f"DELETE FROM {table} WHERE last < ? AND user_id NOT IN "  # noqa: S608
                             f"({_OPEN_USER_IDS})",
@@ -366,7 +367,7 @@ def _rename_guid_tables(db: sqlite3.Connection) -> None:
     """Schema 1 keyed last-seen rows by guid text: its tables step aside for the new ones."""
     columns = {row[1] for row in db.execute("PRAGMA table_info(user_last)")}
     if "user_guid" in columns:
-        for table in ("user_last", "pair_last", "user_last_log", "pair_last_log"):
+        for table in _LAST_SEEN_TABLES:
             db.execute(f"ALTER TABLE {table} RENAME TO {table}_v1")
 
 
@@ -392,7 +393,7 @@ def _migrate_guid_tables(db: sqlite3.Connection) -> None:
             f"INSERT INTO {table} SELECT c.id, u.id, t.last FROM {table}_v1 t "  # noqa: S608
             "JOIN guids c ON c.guid = t.content_guid JOIN guids u ON u.guid = t.user_guid"
         )
-    for table in ("user_last", "pair_last", "user_last_log", "pair_last_log"):
+    for table in _LAST_SEEN_TABLES:
         db.execute(f"DROP TABLE {table}_v1")
 
 
