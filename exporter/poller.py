@@ -24,10 +24,11 @@ from operator import attrgetter
 from typing import Any
 
 import anyio
+import anyio.abc
 
 from exporter import __version__
 from exporter.client import MAX_PAGE_LIMIT, ConnectClient, ConnectError, NotFoundError, Page
-from exporter.model import US, UsageModel, WalkTally
+from exporter.model import US, Delta, UsageModel, WalkTally
 from exporter.records import ContentItem, MalformedRecord, ShinySession, User, Visit
 from exporter.snapshot import (
     DELETED_APP_MODE,
@@ -329,6 +330,9 @@ class Poller:
         self._snapshot = Snapshot()
         self._published_at = 0.0
         self._committed_at = 0.0
+        # The write going on in the background during a long walk, and its failure if it failed.
+        self._writing: anyio.Event | None = None
+        self._write_error: Exception | None = None
         self._clock_known = False  # whether a Date from Connect has been seen since the start
         self._pending_ingested = dict.fromkeys(STREAMS, 0)  # applied, not yet committed
         self._loaded = False
@@ -445,27 +449,70 @@ class Poller:
         self._loaded = True
         self.publish()
 
-    async def _commit(self) -> None:
+    async def _commit(self, behind: anyio.abc.TaskGroup | None = None) -> None:
         """Write the model's changes; on failure reload what is on disk so memory equals disk.
 
         Call with the lock held. Applied but uncommitted pages are thrown away on failure: the
-        mark on disk does not cover them, so the next walk reads them again.
+        mark on disk does not cover them, so the next walk reads them again. With `behind` (a
+        walk's task group) the write goes on in the background while the walk applies more
+        pages; it is waited for (and its failure raised) by the next commit or `_settle`.
         """
+        await self._settle()
         delta = self.model.take_delta()
         pending = self._pending_ingested
         self._pending_ingested = dict.fromkeys(STREAMS, 0)
         self._committed_at = time.monotonic()
+        if behind is None:
+            await self._write(delta, pending)
+            return
+        done = anyio.Event()
+        self._writing = done
+
+        async def write() -> None:
+            with anyio.CancelScope(shield=True):
+                try:
+                    await self._write(delta, pending, reload=False)
+                except Exception as exc:
+                    self._write_error = exc
+                finally:
+                    done.set()
+
+        behind.start_soon(write)
+
+    async def _write(self, delta: Delta, pending: dict[str, int], *, reload: bool = True) -> None:
         try:
             await anyio.to_thread.run_sync(self.store.commit, delta)
         except Exception as exc:
             self.health.state_errors += 1
             log.error("cannot commit to the state file %s: %s", self.store.path, exc)
-            fresh = self.model.empty_like()
-            await anyio.to_thread.run_sync(self.store.restore, fresh)
-            self.model = fresh
+            if reload:
+                await self._reload()
             raise
         for stream, count in pending.items():
             self.health.ingested[stream] += count
+
+    async def _reload(self) -> None:
+        fresh = self.model.empty_like()
+        await anyio.to_thread.run_sync(self.store.restore, fresh)
+        self.model = fresh
+
+    async def _settle(self) -> None:
+        """Wait for a write in the background; if it failed, reload the model and raise.
+
+        Call with the lock held. Pages applied since that write began go with the old model:
+        the walks applying them stop (`_model_of`) and read them again from the mark on disk.
+        """
+        writing = self._writing
+        if writing is None:
+            return
+        with anyio.CancelScope(shield=True):
+            await writing.wait()
+        self._writing = None
+        error, self._write_error = self._write_error, None
+        if error is not None:
+            with anyio.CancelScope(shield=True):
+                await self._reload()
+            raise error
 
     def _model_of(self, plan: _Plan) -> UsageModel:
         """The model a walk applies to, unless a failed commit has replaced it since."""
@@ -478,6 +525,7 @@ class Poller:
 
     async def _commit_pending(self) -> None:
         """Commit what is applied and not yet committed (lock held): before any snapshot."""
+        await self._settle()
         if self.model.has_changes():
             await self._commit()
 
@@ -575,7 +623,7 @@ class Poller:
                         plan.adapt(run)
                         plan.extend()
                         await changed()
-                        await self._apply_slice(stream, walk, plan, run)
+                        await self._apply_slice(stream, walk, plan, run, group)
                         plan.learn(run)
                         plan.applied += 1
                         plan.extend()
@@ -640,8 +688,19 @@ class Poller:
                 if run.hi is not None and last is not None and last >= run.hi:
                     return  # split: the rest of this cursor belongs to the next slice
 
-    async def _apply_slice(self, stream: str, walk: WalkTally, plan: _Plan, run: _Run) -> None:
-        """Apply one slice's pages as they arrive, committing every `COMMIT_EVERY` seconds."""
+    async def _apply_slice(
+        self,
+        stream: str,
+        walk: WalkTally,
+        plan: _Plan,
+        run: _Run,
+        group: anyio.abc.TaskGroup,
+    ) -> None:
+        """Apply one slice's pages as they arrive, committing every `COMMIT_EVERY` seconds.
+
+        Those commits write in the background (in `group`) while the next pages are applied;
+        before a snapshot the model is committed in full and waited for.
+        """
         anchor = run.lo
         async with run.receive:
             async for page, mine, last in run.receive:
@@ -677,12 +736,14 @@ class Poller:
                         model.set_hwm(stream, min(anchor, walk_now_us))
                         self._pending_ingested[stream] += walk.new_events - before
                         if time.monotonic() - self._committed_at >= COMMIT_EVERY:
-                            await self._commit()
+                            if time.monotonic() - self._published_at >= PUBLISH_EVERY:
+                                await self._commit()
+                                self.publish()
+                            else:
+                                await self._commit(behind=group)
                             # The commit dropped the keys no later walk can meet; so goes
                             # this walk's tally of them.
-                            walk.forget_before(self.model.walk_start(stream))
-                            if time.monotonic() - self._published_at >= PUBLISH_EVERY:
-                                self.publish()
+                            walk.forget_before(model.walk_start(stream))
         if run.error is not None:
             raise run.error
 

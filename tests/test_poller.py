@@ -443,6 +443,88 @@ async def test_a_failed_commit_abandons_every_walk_in_flight_and_loses_nothing(
     await stop(client, store)
 
 
+async def test_commits_written_behind_a_walk_land_in_order_and_exactly(
+    connect: Connect, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Mid-walk commits are written in the background while the walk applies the next pages.
+    # Each must land before the next begins (two batches in the wrong order would leave the
+    # older mark and rows on disk), and what the file holds at the end is what memory holds.
+    sim = connect.sim
+    path = tmp_path / "s.sqlite"
+    client, poller, store = await restart_after(connect, path, 2 * 86400)
+    monkeypatch.setattr(poller_module, "COMMIT_EVERY", 0.0)  # a commit after every page
+    monkeypatch.setattr(poller_module, "PUBLISH_EVERY", 1e9)  # none of them waited for
+    real_commit = store.commit
+    writing = [0]
+    overlapped = [0]
+    marks: list[int] = []
+
+    def slow_commit(delta):  # type: ignore[no-untyped-def]
+        writing[0] += 1
+        assert writing[0] == 1, "two batches written at once"
+        try:
+            import time
+
+            time.sleep(0.02)  # a slow disk: the walk applies pages meanwhile
+            real_commit(delta)
+            if "visits" in delta.hwm:
+                marks.append(delta.hwm["visits"])
+        finally:
+            writing[0] -= 1
+
+    monkeypatch.setattr(store, "commit", slow_commit)
+    real_apply = poller.model.apply_visits
+
+    def apply_visits(visits, walk):  # type: ignore[no-untyped-def]
+        pending = poller._writing
+        overlapped[0] += pending is not None and not pending.is_set()
+        real_apply(visits, walk)
+
+    monkeypatch.setattr(poller.model, "apply_visits", apply_visits)
+    assert await poller.poll_all_once()
+    assert overlapped[0] > 0  # pages were applied while a batch was being written
+    assert marks == sorted(marks) and len(marks) > 3
+    assert_matches_truth(poller, sim)
+    on_disk = poller.model.empty_like()
+    store.restore(on_disk)
+    view = on_disk.view(poller.snapshot.taken_at or 0.0)
+    assert view.content_visits_total == poller.snapshot.content_visits_total
+    assert on_disk.hwm == poller.model.hwm
+    await stop(client, store)
+
+
+async def test_a_commit_failing_behind_a_walk_stops_it_and_loses_nothing(
+    connect: Connect, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The failure of a write in the background is met by the next commit: the model goes back
+    # to the file, the walk stops there, and the next poll reads the lost pages again.
+    sim = connect.sim
+    client, poller, store = await restart_after(connect, tmp_path / "s.sqlite", 2 * 86400)
+    monkeypatch.setattr(poller_module, "COMMIT_EVERY", 0.0)
+    monkeypatch.setattr(poller_module, "PUBLISH_EVERY", 1e9)
+    real_commit = store.commit
+    commits = [0]
+
+    def commit(delta):  # type: ignore[no-untyped-def]
+        commits[0] += 1
+        if commits[0] == 3:
+            raise sqlite3.OperationalError("database or disk is full")
+        real_commit(delta)
+
+    monkeypatch.setattr(store, "commit", commit)
+    before = poller.model
+    assert not await poller.poll_once("visits")
+    assert poller.health.state_errors == 1
+    assert poller.model is not before  # reloaded from the file
+    assert not poller.model.has_changes()
+    on_disk = poller.model.empty_like()
+    store.restore(on_disk)
+    assert on_disk.hwm == poller.model.hwm  # memory is what the file holds
+    assert await poller.poll_all_once()
+    assert_matches_truth(poller, sim)
+    await stop(client, store)
+
+
 async def test_a_slow_head_slice_is_dealt_out_to_idle_readers_exactly(
     connect: Connect, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
