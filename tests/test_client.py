@@ -962,6 +962,9 @@ async def test_concurrency_is_bounded(mock: respx.MockRouter) -> None:
             group.start_soon(client.permissions, f"guid-{i}")
     assert peak == 2
     assert mock.calls.call_count == 6
+    # One httpx client (one connection) per concurrent request, reused, all closed at the end.
+    assert len(client._lanes) == 2
+    assert all(lane.is_closed for lane in client._lanes)
 
 
 @pytest.mark.anyio

@@ -562,3 +562,44 @@ async def poll_hostile(generated: list[Body], path: Path) -> tuple[bool, dict[st
         )
     finally:
         store.close()
+
+
+def test_text_with_an_unpaired_surrogate_is_a_malformed_value_not_a_stuck_stream() -> None:
+    # orjson refuses `"\ud800"`; the stdlib reads it into a str no UTF-8 can hold, which the
+    # visit key and the state file then failed on, on every poll: the stream stuck for good.
+    raw, good = anyio.run(_surrogate_page)
+    generated = [Body(json.dumps({"results": raw}).encode(), good, 3, None, True)]
+    with tempfile.TemporaryDirectory() as tmp:
+        ok, visits, malformed, errors = anyio.run(poll_hostile, generated, Path(tmp) / "s.sqlite")
+    assert (ok, errors) == (True, 0)
+    assert visits == {"c-1": 1}
+    assert malformed == 3
+    spoiled = {"content_guid": "\ud800", "user_guid": "u-\udfff", "path": "/\udc00"}
+    for field_name, value in spoiled.items():
+        with pytest.raises(MalformedRecord, match=f"{field_name}.*unpaired surrogate"):
+            parse_visit(_decoded({**raw[0], field_name: value}))
+
+
+async def _surrogate_page() -> tuple[list[dict[str, Any]], list[Visit]]:
+    us = (D1 + 60) * US
+    base = {
+        "content_guid": "c-1",
+        "user_guid": "u-1",
+        "time": (EPOCH + timedelta(microseconds=us)).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+        "variant_key": None,
+        "rendering_id": None,
+        "bundle_id": None,
+        "data_version": 1,
+        "path": "/",
+        "user_agent": "Mozilla/5.0",
+    }
+    spoiled = [{**base, "content_guid": "\ud800"}, {**base, "user_guid": "u-\udfff"}]
+    spoiled.append({**base, "path": "/\udc00"})
+    return [base, *spoiled], [parse_visit(base)]
+
+
+def _decoded(record: dict[str, Any]) -> Any:
+    """The record as the client decodes it off the wire."""
+    client = ConnectClient("http://connect.test", "k", verify=False)
+    body = json.dumps({"results": [record]}).encode()
+    return client._decode(httpx.Response(200, content=body), body)["results"][0]
