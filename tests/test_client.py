@@ -1221,3 +1221,88 @@ async def test_concurrency_bound_holds_across_endpoints_and_retries(
     assert peak == 3
     assert in_flight == 0
     assert calls > 24  # some were retried, inside the same bound
+
+
+# --- TLS, with a real handshake -------------------------------------------------------------
+
+
+@pytest.fixture
+def tls_connect(pki: Path) -> Iterator[tuple[str, str, list[int]]]:
+    """The simulated Connect over TLS with a certificate from the test CA: url, key, and the
+    sizes `_concurrent_reads` must see (listed content, users)."""
+    import threading
+
+    from exporter.simulator import SimConfig, Simulator
+    from exporter.simulator.server import _Server
+
+    sim = Simulator(SimConfig(seed=3, content=12, users=30, history_days=1))
+    server = _Server(("127.0.0.1", 0), sim)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(pki / "server.crt", pki / "server.key")
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    url = f"https://127.0.0.1:{server.server_address[1]}"
+    server.base_url = url
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    try:
+        listed = sum(1 for c in sim.world.content if c.deleted_us is None)
+        yield url, sim.keys["admin"], [listed, len(sim.world.users)]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+async def _concurrent_reads(client: ConnectClient) -> list[int]:
+    """Content, users and a settings read at once: three lanes, each its own TLS connection."""
+    sizes: list[int] = []
+
+    async def content() -> None:
+        sizes.append(len((await client.content()).records))
+
+    async def users() -> None:
+        sizes.append(len((await client.users()).records))
+
+    async def settings() -> None:
+        sizes.append(len((await client.server_settings()).version or ""))
+
+    async with client, anyio.create_task_group() as group:
+        for read in (content, users, settings):
+            group.start_soon(read)
+    return sizes
+
+
+@pytest.mark.anyio
+async def test_every_lane_verifies_connect_against_the_ca_bundle(
+    tls_connect: tuple[str, str, list[int]], pki: Path
+) -> None:
+    url, key, expected = tls_connect
+    client = ConnectClient(url, key, verify=str(pki / "ca.crt"), max_concurrency=3)
+    sizes = await _concurrent_reads(client)
+    assert sorted(sizes)[1:] == sorted(expected)
+    assert len(client._lanes) == 3
+
+
+@pytest.mark.anyio
+async def test_ssl_cert_file_is_honoured_by_every_lane(
+    tls_connect: tuple[str, str, list[int]], pki: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url, key, expected = tls_connect
+    monkeypatch.setenv("SSL_CERT_FILE", str(pki / "ca.crt"))
+    client = ConnectClient(url, key, max_concurrency=3)  # verify=True: the default trust
+    sizes = await _concurrent_reads(client)
+    assert sorted(sizes)[1:] == sorted(expected)
+    assert len(client._lanes) == 3
+
+
+@pytest.mark.anyio
+async def test_a_certificate_from_an_unknown_ca_is_refused_naming_verification(
+    tls_connect: tuple[str, str, list[int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url, key, _expected = tls_connect
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    client = ConnectClient(url, key, max_retries=0)
+    async with client:
+        with pytest.raises(ConnectError, match=r"CERTIFICATE_VERIFY_FAILED|certificate verify"):
+            await client.server_settings()
