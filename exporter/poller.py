@@ -660,16 +660,20 @@ class Poller:
             async for page in page_iter:
                 records: list[Any] = page.records
                 hi = run.hi  # a split may have moved it
-                if first and hi is None:
+                if (first and hi is None) or not records:
                     mine = records
                 else:
-                    mine = [
-                        r
-                        for r in records
-                        if (reach_back or key(r) >= lo) and (hi is None or key(r) < hi)
-                    ]
-                if len(mine) == len(records):
-                    mine = records
+                    # The keys in C, and the common whole page by its extremes: a filter in
+                    # Python cost ~0.3 µs per record of a catch-up.
+                    keys = list(map(key, records))
+                    if (reach_back or min(keys) >= lo) and (hi is None or max(keys) < hi):
+                        mine = records
+                    else:
+                        mine = [
+                            r
+                            for r, k in zip(records, keys, strict=True)
+                            if (reach_back or k >= lo) and (hi is None or k < hi)
+                        ]
                 last = key(records[-1]) if records else None
                 if first_page and mine and last is not None:
                     split = plan.split(run, mine, max(key(mine[0]), lo), last)

@@ -252,6 +252,28 @@ def test_fresh_visits_get_keys_only_inside_the_overlap_with_their_multiplicity()
     assert m.view((T0 + 600 * US) / US).content_visits_total == {"doc": 4}
 
 
+def test_a_known_visit_on_a_page_with_fresh_ones_keeps_the_count_of_the_whole_walk() -> None:
+    # Fresh visits are remembered by page: a page can also hold visits older than the newest
+    # key (not fresh), whose keys already carry how often the whole walk met them. Keying them
+    # again from that page alone would undercount twins split across pages, and count again.
+    m = model()
+    a = visit("doc", "u1", T0 + 10 * US)
+    m.apply_visits([a], walk(m, "visits"))
+    m.set_hwm("visits", T0 + 20 * US)
+    m.take_delta()
+    second = walk(m, "visits")
+    assert second.fresh_after == T0 + 10 * US
+    b = visit("doc", "u2", T0 + 30 * US)
+    m.apply_visits([a], second)  # the known visit, then its twin (written late) with a fresh one
+    m.apply_visits([a, b], second)
+    m.set_hwm("visits", T0 + 40 * US)
+    m.take_delta()
+    assert m.view((T0 + 50 * US) / US).content_visits_total == {"doc": 3}
+    third = walk(m, "visits")
+    m.apply_visits([a, a, b], third)
+    assert m.view((T0 + 50 * US) / US).content_visits_total == {"doc": 3}
+
+
 def test_a_walk_without_a_delta_still_leaves_keys_for_the_next() -> None:
     m = model()
     v = visit("doc", "u1", T0 + 5 * US)
