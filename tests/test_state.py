@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from exporter import state as state_module
 from exporter.model import US, UsageModel, WalkTally
 from exporter.records import ShinySession, Visit
 from exporter.state import StateError, StateStore
@@ -216,10 +217,13 @@ def _tables(path: Path) -> dict[str, list[tuple[object, ...]]]:
     return out
 
 
-def test_rows_written_from_json_equal_rows_written_one_by_one(tmp_path: Path) -> None:
-    # Commits hand SQLite each table's rows as one JSON text; builds without JSON (or older
-    # than 3.38) bind them row by row. Both must leave the same file, value for value and type
-    # for type, with text JSON must escape.
+def test_rows_written_from_json_equal_rows_written_one_by_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Commits hand SQLite each table's rows as JSON texts; builds without JSON (or older than
+    # 3.38) bind them row by row. Both must leave the same file, value for value and type for
+    # type, with text JSON must escape, and rows split over several texts.
+    monkeypatch.setattr(state_module, "_JSON_ROWS", 2)
     odd = ['q"uo\\te', "ünï\u00e9cödé ✓", "tab\there", "line\nbreak", "😀"]
     files = []
     for use_json in (True, False):
