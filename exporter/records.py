@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
+from operator import itemgetter
 from typing import Any, NamedTuple
 
 ENDPOINT_SHINY = "v1/instrumentation/shiny/usage"
@@ -342,49 +343,72 @@ def parse_shiny_session(raw: object) -> ShinySession:
     )
 
 
+_visit_fields = itemgetter(
+    "content_guid",
+    "user_guid",
+    "time",
+    "variant_key",
+    "rendering_id",
+    "bundle_id",
+    "data_version",
+    "path",
+    "user_agent",
+)
+
+
 def parse_visit(raw: object) -> Visit:
     """`path` and `user_agent` exist only on newer servers; older ones give None."""
     if type(raw) is dict:  # fast path: every value well typed; else the checked path says why
-        get = raw.get
-        content_guid, user_guid, variant_key = (
-            get("content_guid"),
-            get("user_guid"),
-            get("variant_key"),
-        )
-        rendering_id, bundle_id = get("rendering_id"), get("bundle_id")
-        data_version, path, user_agent = get("data_version"), get("path"), get("user_agent")
-        time = _fast_us(get("time"))
-        if type(rendering_id) is int:
-            rendering_id = str(rendering_id)
-        if type(bundle_id) is int:
-            bundle_id = str(bundle_id)
-        if (
-            type(content_guid) is str
-            and content_guid
-            and time is not None
-            and (user_guid is None or type(user_guid) is str)
-            and (variant_key is None or type(variant_key) is str)
-            and (rendering_id is None or type(rendering_id) is str)
-            and (bundle_id is None or type(bundle_id) is str)
-            and (data_version is None or type(data_version) is int)
-            and (path is None or type(path) is str)
-            and (user_agent is None or type(user_agent) is str)
-        ):
-            share = _share
-            return _tuple_new(
-                Visit,
-                (
-                    share(content_guid, content_guid),
-                    share(user_guid, user_guid),
-                    time,
-                    share(variant_key, variant_key),
-                    share(rendering_id, rendering_id),
-                    share(bundle_id, bundle_id),
-                    data_version,
-                    share(path, path),
-                    share(user_agent, user_agent),
-                ),
-            )
+        # One C call for the nine fields, the time inline (`_fast_us` without its call):
+        # ~10% of the parse of a catch-up's visits. A missing key, a time that is not text or
+        # has no offset, all go to the checked path.
+        try:
+            (
+                content_guid,
+                user_guid,
+                when,
+                variant_key,
+                rendering_id,
+                bundle_id,
+                data_version,
+                path,
+                user_agent,
+            ) = _visit_fields(raw)
+            delta = _fromisoformat(when) - _EPOCH
+        except (KeyError, TypeError, ValueError):
+            pass
+        else:
+            if type(rendering_id) is int:
+                rendering_id = str(rendering_id)
+            if type(bundle_id) is int:
+                bundle_id = str(bundle_id)
+            if (
+                type(content_guid) is str
+                and content_guid
+                and type(when) is str
+                and (user_guid is None or type(user_guid) is str)
+                and (variant_key is None or type(variant_key) is str)
+                and (rendering_id is None or type(rendering_id) is str)
+                and (bundle_id is None or type(bundle_id) is str)
+                and (data_version is None or type(data_version) is int)
+                and (path is None or type(path) is str)
+                and (user_agent is None or type(user_agent) is str)
+            ):
+                share = _share
+                return _tuple_new(
+                    Visit,
+                    (
+                        share(content_guid, content_guid),
+                        share(user_guid, user_guid),
+                        (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds,
+                        share(variant_key, variant_key),
+                        share(rendering_id, rendering_id),
+                        share(bundle_id, bundle_id),
+                        data_version,
+                        share(path, path),
+                        share(user_agent, user_agent),
+                    ),
+                )
     ep = ENDPOINT_VISITS
     record = _require_dict(raw, ep)
     return Visit(
