@@ -5,8 +5,10 @@ applied in order. Pages are applied to the model under one lock shared by all st
 applied pages are committed together with the high-water mark they reach in one transaction, at
 least every `COMMIT_EVERY` seconds and at the end of the walk. Between two pages the model is
 always a valid state to commit (the mark follows the last applied record), so a batch may hold
-one page or many. A snapshot is only built right after a commit, so it never shows what a crash
-could take back. Cancellation (SIGTERM) cannot split a batch: apply, commit and publish run
+one page or many. During a long walk a batch is written in the background while the next pages
+are applied; each batch waits for the one before, and a failed one sends the model back to the
+file and stops the walks in flight. A snapshot is only built right after a commit that was
+waited for, so it never shows what a crash could take back. Cancellation (SIGTERM) cannot split a batch: apply, commit and publish run
 shielded, and a cancelled walk commits what it applied.
 """
 
