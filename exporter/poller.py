@@ -8,8 +8,8 @@ always a valid state to commit (the mark follows the last applied record), so a 
 one page or many. During a long walk a batch is written in the background while the next pages
 are applied; each batch waits for the one before, and a failed one sends the model back to the
 file and stops the walks in flight. A snapshot is only built right after a commit that was
-waited for, so it never shows what a crash could take back. Cancellation (SIGTERM) cannot split a batch: apply, commit and publish run
-shielded, and a cancelled walk commits what it applied.
+waited for, so it never shows what a crash could take back. Cancellation (SIGTERM) cannot split
+a batch: apply, commit and publish run shielded, and a cancelled walk commits what it applied.
 """
 
 from __future__ import annotations
