@@ -596,3 +596,44 @@ def test_read_ahead_grows_while_the_apply_waits_and_shrinks_when_it_does_not() -
         seen.append(plan.ahead)
     assert seen[:6] == [10, 16, 16, 15, 14, 16]
     assert seen[-1] == 5
+
+
+@pytest.mark.parametrize(
+    ("times", "owned"),
+    [
+        ([100, 150, 199], [100, 150, 199]),  # the whole page: taken as is
+        ([100, 150, 200], [100, 150]),  # a record at `hi` belongs to the next slice
+        ([99, 100, 199], [100, 199]),  # and one before `lo` to the slice before
+        ([99, 150, 200], [150]),
+    ],
+)
+async def test_a_slice_owns_exactly_the_records_in_lo_hi(
+    tmp_path: Path, times: list[int], owned: list[int]
+) -> None:
+    # Slices partition the records by sort time, [lo, hi): a record on a bound in two slices
+    # would count twice, in none not at all. A page wholly inside is taken without a filter.
+    from exporter.client import Page
+    from exporter.records import Visit
+
+    page = Page([Visit("c", "u", t, None, None, None, None, None, None) for t in times], [], None)
+
+    class OnePage:
+        async def visit_pages(self, *, start: int, end: int | None):  # type: ignore[no-untyped-def]
+            yield page
+
+    model = poller_module.UsageModel(overlap_us=0, max_session_age_us=1)
+    store = poller_module.StateStore(tmp_path / "s.sqlite")
+    poller = poller_module.Poller(
+        OnePage(),  # type: ignore[arg-type]
+        model,
+        store,
+        poll_interval=60,
+        metadata_interval=600,
+    )
+    plan = poller_module._Plan(model, 0)
+    run = poller_module._Run(100, 200, first=False)
+    await poller._read_slice("visits", poller_module.WalkTally(start_us=0), plan, run)
+    _page, mine, last = run.receive.receive_nowait()
+    assert [v.time for v in mine] == owned
+    assert last == times[-1]
+    store.close()
