@@ -328,9 +328,9 @@ class UsageModel:
         fresh = walk.fresh
         while fresh and fresh[0][0] < bound:
             fresh.popleft()
-        # The same test as when the visits were applied, and inside the overlap. Identical
-        # visits share a time, so none is let go without its twins.
-        low = max(bound, walk.fresh_after + 1, walk.start_us, self.counting_since or 0)
+        # The visits that were fresh when applied, inside the overlap. Identical visits share a
+        # time, so none is let go without its twins.
+        low = max(bound, self._fresh_from(walk))
         counts: dict[Visit, int] = {}
         for _newest, page in fresh:
             for visit in page:
@@ -344,6 +344,11 @@ class UsageModel:
                 keys[key] = state
                 self._dirty_visits.add(key)
                 self.visit_keys_until = max(self.visit_keys_until, visit.time)
+
+    def _fresh_from(self, walk: WalkTally) -> int:
+        """The first time of a fresh visit in `walk`: counted (from the epoch), inside the walk,
+        and newer than every key made before it."""
+        return max(walk.fresh_after + 1, walk.start_us, self.counting_since or 0)
 
     def _key_bound(self, stream: str) -> int:
         """Keys below this serve no walk to come (-1 before the stream has a mark)."""
@@ -569,7 +574,7 @@ class UsageModel:
         t0 = self.counting_since
         assert t0 is not None, "start_counting() or restore before applying records"
         from_us = walk.start_us
-        fresh_after = walk.fresh_after
+        fresh_from = self._fresh_from(walk)
         newest_fresh = -1
         keys = self.visit_keys
         tally = walk.visit_counts
@@ -590,7 +595,7 @@ class UsageModel:
             if when < from_us:
                 continue
             new = False
-            if when > fresh_after and when >= t0:
+            if when >= fresh_from:
                 if when > newest_fresh:  # noqa: PLR1730  # a call to max() costs more
                     newest_fresh = when
                 new = True

@@ -465,7 +465,11 @@ class Poller:
         self._pending_ingested = dict.fromkeys(STREAMS, 0)
         self._committed_at = time.monotonic()
         if behind is None:
-            await self._write(delta, pending)
+            try:
+                await self._write(delta, pending)
+            except Exception:
+                await self._reload()
+                raise
             return
         done = anyio.Event()
         self._writing = done
@@ -473,7 +477,7 @@ class Poller:
         async def write() -> None:
             with anyio.CancelScope(shield=True):
                 try:
-                    await self._write(delta, pending, reload=False)
+                    await self._write(delta, pending)
                 except Exception as exc:
                     self._write_error = exc
                 finally:
@@ -481,14 +485,13 @@ class Poller:
 
         behind.start_soon(write)
 
-    async def _write(self, delta: Delta, pending: dict[str, int], *, reload: bool = True) -> None:
+    async def _write(self, delta: Delta, pending: dict[str, int]) -> None:
+        """The write itself; its failure is counted and logged here, the reload is the caller's."""
         try:
             await anyio.to_thread.run_sync(self.store.commit, delta)
         except Exception as exc:
             self.health.state_errors += 1
             log.error("cannot commit to the state file %s: %s", self.store.path, exc)
-            if reload:
-                await self._reload()
             raise
         for stream, count in pending.items():
             self.health.ingested[stream] += count

@@ -248,8 +248,8 @@ class StateStore:
             new_guids: list[tuple[int, str]] = []
             json = self._json
 
-            def insert(into: str, width: int, rows: Sequence[tuple[object, ...]]) -> None:
-                _insert(db, into, width, rows, json=json)
+            def insert(into: str, rows: Sequence[tuple[object, ...]]) -> None:
+                _insert(db, into, rows, json=json)
 
             try:
                 db.execute("BEGIN IMMEDIATE")
@@ -267,11 +267,9 @@ class StateStore:
                     db.execute(
                         "DELETE FROM visit_keys WHERE time < ?", (delta.prune_visits_before,)
                     )
-                insert("INSERT OR REPLACE INTO counters", 3, delta.counters)
-                insert("INSERT OR REPLACE INTO durations", 3, delta.durations)
-                insert(
-                    f"INSERT OR REPLACE INTO shiny_keys ({_SHINY_COLUMNS})", 5, delta.shiny_upserts
-                )
+                insert("INSERT OR REPLACE INTO counters", delta.counters)
+                insert("INSERT OR REPLACE INTO durations", delta.durations)
+                insert(f"INSERT OR REPLACE INTO shiny_keys ({_SHINY_COLUMNS})", delta.shiny_upserts)
                 _many(
                     db,
                     "DELETE FROM shiny_keys WHERE content_guid=? AND user_guid=? AND started=?",
@@ -286,15 +284,15 @@ class StateStore:
                 user_rows, pair_rows = _id_rows(
                     ids, self._max_id, new_guids, delta.user_last, delta.pair_last
                 )
-                insert("INSERT INTO guids", 2, new_guids)
-                insert("INSERT INTO user_last_log", 2, user_rows)
-                insert("INSERT INTO pair_last_log", 3, pair_rows)
+                insert("INSERT INTO guids", new_guids)
+                insert("INSERT INTO user_last_log", user_rows)
+                insert("INSERT INTO pair_last_log", pair_rows)
                 log_rows = self._log_rows + len(delta.user_last) + len(delta.pair_last)
                 if log_rows >= max(_FOLD_ROWS, self._table_rows):
                     self._table_rows = _fold(db)
                     log_rows = 0
-                insert("INSERT OR REPLACE INTO content_last", 2, delta.content_last)
-                insert("INSERT OR REPLACE INTO user_hours", 3, delta.user_hours)
+                insert("INSERT OR REPLACE INTO content_last", delta.content_last)
+                insert("INSERT OR REPLACE INTO user_hours", delta.user_hours)
                 if delta.prune_last_before is not None:
                     cutoff = delta.prune_last_before
                     # Users with an open session are kept in memory; keep them on disk too.
@@ -442,12 +440,12 @@ def _has_json(db: sqlite3.Connection) -> bool:
 def _insert(
     db: sqlite3.Connection,
     into: str,
-    width: int,
     rows: Sequence[tuple[object, ...]],
     *,
     json: bool,
 ) -> None:
-    """`into` (an INSERT up to its VALUES) for every row, in order (a later row replaces).
+    """`into` (an INSERT up to its VALUES) for every row, in order (a later row replaces);
+    the rows are tuples of one width.
 
     One statement over one JSON text, not executemany: executemany gives up the GIL around
     each row's step and must win it back from the event loop for the next one, so a commit
@@ -459,6 +457,7 @@ def _insert(
     """
     if not rows:
         return
+    width = len(rows[0])
     if json:
         columns = ", ".join(f"value ->> {i}" for i in range(width))
         sql = f"{into} SELECT {columns} FROM json_each(?)"  # noqa: S608  # our constants

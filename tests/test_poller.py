@@ -45,6 +45,13 @@ async def restart_after(connect: Connect, path: Path, downtime: float, **kw: obj
     return client, poller, store
 
 
+def on_disk(poller, store):  # type: ignore[no-untyped-def]
+    """The model as the state file holds it."""
+    model = poller.model.empty_like()
+    store.restore(model)
+    return model
+
+
 def now(sim: Simulator) -> float:
     return sim.clock.now()
 
@@ -362,9 +369,7 @@ async def test_batched_pages_are_committed_before_any_snapshot_shows_them(
     assert published and not any(published)
     assert_matches_truth(poller, sim)
     # What the last snapshot shows is what the state file holds.
-    fresh = poller.model.empty_like()
-    store.restore(fresh)
-    view = fresh.view(poller.snapshot.taken_at or 0.0)
+    view = on_disk(poller, store).view(poller.snapshot.taken_at or 0.0)
     assert view.shiny_sessions_total == poller.snapshot.shiny_sessions_total
     assert view.content_visits_total == poller.snapshot.content_visits_total
     await stop(client, store)
@@ -384,9 +389,7 @@ async def test_a_cancelled_walk_commits_the_pages_it_applied(
         await poller.poll_stream("visits")
     sim.faults.clear()
     assert not poller.model.has_changes()  # cancelled between pages: what it applied is on disk
-    on_disk = poller.model.empty_like()
-    store.restore(on_disk)
-    assert before < on_disk.hwm["visits"] < int(sim.clock.now() - 86400) * 1_000_000
+    assert before < on_disk(poller, store).hwm["visits"] < int(sim.clock.now() - 86400) * 1_000_000
     await stop(client, store)
     client, poller, store = make_poller(connect, path)
     await poller.load()
@@ -485,11 +488,10 @@ async def test_commits_written_behind_a_walk_land_in_order_and_exactly(
     assert overlapped[0] > 0  # pages were applied while a batch was being written
     assert marks == sorted(marks) and len(marks) > 3
     assert_matches_truth(poller, sim)
-    on_disk = poller.model.empty_like()
-    store.restore(on_disk)
-    view = on_disk.view(poller.snapshot.taken_at or 0.0)
+    in_file = on_disk(poller, store)
+    view = in_file.view(poller.snapshot.taken_at or 0.0)
     assert view.content_visits_total == poller.snapshot.content_visits_total
-    assert on_disk.hwm == poller.model.hwm
+    assert in_file.hwm == poller.model.hwm
     await stop(client, store)
 
 
@@ -517,9 +519,7 @@ async def test_a_commit_failing_behind_a_walk_stops_it_and_loses_nothing(
     assert poller.health.state_errors == 1
     assert poller.model is not before  # reloaded from the file
     assert not poller.model.has_changes()
-    on_disk = poller.model.empty_like()
-    store.restore(on_disk)
-    assert on_disk.hwm == poller.model.hwm  # memory is what the file holds
+    assert on_disk(poller, store).hwm == poller.model.hwm  # memory is what the file holds
     assert await poller.poll_all_once()
     assert_matches_truth(poller, sim)
     await stop(client, store)

@@ -55,18 +55,23 @@ def comparable(m: UsageModel) -> tuple[object, ...]:
     )
 
 
+def reopened_equals(path: Path, m: UsageModel) -> UsageModel:
+    """Open the file afresh, restore, and check it holds `m`; the restored model."""
+    again = fresh()
+    store = StateStore(path)
+    assert store.restore(again) is True
+    assert comparable(again) == comparable(m)
+    store.close()
+    return again
+
+
 def test_round_trip(tmp_path: Path) -> None:
     path = tmp_path / "state.sqlite"
     store = StateStore(path)
     m = populated()
     store.commit(m.take_delta())
     store.close()
-    again = fresh()
-    store = StateStore(path)
-    assert store.restore(again) is True
-    assert comparable(again) == comparable(m)
-    assert again.take_delta().is_empty()
-    store.close()
+    assert reopened_equals(path, m).take_delta().is_empty()
 
 
 def test_empty_file_has_no_epoch(tmp_path: Path) -> None:
@@ -197,11 +202,7 @@ def test_a_failed_batch_gives_back_the_ids_it_took(tmp_path: Path) -> None:
     delta.content_last.pop()
     store.commit(delta)  # the same guids again: same fresh ids, no UNIQUE clash
     store.close()
-    again = fresh()
-    store = StateStore(path)
-    assert store.restore(again) is True
-    assert comparable(again) == comparable(m)
-    store.close()
+    reopened_equals(path, m)
 
 
 def _tables(path: Path) -> dict[str, list[tuple[object, ...]]]:
@@ -247,11 +248,7 @@ def test_rows_written_from_json_equal_rows_written_one_by_one(
         )
         store.commit(m.take_delta())
         store.close()
-        again = fresh()
-        store = StateStore(path)
-        assert store.restore(again) is True
-        assert comparable(again) == comparable(m)
-        store.close()
+        reopened_equals(path, m)
         files.append(_tables(path))
     assert files[0] == files[1]
     assert any("😀" in row for row in files[0]["guids"])
