@@ -530,10 +530,9 @@ async def test_a_slow_head_slice_is_dealt_out_to_idle_readers_exactly(
 ) -> None:
     # Slices far larger than the readers can share, on a Connect with latency: readers run out
     # of slices while the apply waits on the head, so its unread rest is split among them.
+    # Whether a reader is idle at the moment the head reader looks depends on timing (about 1
+    # walk in 10 never shares): up to three walks, each exact, until one shares.
     sim = connect.sim
-    client, poller, store = await restart_after(
-        connect, tmp_path / "s.sqlite", 3 * 86400, catchup_concurrency=4
-    )
     monkeypatch.setattr(poller_module, "SLICE_RECORDS", 100_000)
     # Pages of 20 records, so that the ~3,600 records of 3 days make slices of many pages.
     monkeypatch.setattr(client_module, "MAX_PAGE_LIMIT", 20)
@@ -549,12 +548,19 @@ async def test_a_slow_head_slice_is_dealt_out_to_idle_readers_exactly(
         return done
 
     monkeypatch.setattr(poller_module._Plan, "share_head", share_head)
-    sim.faults.configure({"latency": 0.01})
-    assert await poller.poll_all_once()
+    for attempt in range(3):
+        client, poller, store = await restart_after(
+            connect, tmp_path / f"s{attempt}.sqlite", 3 * 86400, catchup_concurrency=4
+        )
+        sim.faults.configure({"latency": 0.01})
+        assert await poller.poll_all_once()
+        sim.faults.clear()
+        assert_matches_truth(poller, sim)
+        await stop(client, store)
+        if shared:
+            break
     assert shared, "no head slice was shared"
     assert all(2 <= pieces <= idle + 1 for pieces, idle in shared)
-    assert_matches_truth(poller, sim)
-    await stop(client, store)
 
 
 def test_share_head_partitions_the_unread_rest_of_the_head_only() -> None:
