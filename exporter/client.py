@@ -47,6 +47,8 @@ from exporter.records import (
     User,
     Visit,
     bound_shared_values,
+    decode_shiny_page,
+    decode_visit_page,
     format_query_time,
     parse_content_item,
     parse_group,
@@ -573,6 +575,7 @@ class ConnectClient:
         return self._cursor_pages(
             ENDPOINT_SHINY,
             parse_shiny_session,
+            decode_shiny_page,
             start=start,
             end=end,
             content_guids=content_guids,
@@ -591,6 +594,7 @@ class ConnectClient:
         return self._cursor_pages(
             ENDPOINT_VISITS,
             parse_visit,
+            decode_visit_page,
             start=start,
             end=end,
             content_guids=content_guids,
@@ -678,12 +682,15 @@ class ConnectClient:
         self,
         template: str,
         parse: Callable[[object], T],
+        decode: Callable[[bytes, int], tuple[list[T], str | None] | None],
         *,
         start: int | None,
         end: int | None,
         content_guids: Sequence[str],
         limit: int,
     ) -> AsyncIterator[Page[T]]:
+        """`decode` reads a well-formed page in one typed pass; any other page is read by
+        `parse` record by record, so each malformed record is counted, not the page lost."""
         limit = min(max(int(limit), 1), MAX_PAGE_LIMIT)
         params = {"limit": str(limit), "asc_order": "true"}
         if start is not None:
@@ -693,10 +700,21 @@ class ConnectClient:
         if content_guids:
             params["content_guid"] = "|".join(content_guids)
         check = _cursor_page_check(limit)
+
+        def checked(body: Any) -> tuple[list[T], list[MalformedRecord], str | None]:
+            raw, cursor = check(body)
+            return *_parse_all(raw, parse), cursor
+
+        def typed(body: bytes) -> tuple[list[T], list[MalformedRecord], str | None] | None:
+            page = decode(body, limit)
+            return None if page is None else (page[0], [], page[1])
+
         seen: set[str] = set()
         query = params
         while True:
-            (raw, cursor), server_time = await self._request(template, template, query, check)
+            (records, malformed, cursor), server_time = await self._request(
+                template, template, query, checked, typed
+            )
             if cursor is not None and cursor in seen:
                 # Raised before this page is handed out: it may repeat one already counted
                 # (identical visits are distinct events, so the poller cannot tell); unread
@@ -705,7 +723,7 @@ class ConnectClient:
                     f"{template}: the server sent the cursor {cursor!r} a second time; "
                     "stopping instead of reading the same pages forever"
                 )
-            yield Page(*_parse_all(raw, parse), server_time)
+            yield Page(records, malformed, server_time)
             if cursor is None:
                 return
             seen.add(cursor)
@@ -769,7 +787,10 @@ class ConnectClient:
         path: str,
         params: Mapping[str, str] | None,
         check: Callable[[Any], C],
+        fast: Callable[[bytes], C | None] | None = None,
     ) -> tuple[C, float | None]:
+        """One GET with retries; `check` reads the decoded JSON. `fast`, if given, reads the raw
+        body first and returns None for anything it does not take, which `check` then reads."""
         attempts = self._max_retries + 1
         for attempt in range(attempts):
             retry_after: float | None = None
@@ -805,7 +826,9 @@ class ConnectClient:
                     outcome, error, detail = "invalid_response", size_error, str(size_error)
                 elif 200 <= status < 300:
                     try:
-                        value = check(self._decode(response, content))
+                        value = None if fast is None else fast(content)
+                        if value is None:
+                            value = check(self._decode(response, content))
                     except ResponseFormatError as exc:
                         outcome, error, detail = "invalid_response", exc, str(exc)
                     else:

@@ -12,7 +12,9 @@ import re
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from operator import itemgetter
-from typing import Any, NamedTuple
+from typing import Annotated, Any, NamedTuple
+
+import msgspec
 
 ENDPOINT_SHINY = "v1/instrumentation/shiny/usage"
 ENDPOINT_VISITS = "v1/instrumentation/content/visits"
@@ -422,6 +424,147 @@ def parse_visit(raw: object) -> Visit:
         path=_opt_str(record, "path", ep),
         user_agent=_opt_str(record, "user_agent", ep),
     )
+
+
+# --- whole pages in one typed decode ---------------------------------------------------------
+#
+# A page of 500 visits cost ~1,130 µs as orjson dicts then `parse_visit` per record; msgspec
+# decodes it straight into the typed rows below (~210 µs, no dict per record) and the loops
+# below build the records (~500 µs): a tenth of a catch-up's CPU. The rows accept only what the
+# per-record fast paths accept, and the times go through the same `fromisoformat`; anything else
+# anywhere on the page (a wrong type, a missing field, a naive time, an integer past 64 bits, a
+# page shape the client's check would refuse) returns None, and the client reads that page the
+# checked way, which counts each malformed record and says why. A test holds the two ways equal.
+
+_Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]  # orjson: bigger is a float
+_Guid = Annotated[str, msgspec.Meta(min_length=1)]
+
+
+class _VisitRow(msgspec.Struct, kw_only=True, gc=False):
+    content_guid: _Guid
+    user_guid: str | None = None
+    time: str
+    variant_key: str | None = None
+    rendering_id: str | _Int64 | None = None
+    bundle_id: str | _Int64 | None = None
+    data_version: _Int64 | None = None
+    path: str | None = None
+    user_agent: str | None = None
+
+
+class _ShinyRow(msgspec.Struct, kw_only=True, gc=False):
+    content_guid: _Guid
+    user_guid: str | None = None
+    started: str
+    ended: str | None = None
+    data_version: _Int64 | None = None
+
+
+class _Cursors(msgspec.Struct, gc=False):
+    next: str | None = None
+
+
+class _Paging(msgspec.Struct, gc=False):
+    cursors: _Cursors | None = None
+
+
+class _VisitPage(msgspec.Struct, gc=False):
+    results: list[_VisitRow]
+    paging: _Paging | None = None
+
+
+class _ShinyPage(msgspec.Struct, gc=False):
+    results: list[_ShinyRow]
+    paging: _Paging | None = None
+
+
+_visit_page = msgspec.json.Decoder(_VisitPage).decode
+_shiny_page = msgspec.json.Decoder(_ShinyPage).decode
+
+
+def _next_cursor(paging: _Paging | None) -> str | None:
+    if paging is None or paging.cursors is None:
+        return None
+    return paging.cursors.next or None  # "" ends the walk, as in the client's check
+
+
+def decode_visit_page(body: bytes, limit: int) -> tuple[list[Visit], str | None] | None:
+    """A well-formed page of visits and its next cursor; None: read it the checked way."""
+    try:
+        page = _visit_page(body)
+    except msgspec.MsgspecError:
+        return None
+    rows = page.results
+    if len(rows) > limit:
+        return None
+    bound_shared_values()
+    share, new, epoch, iso = _share, _tuple_new, _EPOCH, _fromisoformat
+    records: list[Visit] = []
+    append = records.append
+    try:
+        for row in rows:
+            delta = iso(row.time) - epoch  # TypeError without an offset
+            cg, ug, vk, path, agent = (
+                row.content_guid,
+                row.user_guid,
+                row.variant_key,
+                row.path,
+                row.user_agent,
+            )
+            rid, bid = row.rendering_id, row.bundle_id
+            if type(rid) is int:
+                rid = str(rid)
+            if type(bid) is int:
+                bid = str(bid)
+            append(
+                new(
+                    Visit,
+                    (
+                        share(cg, cg),
+                        share(ug, ug),
+                        (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds,
+                        share(vk, vk),
+                        share(rid, rid),
+                        share(bid, bid),
+                        row.data_version,
+                        share(path, path),
+                        share(agent, agent),
+                    ),
+                )
+            )
+    except (TypeError, ValueError):
+        return None
+    return records, _next_cursor(page.paging)
+
+
+def decode_shiny_page(body: bytes, limit: int) -> tuple[list[ShinySession], str | None] | None:
+    """A well-formed page of Shiny sessions and its next cursor; None: read it the checked way."""
+    try:
+        page = _shiny_page(body)
+    except msgspec.MsgspecError:
+        return None
+    rows = page.results
+    if len(rows) > limit:
+        return None
+    bound_shared_values()
+    share, new, epoch, iso = _share, _tuple_new, _EPOCH, _fromisoformat
+    records: list[ShinySession] = []
+    append = records.append
+    try:
+        for row in rows:
+            delta = iso(row.started) - epoch
+            started = (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+            ended: int | None = None
+            if row.ended is not None:
+                delta = iso(row.ended) - epoch
+                ended = (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+            cg, ug = row.content_guid, row.user_guid
+            append(
+                new(ShinySession, (share(cg, cg), share(ug, ug), started, ended, row.data_version))
+            )
+    except (TypeError, ValueError):
+        return None
+    return records, _next_cursor(page.paging)
 
 
 def parse_hit(raw: object) -> Hit:

@@ -32,7 +32,7 @@ from exporter.client import (
     UnsupportedError,
     parse_version,
 )
-from exporter.records import Group, Permission, ShinySession
+from exporter.records import Group, Permission, ShinySession, parse_visit
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SERVER = "https://connect.test"
@@ -385,6 +385,32 @@ async def test_a_malformed_record_is_reported_and_the_rest_of_the_page_kept(
         ("d00dfeed-7777-4888-9999-aaaabbbbcccc", "55", "9876"),
     ]
     assert [(m.endpoint, m.field) for m in first.malformed] == [(VISITS, "content_guid")]
+
+
+@pytest.mark.anyio
+async def test_well_formed_pages_are_decoded_typed_and_others_record_by_record(
+    client: ConnectClient, mock: respx.MockRouter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    parsed: list[object] = []
+
+    def counting(raw: object) -> Any:
+        parsed.append(raw)
+        return parse_visit(raw)
+
+    monkeypatch.setattr(client_module, "parse_visit", counting)
+    spoiled = load("client_visits_page1.json")  # its third record has a null content_guid
+    good = [r for r in spoiled["results"] if r["content_guid"]]
+    mock.get(VISITS).mock(
+        side_effect=[
+            ok({"results": good, "paging": {"cursors": {"next": "c2"}}}),
+            ok(spoiled),
+            ok(load("client_visits_last_empty.json")),
+        ]
+    )
+    pages = await collect(client.visit_pages())
+    assert parsed == spoiled["results"]  # the spoiled page only, each of its records
+    assert pages[0].records == pages[1].records == [parse_visit(r) for r in good]
+    assert (pages[0].malformed, [m.field for m in pages[1].malformed]) == ([], ["content_guid"])
 
 
 @pytest.mark.anyio

@@ -20,6 +20,8 @@ from exporter.records import (
     ShinySession,
     User,
     Visit,
+    decode_shiny_page,
+    decode_visit_page,
     format_query_time,
     parse_content_item,
     parse_group,
@@ -292,6 +294,103 @@ def test_visit_with_only_required_fields() -> None:
     assert parse_visit({"content_guid": "g", "time": "2025-01-01T00:00:00Z"}) == Visit(
         "g", None, us(2025, 1, 1), None, None, None, None, None, None
     )
+
+
+# --- whole pages in one typed decode ---------------------------------------------------------
+
+VISIT = {"content_guid": "g", "user_guid": "u", "time": "2025-01-01T00:00:00Z"}
+SESSION = {"content_guid": "g", "user_guid": "u", "started": "2025-01-01T00:00:00Z"}
+
+
+def page_body(results: object, **top: object) -> bytes:
+    return json.dumps({"results": results, **top}).encode()
+
+
+def test_the_fixture_pages_decode_typed_to_the_records_parsed_one_by_one() -> None:
+    for name in ("client_shiny_usage_page1.json", "client_shiny_usage_page2.json"):
+        raw = load(name)
+        cursor = (raw.get("paging") or {}).get("cursors", {}).get("next") or None
+        typed = decode_shiny_page((FIXTURES / name).read_bytes(), 500)
+        assert typed == ([parse_shiny_session(r) for r in raw["results"]], cursor)
+    good = [r for r in load("client_visits_page1.json")["results"] if r.get("content_guid")]
+    assert decode_visit_page(page_body(good), 500) == ([parse_visit(r) for r in good], None)
+    assert decode_visit_page((FIXTURES / "client_visits_page1.json").read_bytes(), 500) is None
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({}, Visit("g", "u", us(2025, 1, 1), None, None, None, None, None, None)),
+        (
+            {"rendering_id": 12, "bundle_id": "345", "data_version": -(2**63)},
+            Visit("g", "u", us(2025, 1, 1), None, "12", "345", -(2**63), None, None),
+        ),
+        (  # digits past the µs are cut, not rounded (msgspec's own datetime would round up)
+            {"time": "2025-01-01T00:00:00.9999999-05:00", "user_guid": None, "extra": [1]},
+            Visit("g", None, us(2025, 1, 1, 5, 0, 0, 999999), None, None, None, None, None, None),
+        ),
+        (
+            {"variant_key": "v", "path": "/p?q=é", "user_agent": "", "content_guid": "c"},
+            Visit("c", "u", us(2025, 1, 1), "v", None, None, None, "/p?q=é", ""),
+        ),
+    ],
+)
+def test_a_typed_page_decode_keeps_every_value(change: dict[str, object], expected: Visit) -> None:
+    page = decode_visit_page(page_body([VISIT | change], paging={"cursors": {"next": "c2"}}), 1)
+    assert page == ([expected], "c2")
+    assert page[0][0] == parse_visit(VISIT | change)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        page_body([VISIT | {"data_version": 2**63}]),  # orjson: a float, so malformed
+        page_body([VISIT | {"bundle_id": 2**70}]),
+        page_body([VISIT | {"data_version": 1.0}]),
+        page_body([VISIT | {"rendering_id": True}]),
+        page_body([VISIT | {"content_guid": ""}]),
+        page_body([VISIT | {"user_guid": 5}]),
+        page_body([{k: v for k, v in VISIT.items() if k != "time"}]),
+        page_body([VISIT | {"time": "2025-01-01T00:00:00"}]),  # no offset
+        page_body([VISIT | {"time": "2025-01-01t00:00:00z"}]),  # RFC 3339, the slow path's
+        page_body([VISIT | {"time": "2016-12-31T23:59:60Z"}]),  # a leap second: likewise
+        page_body([VISIT, None]),
+        page_body([VISIT] * 3),  # more than the limit of 2
+        page_body({"a": VISIT}),
+        page_body([VISIT], paging={"cursors": {"next": 7}}),
+        page_body([VISIT], paging=[]),
+        b'{"results": [{"content_guid": "g", "time": "2025-01-01T00:00:00Z", "path": "\\ud800"}]}',
+        b'{"results": [{"content_guid": "g", "time": "2025-01-01T00:00:00Z"}]',
+        b"[]",
+        b"<html></html>",
+    ],
+)
+def test_a_page_the_typed_decode_cannot_take_whole_is_handed_back(body: bytes) -> None:
+    """None: the client then reads it record by record (or refuses the page) as before."""
+    assert decode_visit_page(body, 2) is None
+
+
+@pytest.mark.parametrize(
+    ("change", "ok"),
+    [
+        ({"ended": "2025-01-01T01:00:00.5+01:00", "data_version": 3}, True),
+        ({"ended": None}, True),
+        ({"ended": "2025-01-01T01:00:00"}, False),
+        ({"ended": 5}, False),
+        ({"started": None}, False),
+        ({"data_version": False}, False),
+    ],
+)
+def test_a_typed_shiny_page_decode_takes_exactly_the_good_sessions(
+    change: dict[str, object], ok: bool
+) -> None:
+    page = decode_shiny_page(page_body([SESSION | change]), 500)
+    if ok:
+        assert page == ([parse_shiny_session(SESSION | change)], None)
+    else:
+        assert page is None
+        with pytest.raises(MalformedRecord):
+            parse_shiny_session(SESSION | change)
 
 
 # --- hits -----------------------------------------------------------------------------------
