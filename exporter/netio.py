@@ -25,12 +25,17 @@ import httpx
 
 # httpx's own pool limits (httpx.Limits()): one lane holds one connection at a time anyway.
 _LIMITS = httpx.Limits()
+# Reading pauses while this much is buffered and unread (a reader that stops reading, say past
+# the response size limit, must not let the server fill our memory), and resumes below half.
+_READ_HIGH_WATER = 1 << 20
 
 
 class _Protocol(asyncio.Protocol):
     """Collects what arrives; wakes the one reader waiting for it."""
 
     def __init__(self) -> None:
+        self.transport: asyncio.BaseTransport | None = None
+        self.reading_paused = False
         self.buffer = bytearray()
         self.eof = False
         self.error: BaseException | None = None
@@ -43,9 +48,22 @@ class _Protocol(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
     def data_received(self, data: bytes) -> None:
         self.buffer += data
+        if len(self.buffer) > _READ_HIGH_WATER and not self.reading_paused:
+            assert isinstance(self.transport, asyncio.ReadTransport)
+            self.transport.pause_reading()
+            self.reading_paused = True
         self._wake()
+
+    def consumed(self) -> None:
+        if self.reading_paused and len(self.buffer) <= _READ_HIGH_WATER // 2:
+            assert isinstance(self.transport, asyncio.ReadTransport)
+            self.transport.resume_reading()
+            self.reading_paused = False
 
     def eof_received(self) -> bool:
         self.eof = True
@@ -92,6 +110,7 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
             else:
                 data = bytes(buffer[:max_bytes])
                 del buffer[:max_bytes]
+            protocol.consumed()
             return data
         if protocol.error is not None:
             raise httpcore.ReadError(str(protocol.error) or type(protocol.error).__name__)
@@ -142,6 +161,7 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
             raise httpcore.ConnectError(str(exc)) from exc
         if transport is None:  # the connection closed during the handshake
             raise httpcore.ConnectError("the connection closed during the TLS handshake")
+        self._protocol.transport = transport  # asyncio does not call connection_made again
         return AsyncioStream(transport, self._protocol)
 
     def get_extra_info(self, info: str) -> Any:

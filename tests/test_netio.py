@@ -154,6 +154,28 @@ async def test_a_large_upload_waits_for_a_slow_reader_and_arrives_whole() -> Non
     assert received == [len(payload)]
 
 
+async def test_a_reader_that_stops_reading_stops_the_server_not_our_memory() -> None:
+    body = bytes(range(256)) * 80_000  # 20 MB
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(body)
+        await writer.drain()
+
+    async with serving(handler) as (url, _):
+        port = int(url.rsplit(":", 1)[1])
+        stream = await AsyncioBackend().connect_tcp("127.0.0.1", port, 5.0)
+        await asyncio.sleep(0.5)  # the server writes as fast as it can; nobody reads
+        buffered = len(stream._protocol.buffer)
+        assert 0 < buffered <= 2 << 20  # the high-water mark plus the last socket read
+        received = bytearray()
+        while len(received) < len(body):
+            chunk = await stream.read(1 << 16, timeout=5.0)
+            assert chunk
+            received += chunk
+        assert received == body  # resumed below the low-water mark, nothing lost
+        await stream.aclose()
+
+
 async def test_socket_options_and_no_delay_are_set() -> None:
     import socket
 
@@ -167,6 +189,40 @@ async def test_socket_options_and_no_delay_are_set() -> None:
         assert stream.get_extra_info("server_addr") == ("127.0.0.1", port)
         assert stream.get_extra_info("is_readable") is False
         await stream.aclose()
+
+
+async def test_proxied_urls_go_through_the_proxy_on_httpx_s_own_transport(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """HTTP_PROXY is honoured: httpx mounts its own transport for it, not ours."""
+    seen: list[bytes] = []
+
+    async def proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append((await read_request(reader)).split(b"\r\n", 1)[0])
+        body = b'{"version": "2025.04.0"}'
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        await writer.drain()
+
+    connects: list[str] = []
+    original = AsyncioBackend.connect_tcp
+
+    async def counting(self: AsyncioBackend, host: str, port: int, **kwargs: Any) -> Any:
+        connects.append(host)
+        return await original(self, host, port, **kwargs)
+
+    monkeypatch.setattr(AsyncioBackend, "connect_tcp", counting)
+    async with serving(proxy) as (url, _):
+        for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("HTTP_PROXY", url)
+        async with ConnectClient("http://connect.invalid", "k" * 32, max_retries=0) as api:
+            settings = await api.server_settings()
+    assert settings.version == "2025.04.0"
+    assert seen == [b"GET http://connect.invalid/__api__/server_settings HTTP/1.1"]
+    assert connects == []
 
 
 async def test_the_client_s_lanes_use_these_streams(
