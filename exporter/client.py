@@ -898,7 +898,7 @@ class ConnectClient:
             pass
         try:
             return json.loads(content, object_pairs_hook=_checked_text)
-        except ValueError:
+        except (ValueError, RecursionError):  # nesting past the stdlib's depth: no page for us
             pass
         kind = response.headers.get("content-type", "").split(";")[0].strip() or "no content type"
         if kind == "text/html" or content.lstrip()[:1] == b"<":

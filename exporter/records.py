@@ -9,10 +9,11 @@ ignored and fields added by newer servers become `None` when missing.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from operator import itemgetter
-from typing import Annotated, Any, NamedTuple
+from typing import Annotated, Any, NamedTuple, TypeVar
 
 import msgspec
 
@@ -436,6 +437,7 @@ def parse_visit(raw: object) -> Visit:
 # page shape the client's check would refuse) returns None, and the client reads that page the
 # checked way, which counts each malformed record and says why. A test holds the two ways equal.
 
+T = TypeVar("T")
 _Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]  # orjson: bigger is a float
 _Guid = Annotated[str, msgspec.Meta(min_length=1)]
 
@@ -482,6 +484,23 @@ _visit_page = msgspec.json.Decoder(_VisitPage).decode
 _shiny_page = msgspec.json.Decoder(_ShinyPage).decode
 
 
+def _typed(decode: Callable[[bytes], T], body: bytes) -> T | None:
+    """The typed page, or None for anything the checked reading must judge instead."""
+    if not body.isascii():
+        # msgspec checks UTF-8 only in what it keeps: a bad byte in a skipped field or a key
+        # would pass here while orjson and the stdlib refuse the page.
+        try:
+            body.decode()
+        except UnicodeDecodeError:
+            return None
+    try:
+        return decode(body)
+    except (msgspec.MsgspecError, UnicodeDecodeError, RecursionError):
+        # UnicodeDecodeError: a lone surrogate escape in a kept field (the checked path counts
+        # that record malformed); RecursionError: nesting orjson still reads (~990-1024 deep).
+        return None
+
+
 def _next_cursor(paging: _Paging | None) -> str | None:
     if paging is None or paging.cursors is None:
         return None
@@ -490,9 +509,8 @@ def _next_cursor(paging: _Paging | None) -> str | None:
 
 def decode_visit_page(body: bytes, limit: int) -> tuple[list[Visit], str | None] | None:
     """A well-formed page of visits and its next cursor; None: read it the checked way."""
-    try:
-        page = _visit_page(body)
-    except msgspec.MsgspecError:
+    page = _typed(_visit_page, body)
+    if page is None:
         return None
     rows = page.results
     if len(rows) > limit:
@@ -539,9 +557,8 @@ def decode_visit_page(body: bytes, limit: int) -> tuple[list[Visit], str | None]
 
 def decode_shiny_page(body: bytes, limit: int) -> tuple[list[ShinySession], str | None] | None:
     """A well-formed page of Shiny sessions and its next cursor; None: read it the checked way."""
-    try:
-        page = _shiny_page(body)
-    except msgspec.MsgspecError:
+    page = _typed(_shiny_page, body)
+    if page is None:
         return None
     rows = page.results
     if len(rows) > limit:

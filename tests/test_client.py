@@ -414,6 +414,36 @@ async def test_well_formed_pages_are_decoded_typed_and_others_record_by_record(
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("spoiled", "read"),
+    [
+        # An encoded surrogate: the stdlib reads it and the parser refuses that one record.
+        (b'"path": "\xed\xa0\x80"', (["h"], ["path"])),
+        # An unknown field nested deeper than msgspec goes but orjson still reads: all kept.
+        (b'"x": ' + b"[" * 1000 + b"]" * 1000, (["g", "h"], [])),
+        # No UTF-8 at all, or nested past the stdlib's depth: the page is refused, not a crash.
+        (b'"path": "\xff"', None),
+        (b'"x": ' + b"[" * 3000 + b"]" * 3000, None),
+    ],
+)
+async def test_pages_that_neither_decoder_takes_whole_are_read_or_refused_never_a_crash(
+    client: ConnectClient, mock: respx.MockRouter, spoiled: bytes, read: Any
+) -> None:
+    body = (
+        b'{"results": [{"content_guid": "g", "time": "2025-01-01T00:00:00Z", %s}, '
+        b'{"content_guid": "h", "time": "2025-01-01T00:00:01Z"}]}' % spoiled
+    )
+    mock.get(VISITS).mock(return_value=httpx.Response(200, content=body, headers={"Date": DATE}))
+    if read is None:
+        with pytest.raises(RetriesExhaustedError, match="not valid JSON"):
+            await collect(client.visit_pages())
+        return
+    pages = await collect(client.visit_pages())
+    got = ([r.content_guid for r in pages[0].records], [m.field for m in pages[0].malformed])
+    assert got == read
+
+
+@pytest.mark.anyio
 async def test_a_repeated_cursor_raises_paging_error_instead_of_looping(
     client: ConnectClient, mock: respx.MockRouter
 ) -> None:

@@ -363,6 +363,17 @@ def test_a_typed_page_decode_keeps_every_value(change: dict[str, object], expect
         b'{"results": [{"content_guid": "g", "time": "2025-01-01T00:00:00Z"}]',
         b"[]",
         b"<html></html>",
+        # Bytes that are no UTF-8, in a kept field, a skipped one, a key; an encoded surrogate.
+        b'{"results": [{"content_guid": "g", "time": "2025-01-01T00:00:00Z", "path": "\xff"}]}',
+        b'{"results": [{"content_guid": "g", "time": "2025-01-01T00:00:00Z", "x": "\xff"}]}',
+        b'{"pa\xffging": null, "results": [{"content_guid": "g", "time": "2025-01-01T00:00:00Z"}]}',
+        b'{"results": [{"content_guid": "g", "time": "2025-01-01T00:00:00Z", '
+        b'"path": "\xed\xa0\x80"}]}',
+        # Nesting orjson still reads but msgspec refuses (RecursionError).
+        b'{"results": [{"content_guid": "g", "time": "2025-01-01T00:00:00Z", "x": '
+        + b"[" * 1000
+        + b"]" * 1000
+        + b"}]}",
     ],
 )
 def test_a_page_the_typed_decode_cannot_take_whole_is_handed_back(body: bytes) -> None:
