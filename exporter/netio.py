@@ -15,6 +15,7 @@ The exporter runs on anyio's asyncio backend; these streams need a running async
 from __future__ import annotations
 
 import asyncio
+import select
 import socket
 import ssl
 from collections.abc import Iterable
@@ -152,6 +153,8 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
                     self._protocol,
                     ssl_context,
                     server_hostname=server_hostname,
+                    # asyncio caps a handshake at 60 s; a caller's timeout replaces that.
+                    ssl_handshake_timeout=timeout if timeout else None,
                 )
         except TimeoutError:
             self._transport.close()
@@ -167,7 +170,13 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
     def get_extra_info(self, info: str) -> Any:
         transport = self._transport
         if info == "is_readable":  # asked of idle connections: did the server close it?
-            return self._protocol.eof or bool(self._protocol.buffer) or transport.is_closing()
+            protocol = self._protocol
+            if protocol.eof or protocol.buffer or transport.is_closing():
+                return True
+            # The loop may not have seen the close yet (the task was busy decoding a page
+            # since): ask the socket, one poll() as anyio's backend does, or a kept-alive
+            # connection the server just closed is reused and the request fails.
+            return _socket_readable(transport.get_extra_info("socket"))
         if info == "ssl_object":
             return transport.get_extra_info("ssl_object")
         if info == "client_addr":
@@ -177,6 +186,15 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
         if info == "socket":
             return transport.get_extra_info("socket")
         return None
+
+
+def _socket_readable(sock: Any) -> bool:
+    """Readable now (data or EOF) without blocking; a socket already gone counts as readable."""
+    if sock is None or sock.fileno() < 0:
+        return True
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    return bool(poller.poll(0))
 
 
 class AsyncioBackend(httpcore.AsyncNetworkBackend):
@@ -196,6 +214,9 @@ class AsyncioBackend(httpcore.AsyncNetworkBackend):
                     host,
                     port,
                     local_addr=None if local_address is None else (local_address, 0),
+                    # Try the next address after 0.25 s, as anyio does (RFC 8305): a dead
+                    # first address (a black-holed IPv6 route) must not use up the timeout.
+                    happy_eyeballs_delay=0.25,
                 )
         except TimeoutError:
             raise httpcore.ConnectTimeout(f"connecting took over {timeout} s") from None

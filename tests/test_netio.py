@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -104,6 +106,65 @@ async def test_an_idle_connection_the_server_closed_is_replaced_not_reused() -> 
         assert len(connections) == 2
 
 
+async def test_a_close_the_loop_has_not_seen_yet_still_retires_the_connection() -> None:
+    """The server closes each kept-alive connection 3 ms after answering, while the client is
+    busy (a blocking sleep, like decoding a page): the socket is asked, so nothing fails."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            time.sleep(0.003)
+            conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        async with client() as http:
+            for _ in range(20):
+                assert (await http.get(f"http://127.0.0.1:{port}/")).content == b"ok"
+                time.sleep(0.01)  # noqa: ASYNC251  # busy, no loop turn: the point of the test
+    finally:
+        listener.close()
+
+
+async def test_a_dead_first_address_does_not_use_up_the_connect_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A listener with a full accept queue drops further SYNs: a black-holed address on loopback.
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(0)
+    fillers = []
+    for _ in range(3):
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(hole.getsockname())
+        fillers.append(filler)
+    await asyncio.sleep(0.2)
+    async with serving(swallow) as (url, _):
+        live = int(url.rsplit(":", 1)[1])
+        loop = asyncio.get_running_loop()
+
+        async def two_addresses(host: str, port: int, *args: Any, **kwargs: Any) -> Any:
+            return [
+                (socket.AF_INET, socket.SOCK_STREAM, 6, "", hole.getsockname()),
+                (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", live)),
+            ]
+
+        monkeypatch.setattr(loop, "getaddrinfo", two_addresses)
+        stream = await AsyncioBackend().connect_tcp("connect.example", 443, timeout=3.0)
+        assert stream.get_extra_info("server_addr") == ("127.0.0.1", live)
+        await stream.aclose()
+    for sock in [hole, *fillers]:
+        sock.close()
+
+
 async def test_a_silent_server_is_a_read_timeout() -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)
@@ -177,8 +238,6 @@ async def test_a_reader_that_stops_reading_stops_the_server_not_our_memory() -> 
 
 
 async def test_socket_options_and_no_delay_are_set() -> None:
-    import socket
-
     options = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
     async with serving(swallow) as (url, _):
         port = int(url.rsplit(":", 1)[1])
