@@ -25,7 +25,8 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from exporter.client import ConnectClient, ConnectError
+import exporter.client as client_module
+from exporter.client import ConnectClient, ConnectError, ResponseFormatError
 from exporter.model import US, UsageModel
 from exporter.poller import Poller
 from exporter.records import (
@@ -337,28 +338,44 @@ PAGE_DECODERS: dict[str, Callable[[bytes, int], Any]] = {
 }
 
 
-def record_by_record(
-    body: bytes, parse: Callable[[object], Any]
-) -> tuple[list[Any], list[MalformedRecord]]:
-    """The client's checked reading: orjson, the stdlib where orjson refuses, then `parse`."""
+def checked_reading(
+    body: bytes, parse: Callable[[object], Any], limit: int = 500
+) -> tuple[list[Any], list[MalformedRecord], str | None] | None:
+    """The client's own checked reading of a cursor page (its decode order, its page check, its
+    record loop); None where it refuses the page."""
     try:
         page = orjson.loads(body)  # integers past 64 bits come back as floats: malformed
     except orjson.JSONDecodeError:
-        page = json.loads(body)
-    records, malformed = [], []
-    for raw in page["results"]:
         try:
-            records.append(parse(raw))
-        except MalformedRecord as exc:
-            malformed.append(exc)
-    return records, malformed
+            page = json.loads(body, object_pairs_hook=client_module._checked_text)
+        except (ValueError, RecursionError):
+            return None
+    try:
+        raw, cursor = client_module._cursor_page_check(limit)(page)
+    except ResponseFormatError:
+        return None
+    records, malformed = client_module._parse_all(raw, parse)
+    return records, malformed, cursor
+
+
+def assert_same_or_handed_back(body: bytes, name: str, limit: int = 500) -> None:
+    schema, decode = SCHEMAS[name], PAGE_DECODERS[name]
+    typed = decode(body, limit)
+    if typed is None:
+        return
+    checked = checked_reading(body, schema.parse, limit)
+    assert checked is not None, "the typed decode took a page the client refuses"
+    records, malformed, cursor = checked
+    assert malformed == [], "the typed decode let a malformed record through"
+    assert typed == (records, cursor)
+    assert all(type(r) is schema.cls for r in typed[0])
 
 
 @pytest.mark.parametrize("name", list(PAGE_DECODERS))
 def test_a_typed_page_decode_gives_the_same_records_or_hands_the_page_back(name: str) -> None:
     """None is always safe (the client reads that page record by record); a wrong record, a
     record lost or one malformed record let through would not be."""
-    schema, decode = SCHEMAS[name], PAGE_DECODERS[name]
+    schema = SCHEMAS[name]
     one = (
         good_records(schema).map(lambda case: case[0])
         | bad_records(schema).map(lambda case: case[0])
@@ -369,12 +386,46 @@ def test_a_typed_page_decode_gives_the_same_records_or_hands_the_page_back(name:
     @given(st.lists(one, max_size=6), st.none() | st.text(max_size=8))
     def check(raws: list[Any], cursor: str | None) -> None:
         body = json.dumps({"results": raws, "paging": {"cursors": {"next": cursor}}}).encode()
-        records, malformed = record_by_record(body, schema.parse)
-        typed = decode(body, 500)
-        if typed is not None:
-            assert malformed == []
-            assert typed == (records, cursor or None)
-            assert all(type(r) is schema.cls for r in typed[0])
+        assert_same_or_handed_back(body, name)
+        assert_same_or_handed_back(body, name, limit=2)
+
+    check()
+
+
+SPOILERS = [
+    b"\xff",
+    b"\xed\xa0\x80",
+    b"\xc0\xaf",
+    b"\x00",
+    b'"',
+    b"\\",
+    b"[",
+    b"{",
+    b",",
+    b"\\ud800",
+]
+
+
+@pytest.mark.parametrize("name", list(PAGE_DECODERS))
+def test_a_typed_page_decode_of_spoiled_bytes_agrees_or_hands_the_page_back(name: str) -> None:
+    """Bytes no JSON encoder writes (bad UTF-8, stray escapes, broken structure), anywhere."""
+    schema = SCHEMAS[name]
+
+    @EXAMPLES
+    @given(
+        st.lists(good_records(schema).map(lambda case: case[0]), min_size=1, max_size=4),
+        st.lists(
+            st.tuples(st.integers(0, 10**6), st.sampled_from(SPOILERS), st.booleans()),
+            min_size=1,
+            max_size=3,
+        ),
+    )
+    def check(raws: list[Any], spoils: list[tuple[int, bytes, bool]]) -> None:
+        body = bytearray(json.dumps({"results": raws}, ensure_ascii=False).encode())
+        for at, spoiler, replace in spoils:
+            at %= len(body)
+            body[at : at + (len(spoiler) if replace else 0)] = spoiler
+        assert_same_or_handed_back(bytes(body), name)
 
     check()
 
