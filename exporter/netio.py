@@ -45,9 +45,7 @@ class _Protocol(asyncio.Protocol):
         self.drained: asyncio.Future[None] | None = None
 
     def _wake(self) -> None:
-        waiter = self.waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        _complete(self.waiter)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
@@ -82,9 +80,21 @@ class _Protocol(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.paused = False
-        drained = self.drained
-        if drained is not None and not drained.done():
-            drained.set_result(None)
+        _complete(self.drained)
+
+
+def _complete(future: asyncio.Future[None] | None) -> None:
+    if future is not None and not future.done():
+        future.set_result(None)
+
+
+async def _wait(future: asyncio.Future[None], timeout: float | None, expired: Exception) -> None:
+    """Until `future` completes; `expired` (an httpcore timeout) when `timeout` passes first."""
+    try:
+        async with asyncio.timeout(timeout):
+            await future
+    except TimeoutError:
+        raise expired from None
 
 
 class AsyncioStream(httpcore.AsyncNetworkStream):
@@ -97,10 +107,9 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
         if not protocol.buffer and not protocol.eof:
             protocol.waiter = asyncio.get_running_loop().create_future()
             try:
-                async with asyncio.timeout(timeout):
-                    await protocol.waiter
-            except TimeoutError:
-                raise httpcore.ReadTimeout(f"no data for {timeout} s") from None
+                await _wait(
+                    protocol.waiter, timeout, httpcore.ReadTimeout(f"no data for {timeout} s")
+                )
             finally:
                 protocol.waiter = None
         buffer = protocol.buffer
@@ -127,10 +136,11 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
         if protocol.paused:  # the kernel's buffer is full: wait until it drains
             protocol.drained = asyncio.get_running_loop().create_future()
             try:
-                async with asyncio.timeout(timeout):
-                    await protocol.drained
-            except TimeoutError:
-                raise httpcore.WriteTimeout(f"could not write for {timeout} s") from None
+                await _wait(
+                    protocol.drained,
+                    timeout,
+                    httpcore.WriteTimeout(f"could not write for {timeout} s"),
+                )
             finally:
                 protocol.drained = None
             if protocol.error is not None:
@@ -227,22 +237,6 @@ class AsyncioBackend(httpcore.AsyncNetworkBackend):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as anyio does
             for option in socket_options or ():
                 sock.setsockopt(*option)
-        return AsyncioStream(transport, protocol)
-
-    async def connect_unix_socket(
-        self,
-        path: str,
-        timeout: float | None = None,
-        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
-    ) -> AsyncioStream:
-        loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout(timeout):
-                transport, protocol = await loop.create_unix_connection(_Protocol, path)
-        except TimeoutError:
-            raise httpcore.ConnectTimeout(f"connecting took over {timeout} s") from None
-        except OSError as exc:
-            raise httpcore.ConnectError(str(exc)) from exc
         return AsyncioStream(transport, protocol)
 
     async def sleep(self, seconds: float) -> None:

@@ -28,6 +28,20 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+@pytest.fixture
+def connects(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The hosts netio connects to, in order, for the test's duration."""
+    hosts: list[str] = []
+    original = AsyncioBackend.connect_tcp
+
+    async def counting(self: AsyncioBackend, host: str, port: int, **kwargs: Any) -> Any:
+        hosts.append(host)
+        return await original(self, host, port, **kwargs)
+
+    monkeypatch.setattr(AsyncioBackend, "connect_tcp", counting)
+    return hosts
+
+
 @asynccontextmanager
 async def serving(handler: Handler) -> AsyncIterator[tuple[str, list[int]]]:
     """A loopback TCP server; yields its URL and a list that grows by one per connection."""
@@ -251,7 +265,7 @@ async def test_socket_options_and_no_delay_are_set() -> None:
 
 
 async def test_proxied_urls_go_through_the_proxy_on_httpx_s_own_transport(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, connects: list[str]
 ) -> None:
     """HTTP_PROXY is honoured: httpx mounts its own transport for it, not ours."""
     seen: list[bytes] = []
@@ -265,14 +279,6 @@ async def test_proxied_urls_go_through_the_proxy_on_httpx_s_own_transport(
         )
         await writer.drain()
 
-    connects: list[str] = []
-    original = AsyncioBackend.connect_tcp
-
-    async def counting(self: AsyncioBackend, host: str, port: int, **kwargs: Any) -> Any:
-        connects.append(host)
-        return await original(self, host, port, **kwargs)
-
-    monkeypatch.setattr(AsyncioBackend, "connect_tcp", counting)
     async with serving(proxy) as (url, _):
         for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
             monkeypatch.delenv(name, raising=False)
@@ -284,20 +290,10 @@ async def test_proxied_urls_go_through_the_proxy_on_httpx_s_own_transport(
     assert connects == []
 
 
-async def test_the_client_s_lanes_use_these_streams(
-    connect: Connect, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_the_client_s_lanes_use_these_streams(connect: Connect, connects: list[str]) -> None:
     """The exporter's own requests go through netio (and still read the simulator right)."""
-    hosts: list[str] = []
-    original = AsyncioBackend.connect_tcp
-
-    async def counting(self: AsyncioBackend, host: str, port: int, **kwargs: Any) -> Any:
-        hosts.append(host)
-        return await original(self, host, port, **kwargs)
-
-    monkeypatch.setattr(AsyncioBackend, "connect_tcp", counting)
     async with ConnectClient(connect.url, connect.sim.keys["admin"]) as api:
         settings = await api.server_settings()
         assert len((await api.users()).records) == len(connect.sim.world.users)
     assert settings.version
-    assert hosts == ["127.0.0.1"]  # one lane, one kept-alive connection for every request
+    assert connects == ["127.0.0.1"]  # one lane, one kept-alive connection for every request
