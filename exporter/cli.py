@@ -75,6 +75,12 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--clock-speed", type=float, default=10.0, help="simulated seconds per real second"
     )
+    demo.add_argument(
+        "--start",
+        default=None,
+        metavar="TIME",
+        help="the simulated clock's starting instant, RFC 3339 or epoch seconds (default: now)",
+    )
 
     commands.add_parser("simulate", help="start the Connect simulator alone", add_help=False)
     return parser

@@ -11,6 +11,7 @@ from typing import Any
 
 from exporter.settings import SettingsError, load_settings
 from exporter.simulator import SimConfig, SimServer, Simulator
+from exporter.simulator.timefmt import parse_instant
 
 DEMO_POLL_INTERVAL = 5.0  # seconds: live traffic shows up on /metrics within seconds
 DEMO_METADATA_INTERVAL = 60.0
@@ -22,6 +23,11 @@ DEMO_VISITS_PER_DAY = 6000.0
 def run_demo(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     from exporter.cli import EXIT_SETTINGS, PROG, run_service
 
+    try:
+        start = None if args.start is None else parse_instant(args.start)
+    except ValueError:
+        print(f"{PROG}: invalid --start {args.start!r}: RFC 3339 or epoch seconds", file=sys.stderr)
+        return EXIT_SETTINGS
     config = SimConfig(
         seed=args.seed,
         content=args.content,
@@ -33,7 +39,7 @@ def run_demo(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         live=True,
     )
     print(f"Generating {args.history_days:g} days of Connect usage (seed {args.seed})…", flush=True)
-    sim = Simulator(config)
+    sim = Simulator(config, now=start)
     server = SimServer(sim, port=args.sim_port)
     url = server.start()
     state_dir = None

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from exporter.simulator import SimConfig, SimServer, Simulator
-from tests.support import Connect
+from tests.support import TUESDAY_AFTERNOON, Connect
 
 
 @pytest.fixture
@@ -24,9 +24,10 @@ def connect() -> Iterator[Connect]:
     sim = Simulator(
         SimConfig(
             seed=7, content=25, users=60, history_days=3, sessions_per_day=300, visits_per_day=900
-        )
+        ),
+        now=TUESDAY_AFTERNOON,
+        paused=True,
     )
-    sim.clock.pause()
     server = SimServer(sim)
     url = server.start()
     try:

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import anyio
 
 from exporter.client import ConnectClient
 from exporter.model import US, UsageModel
@@ -13,6 +18,9 @@ from exporter.snapshot import USER_WINDOWS, WINDOW_SECONDS
 from exporter.state import StateStore
 
 FAR_FUTURE = 1e11
+# Where every simulator of the tests starts its clock: a fixed instant, never the wall clock, so
+# the traffic a test reads is the same at whatever hour the suite runs.
+TUESDAY_AFTERNOON = 1_764_079_200.0  # 2025-11-25T14:00:00Z
 
 
 @dataclass
@@ -93,3 +101,39 @@ def assert_counters_match_truth(poller: Poller, sim: Simulator) -> None:
         snap.excluded_events_total.get(("visits", "synthetic"), 0)
         == truth["totals"]["synthetic_visits"]
     )
+
+
+class PageGate:
+    """Holds the pages a client method yields after the first `after`, until `release()`.
+
+    A test that must stop a walk "after two pages" waits for `held` instead of guessing how
+    many pages some latency lets through, so it does the same at any speed and any hour.
+    """
+
+    def __init__(self, client: ConnectClient, method: str, after: int) -> None:
+        self.after = after
+        self.pages: list[Any] = []  # the pages let through
+        self.held = anyio.Event()  # set when the next page is being held back
+        self._release = anyio.Event()
+        original = getattr(client, method)
+
+        async def gated(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+            async with aclosing(original(*args, **kwargs)) as pages:
+                async for page in pages:
+                    if len(self.pages) >= self.after:
+                        self.held.set()
+                        await self._release.wait()
+                    self.pages.append(page)
+                    yield page
+
+        setattr(client, method, gated)
+
+    def release(self) -> None:
+        self._release.set()
+
+
+async def eventually(check: Callable[[], bool], within: float = 30.0) -> None:
+    """Wait until `check()` holds: for what another task does in its own time (an apply)."""
+    with anyio.fail_after(within):
+        while not check():  # noqa: ASYNC110  # the state is another task's, no event to wait on
+            await anyio.sleep(0.01)

@@ -21,10 +21,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.simulator import SimConfig, SimServer, Simulator
-from tests.support import FAR_FUTURE
+from tests.support import FAR_FUTURE, TUESDAY_AFTERNOON
 
 EXE = [sys.executable, "-m", "exporter"]
-TUESDAY_AFTERNOON = 1_764_079_200.0  # 2025-11-25T14:00:00Z
 
 
 def env_for(url: str | None, key: str | None, **extra: str) -> dict[str, str]:
@@ -234,6 +233,7 @@ def wait_ready(metrics_url: str, timeout: float = 60) -> None:
     raise AssertionError("never ready")
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_the_batch_and_exits_0(
     live_connect: tuple[Simulator, str], tmp_path: Path
 ) -> None:
@@ -246,6 +246,7 @@ def test_sigterm_finishes_the_batch_and_exits_0(
     assert proc.wait(timeout=10) == 0
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_loses_and_doubles_nothing(
     live_connect: tuple[Simulator, str], tmp_path: Path
 ) -> None:
@@ -273,6 +274,7 @@ def test_sigkill_at_random_moments_loses_and_doubles_nothing(
     assert sum(m["connect_usage_shiny_sessions_total"].values()) > 0
 
 
+@pytest.mark.slow
 def test_demo_shows_usage_within_seconds(tmp_path: Path) -> None:
     proc = subprocess.Popen(
         [
@@ -284,6 +286,8 @@ def test_demo_shows_usage_within_seconds(tmp_path: Path) -> None:
             str(tmp_path / "d.sqlite"),
             "--history-days",
             "3",
+            "--start",
+            str(TUESDAY_AFTERNOON),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -33,6 +33,7 @@ from exporter.client import (
     parse_version,
 )
 from exporter.records import Group, Permission, ShinySession, parse_visit
+from tests.support import TUESDAY_AFTERNOON
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SERVER = "https://connect.test"
@@ -1291,7 +1292,7 @@ def tls_connect(pki: Path) -> Iterator[tuple[str, str, list[int]]]:
     from exporter.simulator import SimConfig, Simulator
     from exporter.simulator.server import _Server
 
-    sim = Simulator(SimConfig(seed=3, content=12, users=30, history_days=1))
+    sim = Simulator(SimConfig(seed=3, content=12, users=30, history_days=1), now=TUESDAY_AFTERNOON)
     server = _Server(("127.0.0.1", 0), sim)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(pki / "server.crt", pki / "server.key")

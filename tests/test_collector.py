@@ -12,7 +12,6 @@ from prometheus_client import generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as openmetrics_latest
 from prometheus_client.registry import CollectorRegistry
 
-from bench.bench_scrape import populated_snapshot
 from exporter.collector import (
     OPENMETRICS,
     TEXT,
@@ -34,6 +33,7 @@ from exporter.snapshot import (
     HistogramValue,
     Snapshot,
 )
+from tests.snapshots import populated_snapshot
 
 GOLDEN = Path(__file__).parent / "golden" / "collector.prom"
 APP = "6f300623-1e0c-48e6-a473-ddf630c0c0c3"

@@ -31,7 +31,7 @@ from exporter.simulator import SimConfig, SimServer, Simulator
 from exporter.simulator.store import NO_END
 from exporter.snapshot import DURATION_BUCKETS
 from exporter.state import StateStore
-from tests.support import FAR_FUTURE
+from tests.support import FAR_FUTURE, TUESDAY_AFTERNOON
 from tests.test_cli import (
     EXE,
     assert_exposition_matches_truth,
@@ -41,6 +41,9 @@ from tests.test_cli import (
     start_service,
     wait_ready,
 )
+
+# The real `run` in subprocesses, killed or starved of disk: deselected by default (`-m slow`).
+pytestmark = pytest.mark.slow
 
 US = 1_000_000
 NO_ABANDON = ("--max-session-age", "1e9")  # no session is closed by age: the truth has none
@@ -101,7 +104,8 @@ def busy_connect() -> Iterator[tuple[Simulator, str]]:
     """30 days of history (a first walk of ~450k records, ~9 s) and a clock running 60x."""
     sim = Simulator(
         SimConfig(seed=41, content=40, users=150, history_days=30, sessions_per_day=3000,
-                  visits_per_day=12000, clock_speed=60.0)
+                  visits_per_day=12000, clock_speed=60.0),
+        now=TUESDAY_AFTERNOON,
     )  # fmt: skip
     server = SimServer(sim)
     url = server.start()
@@ -245,8 +249,9 @@ def exposed_totals(text: str) -> tuple[float, float]:
 
 @pytest.fixture
 def paused_connect() -> Iterator[tuple[Simulator, str]]:
-    sim = Simulator(SimConfig(seed=43, content=20, users=60, history_days=2))
-    sim.clock.pause()
+    sim = Simulator(
+        SimConfig(seed=43, content=20, users=60, history_days=2), now=TUESDAY_AFTERNOON, paused=True
+    )
     server = SimServer(sim)
     url = server.start()
     try:

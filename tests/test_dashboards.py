@@ -147,6 +147,7 @@ def test_content_names_come_from_the_info_join() -> None:
         assert "connect_usage_content_info" in expr
 
 
+@pytest.mark.slow
 def test_every_query_parses_with_prometheus(tmp_path: Path) -> None:
     promtool = shutil.which("promtool")
     if promtool is None:

@@ -34,7 +34,13 @@ from exporter.poller import Poller
 from exporter.records import ENDPOINT_SHINY, ENDPOINT_VISITS
 from exporter.simulator import SimConfig, SimServer, Simulator
 from exporter.state import StateStore
-from tests.support import FAR_FUTURE, Connect, assert_matches_truth, make_poller
+from tests.support import (
+    FAR_FUTURE,
+    TUESDAY_AFTERNOON,
+    Connect,
+    assert_matches_truth,
+    make_poller,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -90,6 +96,7 @@ async def rig(
     backoff_max: float = 30.0,
     transport: httpx.AsyncBaseTransport | None = None,
     load: bool = True,
+    clock: Callable[[], float] | None = None,
 ) -> Rig:
     """make_poller's exporter, with a client whose waits are recorded and jitter-free."""
     original, poller, store = make_poller(
@@ -110,6 +117,8 @@ async def rig(
         transport=transport,
     )
     poller.client = client
+    if clock is not None:
+        poller.clock = clock
     if load:
         await poller.load()
         assert await poller.poll_all_once()
@@ -505,26 +514,40 @@ async def test_timestamps_in_the_future(
 # --- clock skew and outages ----------------------------------------------------------------
 
 
-@pytest.fixture(params=[-5.5 * 3600, 7 * 3600], ids=["connect_behind", "connect_ahead"])
-def skewed(request: pytest.FixtureRequest) -> Iterator[Connect]:
-    """A Connect whose clock is hours away from the exporter's (wall) clock."""
+SKEWS = [-5.5 * 3600, 7 * 3600]
+
+
+@pytest.fixture(params=SKEWS, ids=["connect_behind", "connect_ahead"])
+def skewed(request: pytest.FixtureRequest) -> Iterator[tuple[Connect, float]]:
+    """A Connect whose clock is hours away from the exporter's, and that skew."""
     sim = Simulator(
         SimConfig(seed=7, content=25, users=60, history_days=3, sessions_per_day=300,
                   visits_per_day=900),
-        now=time.time() + request.param,
+        now=TUESDAY_AFTERNOON + request.param,
+        paused=True,
     )  # fmt: skip
-    sim.clock.pause()
     server = SimServer(sim)
     try:
-        yield Connect(sim, server.start())
+        yield Connect(sim, server.start()), request.param
     finally:
         server.stop()
 
 
-async def test_clock_skew_between_connect_and_the_exporter(skewed: Connect, tmp_path: Path) -> None:
+def running_from(instant: float) -> Callable[[], float]:
+    """The exporter's own clock for a test: real seconds passing from a fixed instant."""
+    origin = time.monotonic()
+    return lambda: instant + (time.monotonic() - origin)
+
+
+async def test_clock_skew_between_connect_and_the_exporter(
+    skewed: tuple[Connect, float], tmp_path: Path
+) -> None:
     """Epoch, marks and windows follow Connect's Date header, not the exporter's clock."""
-    sim = skewed.sim
-    r = await rig(skewed, tmp_path / "s.sqlite")
+    connect, skew = skewed
+    sim = connect.sim
+    exporter_clock = running_from(TUESDAY_AFTERNOON)
+    assert abs(exporter_clock() + skew - sim.clock.now()) < 60
+    r = await rig(connect, tmp_path / "s.sqlite", clock=exporter_clock)
     snap = r.poller.snapshot
     assert snap.counting_since == float(int(sim.clock.now()))
     for step in (300, 1800, 3 * 3600):
@@ -561,9 +584,10 @@ def stoppable() -> Iterator[tuple[Connect, SimServer]]:
     """The `connect` fixture's Connect, with its server in hand so a test can stop it."""
     sim = Simulator(
         SimConfig(seed=7, content=25, users=60, history_days=3, sessions_per_day=300,
-                  visits_per_day=900)
+                  visits_per_day=900),
+        now=TUESDAY_AFTERNOON,
+        paused=True,
     )  # fmt: skip
-    sim.clock.pause()
     server = SimServer(sim)
     url = server.start()
     try:

@@ -15,8 +15,10 @@ from exporter.snapshot import DELETED_APP_MODE
 from tests.support import (
     FAR_FUTURE,
     Connect,
+    PageGate,
     assert_counters_match_truth,
     assert_matches_truth,
+    eventually,
     make_poller,
 )
 
@@ -388,12 +390,20 @@ async def test_a_cancelled_walk_commits_the_pages_it_applied(
     client, poller, store = await restart_after(connect, path, 2 * 86400, catchup_concurrency=1)
     monkeypatch.setattr(poller_module, "COMMIT_EVERY", 1e9)
     before = poller.model.hwm["visits"]
-    sim.faults.configure({"latency": 0.2})
-    with anyio.move_on_after(0.5):  # two pages of ~1,800 visits (500 a page) read, one waiting
-        await poller.poll_stream("visits")
-    sim.faults.clear()
+    walk_start = poller.model.walk_start("visits") / 1e6
+    # More than two pages (500 visits each) to read: the walk cannot end before the gate.
+    assert sim.truth(walk_start, FAR_FUTURE)["totals"]["visits"] > 3 * 500
+    gate = PageGate(client, "visit_pages", after=2)
+    async with anyio.create_task_group() as group:
+        group.start_soon(poller.poll_stream, "visits")
+        with anyio.fail_after(30):
+            await gate.held.wait()  # two pages handed out, the third held back
+        last = gate.pages[-1].records[-1].time
+        await eventually(lambda: poller.model.hwm["visits"] >= last)  # ... and both applied
+        assert poller.model.has_changes()  # applied, not committed (COMMIT_EVERY)
+        group.cancel_scope.cancel()
     assert not poller.model.has_changes()  # cancelled between pages: what it applied is on disk
-    assert before < on_disk(poller, store).hwm["visits"] < int(sim.clock.now() - 86400) * 1_000_000
+    assert before < on_disk(poller, store).hwm["visits"] == last
     await stop(client, store)
     client, poller, store = make_poller(connect, path)
     await poller.load()
@@ -416,7 +426,9 @@ async def test_a_failed_commit_abandons_every_walk_in_flight_and_loses_nothing(
     )
     sim.clock.advance(2 * 86400)
     monkeypatch.setattr(poller_module, "COMMIT_EVERY", 1e9)  # pages wait for the walk's end
-    sim.faults.configure({"latency": 0.3})  # ~2,000 visits (5 pages) outlast ~700 (2 pages)
+    walk_start = poller.model.walk_start("visits") / 1e6
+    assert sim.truth(walk_start, FAR_FUTURE)["totals"]["visits"] > 2 * 500
+    gate = PageGate(client, "visit_pages", after=1)
     real_commit = store.commit
     fail = [False]
 
@@ -437,14 +449,17 @@ async def test_a_failed_commit_abandons_every_walk_in_flight_and_loses_nothing(
 
     async with anyio.create_task_group() as group:
         group.start_soon(walk_visits)
-        await anyio.sleep(0.45)  # a visits page applied, not committed
+        with anyio.fail_after(30):
+            await gate.held.wait()  # one visits page handed out, the next held back
+        last = gate.pages[-1].records[-1].time
+        await eventually(lambda: poller.model.hwm["visits"] >= last)  # ... applied, uncommitted
         assert poller.model.has_changes()
         fail[0] = True
-        # The Shiny walk's end commits the visits pages too: that commit fails.
+        # The Shiny walk's end commits the visits page too: that commit fails.
         assert not await poller.poll_once("shiny")
+        gate.release()  # the visits walk goes on, finds its model replaced, and stops
     assert poller.health.state_errors == 1
     assert isinstance(outcome[0], poller_module.WalkAbandonedError)
-    sim.faults.clear()
     assert await poller.poll_all_once()
     assert_matches_truth(poller, sim)
     await stop(client, store)

@@ -34,6 +34,8 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.support import TUESDAY_AFTERNOON
+
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "prometheus" / "rules.yml"
 PROMETHEUS_CONFIG = ROOT / "prometheus" / "prometheus.yml"
@@ -139,6 +141,8 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
             str(tmp / "state.sqlite"),
             "--poll-interval",
             "2",
+            "--start",
+            str(TUESDAY_AFTERNOON),
         ],
         stdout=subprocess.PIPE,
         stderr=(tmp / "stderr.log").open("w"),

@@ -42,6 +42,7 @@ def alerts() -> list[dict]:
     return [rule for group in groups for rule in group["rules"] if "alert" in rule]
 
 
+@pytest.mark.slow
 def test_promtool_check_rules_is_clean() -> None:
     result = subprocess.run(
         [promtool(), "check", "rules", str(RULES)], check=False, capture_output=True, text=True
@@ -51,6 +52,7 @@ def test_promtool_check_rules_is_clean() -> None:
     assert "WARNING" not in (result.stdout + result.stderr)
 
 
+@pytest.mark.slow
 def test_promtool_unit_tests_pass() -> None:
     assert RULE_TESTS
     result = subprocess.run(

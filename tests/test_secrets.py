@@ -23,6 +23,7 @@ import httpx
 import pytest
 
 from exporter.simulator import SimConfig, SimServer, Simulator
+from tests.support import TUESDAY_AFTERNOON
 
 EXE = [sys.executable, "-m", "exporter"]
 # Distinctive and long: any echo of it, whole or in part, is unmistakable.
@@ -46,7 +47,7 @@ def assert_hidden(text: str | bytes, *keys: str, where: str) -> None:
 @pytest.fixture(scope="module")
 def connect() -> Iterator[tuple[Simulator, str]]:
     """A simulated Connect that also accepts the distinctive keys (as administrator, viewer)."""
-    sim = Simulator(SimConfig(seed=23, content=20, users=50, history_days=2))
+    sim = Simulator(SimConfig(seed=23, content=20, users=50, history_days=2), now=TUESDAY_AFTERNOON)
     world = sim.world
     world.key_users[ADMIN_KEY] = world.key_users[sim.keys["admin"]]
     world.key_users[VIEWER_KEY] = world.key_users[sim.keys["viewer"]]

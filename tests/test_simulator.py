@@ -599,6 +599,9 @@ def test_cli_prints_url_and_keys_and_exits_0_on_sigterm() -> None:
             "1",
             "--seed",
             "4",
+            "--start",
+            "2025-06-15T15:06:40Z",
+            "--paused",
         ],
         stdout=subprocess.PIPE,
         text=True,
@@ -611,6 +614,7 @@ def test_cli_prints_url_and_keys_and_exits_0_on_sigterm() -> None:
         assert all(len(k) == 32 for k in keys)
         r = httpx.get(url + "/__api__/v1/users", headers={"Authorization": f"Key {keys[0]}"})
         assert r.status_code == 200
+        assert httpx.get(url + "/__sim__/clock").json()["now"] == NOW  # the instant asked for
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0
     finally:

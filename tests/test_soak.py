@@ -1,4 +1,4 @@
-"""A short soak (four simulated days, every fault kind) through bench.soak's own code.
+"""A short soak (four simulated days, every fault kind) through the soak's own code (tests/soak.py).
 
 The full month is ``python -m bench.soak`` (docs/soak.md); this keeps the same path honest in
 CI: the real service, a fast clock, faults on and off, exact totals, and bounded de-dup keys.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.soak import FAULTS, Series, SoakConfig, compare_with_truth, run_soak
+from tests.soak import FAULTS, Series, SoakConfig, compare_with_truth, run_soak
 
 
 @pytest.mark.slow

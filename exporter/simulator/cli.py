@@ -11,6 +11,7 @@ from types import FrameType
 from .config import SimConfig
 from .core import Simulator
 from .server import SimServer
+from .timefmt import parse_instant
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,7 +27,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--history-days", type=float, default=30, metavar="D")
     p.add_argument("--connect-version", default="2025.04.0", metavar="V")
     p.add_argument("--clock-speed", type=float, default=1.0, metavar="K")
+    p.add_argument(
+        "--start",
+        type=instant,
+        default=None,
+        metavar="TIME",
+        help="the simulated clock's starting instant, RFC 3339 or epoch seconds (default: now)",
+    )
+    p.add_argument("--paused", action="store_true", help="hold the clock still until resumed")
     return p
+
+
+def instant(value: str) -> float:
+    """argparse type for ``--start``."""
+    try:
+        return parse_instant(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not an RFC 3339 time or epoch seconds: {value!r}"
+        ) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         connect_version=args.connect_version,
         clock_speed=args.clock_speed,
     )
-    sim = Simulator(config)
+    sim = Simulator(config, now=args.start, paused=args.paused)
     server = SimServer(sim, host=args.host, port=args.port)
     stop = threading.Event()
 

@@ -82,3 +82,13 @@ def to_us(value: object) -> int:
         delta = value - _EPOCH
         return (delta.days * 86400 + delta.seconds) * US + delta.microseconds
     raise TypeError(f"cannot read a time from {type(value).__name__}")
+
+
+def parse_instant(value: str) -> float:
+    """A command-line instant: RFC 3339 text or epoch seconds -> epoch seconds."""
+    text = value.strip()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    return parse_rfc3339_us(text) / US
