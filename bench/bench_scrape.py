@@ -29,6 +29,7 @@ from prometheus_client import generate_latest  # noqa: E402
 from prometheus_client.metrics_core import Metric  # noqa: E402
 
 from exporter.collector import TEXT, SnapshotCollector, SnapshotRenderer, build_registry  # noqa: E402
+from exporter.health import Health  # noqa: E402
 from exporter.http import ExporterHTTPServer  # noqa: E402
 from tests.snapshots import populated_snapshot  # noqa: E402
 
@@ -89,9 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     gz = timed(gzip_of, args.repeat)
     gz_bytes = len(gzip_of())
 
-    server = ExporterHTTPServer(
-        build_registry(lambda: snap), host="127.0.0.1", port=0, readiness=lambda: (True, "")
-    )
+    registry = build_registry(lambda: snap, Health(("shiny", "visits")))
+    server = ExporterHTTPServer(registry, host="127.0.0.1", port=0, readiness=lambda: (True, ""))
     server.start()
     url = f"http://127.0.0.1:{server.port}/metrics"
     try:

@@ -156,9 +156,10 @@ def run_exporter(job: dict[str, Any]) -> dict[str, Any]:
 
 def _build(job: dict[str, Any], state_dir: Path) -> Any:
     """The exporter as the service builds it, from default settings plus the job's overrides."""
+    from exporter.state import StateStore
+
     from exporter import service
     from exporter.settings import load_settings
-    from exporter.state import StateStore
 
     settings = load_settings(
         {"server": job["url"], "api_key": job["key"], **job.get("settings", {})}
@@ -180,7 +181,7 @@ async def _poll_streams(poller: Any) -> None:
 def _stream_requests(poller: Any) -> int:
     return sum(
         n
-        for (endpoint, _outcome), n in poller.health.api_requests.items()
+        for (endpoint, _outcome), n in poller.health.requests().items()
         if "instrumentation" in endpoint
     )
 
@@ -193,19 +194,19 @@ def _truth_check(poller: Any, url: str) -> dict[str, Any]:
         params={"from": snap.counting_since, "to": FAR_FUTURE},
         timeout=600,
     ).json()
-    durations = {g: h.count for g, h in snap.shiny_session_duration.items()}
+    durations = {g: h.count for g, h in snap.usage.shiny_session_duration.items()}
     checks = {
-        "sessions": dict(snap.shiny_sessions_total) == truth["sessions_started"],
+        "sessions": dict(snap.usage.shiny_sessions_total) == truth["sessions_started"],
         "durations": durations == truth["sessions_ended"],
-        "visits": dict(snap.content_visits_total) == truth["visits"],
-        "synthetic": snap.excluded_events_total.get(("visits", "synthetic"), 0)
+        "visits": dict(snap.usage.content_visits_total) == truth["visits"],
+        "synthetic": snap.usage.excluded_events_total.get(("visits", "synthetic"), 0)
         == truth["totals"]["synthetic_visits"],
     }
     return {
         "exact": all(checks.values()),
         "checks": checks,
-        "sessions": sum(snap.shiny_sessions_total.values()),
-        "visits": sum(snap.content_visits_total.values()),
+        "sessions": sum(snap.usage.shiny_sessions_total.values()),
+        "visits": sum(snap.usage.content_visits_total.values()),
         "truth_sessions": truth["totals"]["sessions_started"],
         "truth_visits": truth["totals"]["visits"],
     }
@@ -238,15 +239,15 @@ async def _catchup(job: dict[str, Any], state_dir: Path) -> dict[str, Any]:
         "seconds": seconds,
         "cpu": cpu,
         "requests": _stream_requests(poller),
-        "ingested": dict(poller.health.ingested),
+        "ingested": {s: poller.health.ingested_total(s) for s in poller.health.streams},
         "base_rss_kb": base_rss,
         "rss_kb": now_rss,
         "peak_rss_kb": peak_rss,
         "pairs": model.pair_count(),
         "users": len(model.user_last),
-        "visit_keys": len(model.visit_keys),
-        "shiny_keys": len(model.shiny_keys),
-        "active_users": dict(poller.snapshot.active_users),
+        "visit_keys": len(model.visits),
+        "shiny_keys": len(model.sessions),
+        "active_users": dict(poller.snapshot.usage.active_users),
     }
     if job.get("truth"):
         result["truth"] = _truth_check(poller, job["url"])
@@ -267,11 +268,11 @@ async def _steady(job: dict[str, Any], state_dir: Path) -> dict[str, Any]:
         (await ctl.post("/__sim__/clock", json={"advance": step})).raise_for_status()
         (await ctl.get("/__sim__/stats")).raise_for_status()  # the simulator generates now
         before = _stream_requests(poller)
-        ingested = sum(poller.health.ingested.values())
+        ingested = sum(map(poller.health.ingested_total, poller.health.streams))
         c0 = time.process_time()
         await _poll_streams(poller)
         cpu = time.process_time() - c0
-        new = sum(poller.health.ingested.values()) - ingested
+        new = sum(map(poller.health.ingested_total, poller.health.streams)) - ingested
         busy.append((cpu, _stream_requests(poller) - before, new))
     idle: list[tuple[float, int]] = []
     for _ in range(int(job["polls"])):

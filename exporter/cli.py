@@ -8,18 +8,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-import typing
 from pathlib import Path
 from typing import Any
-
-import anyio
 
 from exporter import __version__
 from exporter.settings import Settings, SettingsError, env_name, flag_name, load_settings
 
 PROG = "connect-usage-exporter"
 EXIT_SETTINGS = 2
-EXIT_STATE = 3
 
 
 def _is_bool(field: str) -> bool:
@@ -92,11 +88,6 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _fail(message: str, status: int) -> int:
-    print(f"{PROG}: {message}", file=sys.stderr)
-    return status
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "simulate":
@@ -111,33 +102,10 @@ def main(argv: list[str] | None = None) -> int:
         from exporter.demo import run_demo
 
         return run_demo(args, _overrides(args))
+    from exporter.service import fail, run_service
+
     try:
         settings = load_settings(_overrides(args))
     except SettingsError as exc:
-        return _fail(str(exc), EXIT_SETTINGS)
+        return fail(str(exc), EXIT_SETTINGS)
     return run_service(settings, once=args.once, output=args.output)
-
-
-def run_service(
-    settings: Settings,
-    *,
-    once: bool = False,
-    output: Path | None = None,
-    on_listening: typing.Callable[[str], None] | None = None,
-) -> int:
-    """Run the service (or one poll) with logging set up; state problems exit 3 with the way out."""
-    from exporter.client import ConnectError
-    from exporter.service import run_once, serve, setup_logging
-    from exporter.state import StateError
-
-    setup_logging(settings)
-    try:
-        if once:
-            return anyio.run(run_once, settings, output)
-        return anyio.run(lambda: serve(settings, on_listening=on_listening))
-    except StateError as exc:
-        return _fail(str(exc), EXIT_STATE)
-    except ConnectError as exc:  # only `--once`: the service itself keeps retrying
-        return _fail(f"cannot read Connect: {exc}", 1)
-    except KeyboardInterrupt:
-        return 0

@@ -25,10 +25,8 @@ from urllib.parse import quote
 
 import anyio
 import httpx
-import orjson
 
 from exporter import __version__
-from exporter.netio import direct_transport
 from exporter.records import (
     ENDPOINT_CONTENT,
     ENDPOINT_GROUPS,
@@ -385,7 +383,7 @@ class _NotText:
 
 
 def _checked_text(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """`object_pairs_hook` for the stdlib's reading of a page orjson refused."""
+    """`object_pairs_hook` for the checked reading of a page."""
     out: dict[str, Any] = {}
     for key, value in pairs:
         if type(value) is str and not value.isascii():
@@ -514,48 +512,29 @@ class ConnectClient:
             else None
         )
         self._settings: ServerSettings | None = None
-        verify_context = _ssl_context(verify)
-        if isinstance(verify_context, bool):  # made once for every lane: ~10 ms each otherwise
-            verify_context = httpx.create_ssl_context(verify=verify_context, trust_env=True)
-        tls = verify_context
-
-        def lane() -> httpx.AsyncClient:
-            http = httpx.AsyncClient(
-                base_url=self.base_url,
-                headers={
-                    "Authorization": f"Key {key}",
-                    "User-Agent": f"connect-usage-exporter/{__version__}",
-                    "Accept": "application/json",
-                },
-                timeout=httpx.Timeout(timeout),
-                verify=tls,
-                transport=transport,
-                trust_env=True,  # HTTPS_PROXY / NO_PROXY / SSL_CERT_FILE, as users expect
-                follow_redirects=False,  # a redirect means a wrong URL or a login page: say so
-            )
-            if transport is None:
-                # Direct connections on asyncio's own streams (netio: ~4% of a catch-up's
-                # CPU). Swapped in after construction: httpx ignores the proxy variables when
-                # given a transport, and proxied URLs must keep the mounts it made for them.
-                http._transport = direct_transport(tls)
-            return http
-
-        # One httpx client (one keep-alive connection) per concurrent request, not one pool for
-        # all: before each request httpcore's pool checks every idle connection for a server
-        # disconnect (a poll and a getpeername syscall each, via anyio), so with 8-10 connections
-        # a catch-up spent ~6% of its time there (measured: 9.7 -> 9.2 s without the checks).
-        # A lane is taken under the limiter, so there are never more lanes than its tokens.
-        self._new_lane = lane
-        self._http = lane()
-        self._lanes = [self._http]  # every lane made, to close them
-        self._idle_lanes = [self._http]
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url,
+            headers={
+                "Authorization": f"Key {key}",
+                "User-Agent": f"connect-usage-exporter/{__version__}",
+                "Accept": "application/json",
+            },
+            timeout=httpx.Timeout(timeout),
+            # A connection for every request the limiter lets through, kept alive between polls.
+            limits=httpx.Limits(
+                max_connections=max_concurrency, max_keepalive_connections=max_concurrency
+            ),
+            verify=_ssl_context(verify),
+            transport=transport,
+            trust_env=True,  # HTTPS_PROXY / NO_PROXY / SSL_CERT_FILE, as users expect
+            follow_redirects=False,  # a redirect means a wrong URL or a login page: say so
+        )
 
     def __repr__(self) -> str:
         return f"ConnectClient({self.base_url!r})"
 
     async def aclose(self) -> None:
-        for lane in self._lanes:
-            await lane.aclose()
+        await self._http.aclose()
 
     async def __aenter__(self) -> Self:
         return self
@@ -775,20 +754,6 @@ class ConnectClient:
 
     # --- one request, with retries ----------------------------------------------------------
 
-    def _url(self, path: str, params: Mapping[str, str] | None) -> httpx.URL:
-        """The absolute URL, parsed once: httpx parses a relative one with params three times
-        (~50 µs of ~140 per request built); the same encoding, checked by a test."""
-        if not params:
-            return httpx.URL(self.base_url + path)
-        return httpx.URL(f"{self.base_url}{path}?{httpx.QueryParams(params)}")
-
-    def _take_lane(self) -> httpx.AsyncClient:
-        if self._idle_lanes:
-            return self._idle_lanes.pop()
-        lane = self._new_lane()
-        self._lanes.append(lane)
-        return lane
-
     async def _request(
         self,
         template: str,
@@ -810,18 +775,14 @@ class ConnectClient:
                     if self._rate is not None:
                         await self._rate.wait()
                     started = _clock()
-                    http = self._take_lane()
+                    request = self._http.build_request("GET", path, params=params)
+                    response = await self._http.send(request, stream=True)
                     try:
-                        request = http.build_request("GET", self._url(path, params))
-                        response = await http.send(request, stream=True)
-                        try:
-                            content = await _read_capped(response, self._max_response_bytes)
-                        except _TooLarge as exc:
-                            too_large = exc
-                        finally:
-                            await response.aclose()
+                        content = await _read_capped(response, self._max_response_bytes)
+                    except _TooLarge as exc:
+                        too_large = exc
                     finally:
-                        self._idle_lanes.append(http)
+                        await response.aclose()
             except httpx.TimeoutException as exc:
                 outcome, error, detail = "timeout", exc, self._redact(_describe_exception(exc))
             except httpx.TransportError as exc:
@@ -887,15 +848,8 @@ class ConnectClient:
         )
 
     def _decode(self, response: httpx.Response, content: bytes) -> Any:
-        # orjson parses a page in ~40% of the stdlib's time (a sixth of a catch-up's CPU went to
-        # json.loads). It refuses a few things the stdlib takes (integers past 64 bits, NaN);
-        # such a page is parsed again by the stdlib rather than refused, so it can never stall
-        # a stream that the stdlib would have read. orjson also refuses unpaired surrogates
-        # (`"\ud800"`): the stdlib's reading marks them (`_NotText`) for the parsers to refuse.
-        try:
-            return orjson.loads(content)
-        except ValueError:
-            pass
+        """The checked reading of a body: the stdlib's JSON, which reads anything JSON allows
+        (unpaired surrogates are marked for the parsers to refuse, see `_NotText`)."""
         try:
             return json.loads(content, object_pairs_hook=_checked_text)
         except (ValueError, RecursionError):  # nesting past the stdlib's depth: no page for us

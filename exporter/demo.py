@@ -4,11 +4,11 @@ traffic, and the exporter polling it. One command shows what the exporter does."
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from exporter.service import EXIT_SETTINGS, fail, run_service
 from exporter.settings import SettingsError, load_settings
 from exporter.simulator import SimConfig, SimServer, Simulator
 from exporter.simulator.timefmt import parse_instant
@@ -21,13 +21,10 @@ DEMO_VISITS_PER_DAY = 6000.0
 
 
 def run_demo(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
-    from exporter.cli import EXIT_SETTINGS, PROG, run_service
-
     try:
         start = None if args.start is None else parse_instant(args.start)
     except ValueError:
-        print(f"{PROG}: invalid --start {args.start!r}: RFC 3339 or epoch seconds", file=sys.stderr)
-        return EXIT_SETTINGS
+        return fail(f"invalid --start {args.start!r}: RFC 3339 or epoch seconds", EXIT_SETTINGS)
     config = SimConfig(
         seed=args.seed,
         content=args.content,
@@ -55,8 +52,7 @@ def run_demo(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         settings = load_settings(overrides)
     except SettingsError as exc:
         server.stop()
-        print(f"{PROG}: {exc}", file=sys.stderr)
-        return EXIT_SETTINGS
+        return fail(str(exc), EXIT_SETTINGS)
 
     def listening(metrics_url: str) -> None:
         print(f"Connect simulator: {url}  (admin key: {sim.keys['admin']})", flush=True)

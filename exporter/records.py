@@ -12,7 +12,6 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
-from operator import itemgetter
 from typing import Annotated, Any, NamedTuple, Protocol, TypeVar
 
 import msgspec
@@ -57,7 +56,7 @@ class MalformedRecord(ValueError):
 
 
 class ShinySession(NamedTuple):
-    """A tuple, not a dataclass, like `Visit`: see there."""
+    """A tuple, not a dataclass, like `Visit`."""
 
     content_guid: str
     user_guid: str | None
@@ -67,9 +66,8 @@ class ShinySession(NamedTuple):
 
 
 class Visit(NamedTuple):
-    """A tuple, not a dataclass: a catch-up builds a million. Built from a checked tuple in C
-    (0.1 µs, a frozen slots dataclass took 0.65 µs even without its `__init__`), its fields
-    read through C descriptors, and it hashes in C when a walk counts identical visits."""
+    """A tuple, not a dataclass: a catch-up builds a million, and a visit's identity is the
+    tuple itself without its last field, `data_version` (`model.visit_key`)."""
 
     content_guid: str
     user_guid: str | None
@@ -77,9 +75,9 @@ class Visit(NamedTuple):
     variant_key: str | None
     rendering_id: str | None
     bundle_id: str | None
-    data_version: int | None
     path: str | None
     user_agent: str | None
+    data_version: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,137 +306,53 @@ def bound_shared_values() -> None:
         _shared.clear()
 
 
+def _share_opt(value: str | None) -> str | None:
+    return None if value is None else _share(value, value)  # type: ignore[return-value]
+
+
 def parse_shiny_session(raw: object) -> ShinySession:
     """`ended` is null while the session runs; there is no record id (the poller keys on start)."""
-    if type(raw) is dict:  # fast path: every value well typed; else the checked path says why
-        get = raw.get
-        content_guid, user_guid = get("content_guid"), get("user_guid")
-        ended, data_version = get("ended"), get("data_version")
-        started = _fast_us(get("started"))
-        ended_us = None if ended is None else _fast_us(ended)
-        if (
-            type(content_guid) is str
-            and content_guid
-            and (user_guid is None or type(user_guid) is str)
-            and started is not None
-            and (ended is None or ended_us is not None)
-            and (data_version is None or type(data_version) is int)
-        ):
-            share = _share
-            return _tuple_new(
-                ShinySession,
-                (
-                    share(content_guid, content_guid),
-                    share(user_guid, user_guid),
-                    started,
-                    ended_us,
-                    data_version,
-                ),
-            )
     ep = ENDPOINT_SHINY
     record = _require_dict(raw, ep)
     return ShinySession(
-        content_guid=_str(record, "content_guid", ep),
-        user_guid=_opt_str(record, "user_guid", ep),
+        content_guid=share(_str(record, "content_guid", ep)),
+        user_guid=_share_opt(_opt_str(record, "user_guid", ep)),
         started=_time(record, "started", ep),
         ended=_opt_time(record, "ended", ep),
         data_version=_opt_int(record, "data_version", ep),
     )
 
 
-_visit_fields = itemgetter(
-    "content_guid",
-    "user_guid",
-    "time",
-    "variant_key",
-    "rendering_id",
-    "bundle_id",
-    "data_version",
-    "path",
-    "user_agent",
-)
-
-
 def parse_visit(raw: object) -> Visit:
     """`path` and `user_agent` exist only on newer servers; older ones give None."""
-    if type(raw) is dict:  # fast path: every value well typed; else the checked path says why
-        # One C call for the nine fields, the time inline (`_fast_us` without its call):
-        # ~10% of the parse of a catch-up's visits. A missing key, a time that is not text or
-        # has no offset, all go to the checked path.
-        try:
-            (
-                content_guid,
-                user_guid,
-                when,
-                variant_key,
-                rendering_id,
-                bundle_id,
-                data_version,
-                path,
-                user_agent,
-            ) = _visit_fields(raw)
-            delta = _fromisoformat(when) - _EPOCH
-        except (KeyError, TypeError, ValueError):
-            pass
-        else:
-            if type(rendering_id) is int:
-                rendering_id = str(rendering_id)
-            if type(bundle_id) is int:
-                bundle_id = str(bundle_id)
-            if (
-                type(content_guid) is str
-                and content_guid
-                and type(when) is str
-                and (user_guid is None or type(user_guid) is str)
-                and (variant_key is None or type(variant_key) is str)
-                and (rendering_id is None or type(rendering_id) is str)
-                and (bundle_id is None or type(bundle_id) is str)
-                and (data_version is None or type(data_version) is int)
-                and (path is None or type(path) is str)
-                and (user_agent is None or type(user_agent) is str)
-            ):
-                share = _share
-                return _tuple_new(
-                    Visit,
-                    (
-                        share(content_guid, content_guid),
-                        share(user_guid, user_guid),
-                        (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds,
-                        share(variant_key, variant_key),
-                        share(rendering_id, rendering_id),
-                        share(bundle_id, bundle_id),
-                        data_version,
-                        share(path, path),
-                        share(user_agent, user_agent),
-                    ),
-                )
     ep = ENDPOINT_VISITS
     record = _require_dict(raw, ep)
     return Visit(
-        content_guid=_str(record, "content_guid", ep),
-        user_guid=_opt_str(record, "user_guid", ep),
+        content_guid=share(_str(record, "content_guid", ep)),
+        user_guid=_share_opt(_opt_str(record, "user_guid", ep)),
         time=_time(record, "time", ep),
-        variant_key=_opt_str(record, "variant_key", ep),
-        rendering_id=_opt_id(record, "rendering_id", ep),
-        bundle_id=_opt_id(record, "bundle_id", ep),
+        variant_key=_share_opt(_opt_str(record, "variant_key", ep)),
+        rendering_id=_share_opt(_opt_id(record, "rendering_id", ep)),
+        bundle_id=_share_opt(_opt_id(record, "bundle_id", ep)),
+        path=_share_opt(_opt_str(record, "path", ep)),
+        user_agent=_share_opt(_opt_str(record, "user_agent", ep)),
         data_version=_opt_int(record, "data_version", ep),
-        path=_opt_str(record, "path", ep),
-        user_agent=_opt_str(record, "user_agent", ep),
     )
 
 
 # --- whole pages in one typed decode ---------------------------------------------------------
 #
-# A page of 500 visits cost ~1,130 µs as orjson dicts then `parse_visit` per record; msgspec
-# decodes it straight into the typed rows below (~210 µs, no dict per record) and the loops
-# below build the records (~500 µs): a tenth of a catch-up's CPU. The rows accept only what the
-# per-record fast paths accept, and the times go through the same `fromisoformat`; anything else
-# anywhere on the page (a wrong type, a missing field, a naive time, an integer past 64 bits, a
-# page shape the client's check would refuse) returns None, and the client reads that page the
-# checked way, which counts each malformed record and says why. A test holds the two ways equal.
+# The one way a page of sessions or visits is read: msgspec decodes it straight into the typed
+# rows below (no dict per record), and one loop builds the records, times through the same
+# `fromisoformat` as `parse_timestamp`'s common case. The rows take only values the checked
+# parsers take; anything else anywhere on the page (a wrong type, a missing field, a naive or
+# unusual time, an integer past 64 bits, a page shape the client's check refuses, bytes that
+# are not UTF-8) returns None, and the client reads that page record by record with the
+# checked parsers, which count each malformed record and say why. A property test holds the
+# two readings equal wherever the typed one answers.
 
 R = TypeVar("R")
-_Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]  # orjson: bigger is a float
+_Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
 _Guid = Annotated[str, msgspec.Meta(min_length=1)]
 
 
@@ -489,6 +403,10 @@ class _Page(Protocol[R]):
     paging: _Paging | None
 
 
+class _Refused(Exception):
+    """A value on the page the checked parsers must judge."""
+
+
 def _typed(
     decode: Callable[[bytes], _Page[R]], body: bytes, limit: int
 ) -> tuple[list[R], str | None] | None:
@@ -496,7 +414,7 @@ def _typed(
     instead (the client's page check refuses more than `limit` records)."""
     if not body.isascii():
         # msgspec checks UTF-8 only in what it keeps: a bad byte in a skipped field or a key
-        # would pass here while orjson and the stdlib refuse the page.
+        # would pass here while the checked reading refuses the page.
         try:
             body.decode()
         except UnicodeDecodeError:
@@ -505,7 +423,7 @@ def _typed(
         page = decode(body)
     except (msgspec.MsgspecError, UnicodeDecodeError, RecursionError):
         # UnicodeDecodeError: a lone surrogate escape in a kept field (the checked path counts
-        # that record malformed); RecursionError: nesting orjson still reads (~990-1024 deep).
+        # that record malformed); RecursionError: nesting the stdlib reads but msgspec refuses.
         return None
     if len(page.results) > limit:
         return None
@@ -515,48 +433,45 @@ def _typed(
     return page.results, (None if cursors is None else cursors.next or None)
 
 
+def _us(value: str) -> int:
+    """`parse_timestamp`'s common case; anything else is the checked parsers' to judge."""
+    try:
+        delta = _fromisoformat(value) - _EPOCH  # TypeError without an offset
+    except (TypeError, ValueError):
+        raise _Refused from None
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def _id(value: str | int | None) -> str | None:
+    return str(value) if type(value) is int else value  # type: ignore[return-value]
+
+
 def decode_visit_page(body: bytes, limit: int) -> tuple[list[Visit], str | None] | None:
     """A well-formed page of visits and its next cursor; None: read it the checked way."""
     page = _typed(_visit_page, body, limit)
     if page is None:
         return None
     rows, cursor = page
-    # The per-record path of a catch-up: `_fast_us` inlined as in `parse_visit`.
-    share, new, epoch, iso = _share, _tuple_new, _EPOCH, _fromisoformat
-    records: list[Visit] = []
-    append = records.append
+    share, opt, new = _share, _share_opt, _tuple_new
     try:
-        for row in rows:
-            delta = iso(row.time) - epoch  # TypeError without an offset
-            cg, ug, vk, path, agent = (
-                row.content_guid,
-                row.user_guid,
-                row.variant_key,
-                row.path,
-                row.user_agent,
+        records = [
+            new(
+                Visit,
+                (
+                    share(row.content_guid, row.content_guid),
+                    opt(row.user_guid),
+                    _us(row.time),
+                    opt(row.variant_key),
+                    opt(_id(row.rendering_id)),
+                    opt(_id(row.bundle_id)),
+                    opt(row.path),
+                    opt(row.user_agent),
+                    row.data_version,
+                ),
             )
-            rid, bid = row.rendering_id, row.bundle_id
-            if type(rid) is int:
-                rid = str(rid)
-            if type(bid) is int:
-                bid = str(bid)
-            append(
-                new(
-                    Visit,
-                    (
-                        share(cg, cg),
-                        share(ug, ug),
-                        (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds,
-                        share(vk, vk),
-                        share(rid, rid),
-                        share(bid, bid),
-                        row.data_version,
-                        share(path, path),
-                        share(agent, agent),
-                    ),
-                )
-            )
-    except (TypeError, ValueError):
+            for row in rows
+        ]
+    except _Refused:
         return None
     return records, cursor
 
@@ -567,16 +482,23 @@ def decode_shiny_page(body: bytes, limit: int) -> tuple[list[ShinySession], str 
     if page is None:
         return None
     rows, cursor = page
-    share, new = _share, _tuple_new
-    records: list[ShinySession] = []
-    append = records.append
-    for row in rows:
-        started = _fast_us(row.started)
-        ended = None if row.ended is None else _fast_us(row.ended)
-        if started is None or (ended is None and row.ended is not None):
-            return None
-        cg, ug = row.content_guid, row.user_guid
-        append(new(ShinySession, (share(cg, cg), share(ug, ug), started, ended, row.data_version)))
+    share, opt, new = _share, _share_opt, _tuple_new
+    try:
+        records = [
+            new(
+                ShinySession,
+                (
+                    share(row.content_guid, row.content_guid),
+                    opt(row.user_guid),
+                    _us(row.started),
+                    None if row.ended is None else _us(row.ended),
+                    row.data_version,
+                ),
+            )
+            for row in rows
+        ]
+    except _Refused:
+        return None
     return records, cursor
 
 

@@ -1,36 +1,39 @@
-"""Wiring: settings → client → poller ⇄ state → collector → HTTP, and a clean exit on signals."""
+"""Wiring: settings → client → poller ⇄ store → collector → HTTP, and a clean exit on signals."""
 
 from __future__ import annotations
 
 import gc
 import logging
-import os
 import signal
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import anyio
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import generate_latest, write_to_textfile
 
-from exporter.client import ConnectClient
-from exporter.collector import build_registry
+from exporter.client import ConnectClient, ConnectError
+from exporter.collector import ExporterRegistry, build_registry
+from exporter.health import Health
 from exporter.http import ExporterHTTPServer
 from exporter.logs import configure_logging
-from exporter.model import US, UsageModel
-from exporter.poller import Health, Poller
+from exporter.model import US, Rules, UsageModel
+from exporter.poller import Poller
 from exporter.settings import Settings
-from exporter.state import StateError, StateStore
+from exporter.store import SqliteStore, StateError, Store
+from exporter.streams import STREAMS
 from exporter.webconfig import WebConfigError, load_web_config
 
 log = logging.getLogger("exporter.service")
 
+PROG = "connect-usage-exporter"
+EXIT_SETTINGS = 2
+EXIT_STATE = 3
 LOAD_RETRY_MAX = 60.0  # seconds between tries when Connect is unreachable at first start
 # The cyclic collector's thresholds. The model holds millions of long-lived objects, and a page
-# allocates a few thousand short-lived ones that reference counting frees (few cycles: ~8k in a
-# 1M-event catch-up). With the defaults (700, 10, 10) full collections walked the whole model
-# 27-40 times per catch-up: 1.3 s of a 11.3 s backfill's CPU, 0.6 s of a 9.3 s first start.
+# allocates a few thousand short-lived ones that reference counting frees (few of them are
+# cycles). With the defaults (700, 10, 10), full collections walk the whole model dozens of
+# times per catch-up.
 GC_THRESHOLDS = (50_000, 20, 10)
 
 
@@ -50,11 +53,10 @@ def _verify(settings: Settings) -> bool | str:
     return str(settings.ca_file) if settings.ca_file else True
 
 
-def _build(
-    settings: Settings, store: StateStore
-) -> tuple[ConnectClient, Poller, CollectorRegistry]:
+def build(settings: Settings, store: Store) -> tuple[ConnectClient, Poller, ExporterRegistry]:
+    """The client, the poller over `store`, and the registry that serves them."""
     tune_gc()
-    health = Health()
+    health = Health(stream.name for stream in STREAMS)
     client = ConnectClient(
         settings.server,
         settings.api_key.get_secret_value(),
@@ -66,7 +68,7 @@ def _build(
         max_response_bytes=settings.max_response_bytes,
         max_requests_per_second=settings.max_requests_per_second,
     )
-    model = UsageModel(
+    rules = Rules(
         overlap_us=int(settings.overlap * US),
         max_session_age_us=int(settings.max_session_age * US),
         exclude_user_agents=settings.exclude_user_agents,
@@ -74,7 +76,7 @@ def _build(
     )
     poller = Poller(
         client,
-        model,
+        UsageModel(rules),
         store,
         poll_interval=settings.poll_interval,
         metadata_interval=settings.metadata_interval,
@@ -84,7 +86,7 @@ def _build(
         top_users=settings.top_users,
         health=health,
     )
-    return client, poller, build_registry(lambda: poller.snapshot)
+    return client, poller, build_registry(lambda: poller.snapshot, health)
 
 
 async def _load(poller: Poller, attempts: int | None = None) -> None:
@@ -108,15 +110,15 @@ async def _load(poller: Poller, attempts: int | None = None) -> None:
 
 async def serve(settings: Settings, *, on_listening: Callable[[str], None] | None = None) -> int:
     """The long-running service; returns the exit status."""
-    store = StateStore(settings.state_path)
-    client, poller, registry = _build(settings, store)
+    store = SqliteStore(settings.state_path)
+    client, poller, registry = build(settings, store)
     host, port = settings.listen
     try:
         web_config = load_web_config(settings.web_config_file)
     except WebConfigError as exc:  # a bad setting: exit 2 naming it, like cli.py does
         store.close()
-        print(f"connect-usage-exporter: invalid setting {exc}", file=sys.stderr)
-        return 2
+        print(f"{PROG}: invalid setting {exc}", file=sys.stderr)
+        return EXIT_SETTINGS
     http = ExporterHTTPServer(
         registry, host=host, port=port, readiness=poller.readiness, web_config=web_config
     )
@@ -151,26 +153,21 @@ async def serve(settings: Settings, *, on_listening: Callable[[str], None] | Non
 
 async def run_once(settings: Settings, output: Path | None) -> int:
     """Poll every stream once, commit, write the exposition, exit (textfile collector mode)."""
-    store = StateStore(settings.state_path)
-    client, poller, registry = _build(settings, store)
+    store = SqliteStore(settings.state_path)
+    client, poller, registry = build(settings, store)
     try:
         async with client:
             await _load(poller, attempts=1)
             ok = await poller.poll_all_once()
     finally:
         store.close()
-    text = generate_latest(registry)
     if output is None:
-        sys.stdout.buffer.write(text)
+        sys.stdout.buffer.write(generate_latest(registry))
         sys.stdout.buffer.flush()
     else:
         # Atomic for node_exporter's textfile collector: it never reads a half-written file.
         output.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, output)
+        write_to_textfile(str(output), registry)
     return 0 if ok else 1
 
 
@@ -183,3 +180,30 @@ def setup_logging(settings: Settings) -> None:
     # One line per request would drown the one line per poll; retries log on their own.
     for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+def fail(message: str, status: int) -> int:
+    """One line on stderr, and the exit status to return."""
+    print(f"{PROG}: {message}", file=sys.stderr)
+    return status
+
+
+def run_service(
+    settings: Settings,
+    *,
+    once: bool = False,
+    output: Path | None = None,
+    on_listening: Callable[[str], None] | None = None,
+) -> int:
+    """Run the service (or one poll) with logging set up; state problems exit 3 with the way out."""
+    setup_logging(settings)
+    try:
+        if once:
+            return anyio.run(run_once, settings, output)
+        return anyio.run(lambda: serve(settings, on_listening=on_listening))
+    except StateError as exc:
+        return fail(str(exc), EXIT_STATE)
+    except ConnectError as exc:  # only `--once`: the service itself keeps retrying
+        return fail(f"cannot read Connect: {exc}", 1)
+    except KeyboardInterrupt:
+        return 0

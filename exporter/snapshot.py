@@ -8,53 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from types import MappingProxyType
 
-from exporter import __version__
+from exporter.model import UsageView
 
-# Session durations run from seconds (a bounce) to hours (a dashboard left open all day).
-DURATION_BUCKETS: tuple[float, ...] = (
-    1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0,
-    3600.0, 7200.0, 14400.0, 28800.0, 86400.0,
-)  # fmt: skip
-# A poll is one or a few HTTP round trips; catch-up walks can take minutes.
-POLL_BUCKETS: tuple[float, ...] = (
-    0.01,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-    30.0,
-    60.0,
-    300.0,
-)
-
-USER_WINDOWS: tuple[str, ...] = ("1h", "24h", "7d", "30d")
-CONTENT_WINDOWS: tuple[str, ...] = ("24h", "7d", "30d")
-WINDOW_SECONDS: Mapping[str, int] = MappingProxyType(
-    {"1h": 3600, "24h": 86400, "7d": 7 * 86400, "30d": 30 * 86400}
-)
-STREAMS: tuple[str, ...] = ("shiny", "visits")
-POLL_STREAMS: tuple[str, ...] = ("shiny", "visits", "metadata")
-EXCLUDE_REASONS: tuple[str, ...] = ("synthetic", "malformed")
 DELETED_APP_MODE = "deleted"
 DELETED_NAME = "(deleted)"
-
-
-@dataclass(frozen=True, slots=True)
-class HistogramValue:
-    """Per-bucket (non-cumulative) counts aligned with a bucket tuple, the last one being +Inf."""
-
-    counts: tuple[int, ...]
-    sum: float
-
-    @property
-    def count(self) -> int:
-        return sum(self.counts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,50 +27,32 @@ class ContentInfo:
 
 
 @dataclass(frozen=True, slots=True)
-class Snapshot:
-    """Everything `/metrics` shows, as of one committed state. Keys are label values."""
+class MetadataView:
+    """What the slower refresh knows about content, users and permissions."""
 
-    taken_at: float = 0.0
-    counting_since: float | None = None
-    windows_evaluated_at: float | None = None
-    # usage, keyed by content_guid unless said otherwise
-    shiny_sessions_total: Mapping[str, int] = field(default_factory=dict)
-    shiny_session_duration: Mapping[str, HistogramValue] = field(default_factory=dict)
-    shiny_sessions_active: Mapping[str, int] = field(default_factory=dict)
-    shiny_sessions_abandoned_total: Mapping[str, int] = field(default_factory=dict)
-    content_visits_total: Mapping[str, int] = field(default_factory=dict)
-    active_users: Mapping[str, int] = field(default_factory=dict)  # window
-    content_active_users: Mapping[tuple[str, str], int] = field(
-        default_factory=dict
-    )  # (guid, window)
-    content_last_activity: Mapping[str, float] = field(default_factory=dict)
-    # metadata
-    content_info: Mapping[str, ContentInfo] = field(default_factory=dict)
-    content_items: Mapping[tuple[str, str], int] = field(
-        default_factory=dict
-    )  # (app_mode, access_type)
+    content: Mapping[str, ContentInfo] | None = None  # None until the first refresh
+    content_items: Mapping[tuple[str, str], int] = field(default_factory=dict)  # mode, access
+    usernames: Mapping[str, str] = field(default_factory=dict)
     users: Mapping[tuple[str, str], int] = field(default_factory=dict)  # (role, state)
-    content_permissions: Mapping[tuple[str, str, str], int] = field(
+    permissions: Mapping[tuple[str, str, str], int] = field(
         default_factory=dict
-    )  # (guid, principal_type, role)
-    # exclusions and opt-in per-user detail
-    excluded_events_total: Mapping[tuple[str, str], int] = field(
-        default_factory=dict
-    )  # (stream, reason)
+    )  # (content_guid, principal_type, role)
+    server_version: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Everything `/metrics` shows of the committed state (the exporter's own health is live)."""
+
+    usage: UsageView = field(default_factory=UsageView)
+    metadata: MetadataView = field(default_factory=MetadataView)
+    content_info: Mapping[str, ContentInfo] = field(default_factory=dict)  # with deleted items
     user_events: Mapping[tuple[str, str, str], int] = field(
         default_factory=dict
-    )  # (user_guid, username, window)
+    )  # (user_guid, username, window): the top N
     user_series_dropped_total: Mapping[str, int] = field(default_factory=dict)  # window
-    # health
-    up: bool = False
-    last_successful_poll: Mapping[str, float] = field(default_factory=dict)  # stream
-    poll_duration: Mapping[str, HistogramValue] = field(default_factory=dict)  # stream
-    poll_errors_total: Mapping[str, int] = field(default_factory=dict)  # stream
-    api_requests_total: Mapping[tuple[str, str], int] = field(
-        default_factory=dict
-    )  # (endpoint, status)
-    events_ingested_total: Mapping[str, int] = field(default_factory=dict)  # stream
-    high_water_mark: Mapping[str, float] = field(default_factory=dict)
-    state_errors_total: int = 0  # stream
-    server_version: str | None = None
-    exporter_version: str = __version__
+    counting_since: float | None = None
+    windows_evaluated_at: float | None = None
+    high_water_mark: Mapping[str, float] = field(default_factory=dict)  # stream
+    streams: tuple[str, ...] = ()  # the event streams polled
+    taken_at: float = 0.0

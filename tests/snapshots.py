@@ -5,20 +5,18 @@ from __future__ import annotations
 import random
 import uuid
 
-from exporter.snapshot import (
+from exporter.model import (
     CONTENT_WINDOWS,
     DURATION_BUCKETS,
     EXCLUDE_REASONS,
-    POLL_BUCKETS,
-    POLL_STREAMS,
-    STREAMS,
     USER_WINDOWS,
-    ContentInfo,
     HistogramValue,
-    Snapshot,
+    UsageView,
 )
+from exporter.snapshot import ContentInfo, MetadataView, Snapshot
 
 NOW = 1_750_000_000.0
+STREAMS = ("shiny", "visits")
 
 
 def populated_snapshot(content: int, *, seed: int = 1) -> Snapshot:
@@ -28,65 +26,61 @@ def populated_snapshot(content: int, *, seed: int = 1) -> Snapshot:
     modes = ("shiny", "rmd-static", "python-dash", "quarto-static", "jupyter-static")
     access = ("acl", "logged_in", "all")
 
-    def histogram(buckets: int) -> HistogramValue:
-        counts = tuple(rng.randrange(0, 40) for _ in range(buckets))
+    def histogram() -> HistogramValue:
+        counts = tuple(rng.randrange(0, 40) for _ in range(len(DURATION_BUCKETS) + 1))
         return HistogramValue(counts, round(rng.uniform(0, 5e5), 3))
 
-    n_duration = len(DURATION_BUCKETS) + 1
+    info = {
+        g: ContentInfo(
+            name=f"app-{i}",
+            title=f'Sales "{i}" dashboard \\ {rng.choice(("EMEA", "APAC", "AMER"))}',
+            app_mode=rng.choice(modes),
+            access_type=rng.choice(access),
+            owner=f"user{i % 997}",
+        )
+        for i, g in enumerate(guids)
+    }
     return Snapshot(
-        taken_at=NOW,
-        counting_since=NOW - 30 * 86400,
-        windows_evaluated_at=NOW,
-        shiny_sessions_total={g: rng.randrange(0, 3_000_000) for g in guids},
-        shiny_session_duration={g: histogram(n_duration) for g in guids},
-        shiny_sessions_active={g: rng.randrange(0, 6) for g in guids},
-        shiny_sessions_abandoned_total={g: rng.randrange(0, 20) for g in guids},
-        content_visits_total={g: rng.randrange(0, 50_000) for g in guids},
-        active_users={w: rng.randrange(100, 5000) for w in USER_WINDOWS},
-        content_active_users={
-            (g, w): rng.randrange(0, 300) for g in guids for w in CONTENT_WINDOWS
-        },
-        content_last_activity={g: round(NOW - rng.uniform(0, 3e6), 3) for g in guids},
-        content_info={
-            g: ContentInfo(
-                name=f"app-{i}",
-                title=f'Sales "{i}" dashboard \\ {rng.choice(("EMEA", "APAC", "AMER"))}',
-                app_mode=rng.choice(modes),
-                access_type=rng.choice(access),
-                owner=f"user{i % 997}",
-            )
-            for i, g in enumerate(guids)
-        },
-        content_items={(m, a): rng.randrange(1, content) for m in modes for a in access},
-        users={
-            (r, s): rng.randrange(1, 9000)
-            for r in ("viewer", "publisher", "administrator")
-            for s in ("active", "locked", "unconfirmed")
-        },
-        content_permissions={
-            (g, t, r): rng.randrange(1, 30)
-            for g in guids
-            for t, r in (("user", "viewer"), ("group", "viewer"), ("user", "owner"))
-        },
-        excluded_events_total={
-            (s, r): rng.randrange(0, 999) for s in STREAMS for r in EXCLUDE_REASONS
-        },
+        usage=UsageView(
+            shiny_sessions_total={g: rng.randrange(0, 3_000_000) for g in guids},
+            shiny_session_duration={g: histogram() for g in guids},
+            shiny_sessions_active={g: rng.randrange(0, 6) for g in guids},
+            shiny_sessions_abandoned_total={g: rng.randrange(0, 20) for g in guids},
+            content_visits_total={g: rng.randrange(0, 50_000) for g in guids},
+            active_users={w: rng.randrange(100, 5000) for w in USER_WINDOWS},
+            content_active_users={
+                (g, w): rng.randrange(0, 300) for g in guids for w in CONTENT_WINDOWS
+            },
+            content_last_activity={g: round(NOW - rng.uniform(0, 3e6), 3) for g in guids},
+            excluded_events_total={
+                (s, r): rng.randrange(0, 999) for s in STREAMS for r in EXCLUDE_REASONS
+            },
+        ),
+        metadata=MetadataView(
+            content=info,
+            content_items={(m, a): rng.randrange(1, content) for m in modes for a in access},
+            users={
+                (r, s): rng.randrange(1, 9000)
+                for r in ("viewer", "publisher", "administrator")
+                for s in ("active", "locked", "unconfirmed")
+            },
+            permissions={
+                (g, t, r): rng.randrange(1, 30)
+                for g in guids
+                for t, r in (("user", "viewer"), ("group", "viewer"), ("user", "owner"))
+            },
+            server_version="2025.04.0",
+        ),
+        content_info=info,
         user_events={
             (f"u-{i}", f"user{i}", w): rng.randrange(1, 999)
             for i in range(50)
             for w in USER_WINDOWS
         },
         user_series_dropped_total={w: rng.randrange(0, 9999) for w in USER_WINDOWS},
-        up=True,
-        last_successful_poll={s: NOW - 5 for s in POLL_STREAMS},
-        poll_duration={s: histogram(len(POLL_BUCKETS) + 1) for s in POLL_STREAMS},
-        poll_errors_total={s: rng.randrange(0, 9) for s in POLL_STREAMS},
-        api_requests_total={
-            ("/v1/instrumentation/shiny/usage", "200"): 12_345,
-            ("/v1/content", "503"): 3,
-        },
-        events_ingested_total={s: rng.randrange(0, 2_000_000) for s in STREAMS},
+        counting_since=NOW - 30 * 86400,
+        windows_evaluated_at=NOW,
         high_water_mark={s: NOW - 60 for s in STREAMS},
-        state_errors_total=1,
-        server_version="2025.04.0",
+        streams=STREAMS,
+        taken_at=NOW,
     )

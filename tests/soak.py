@@ -31,8 +31,9 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporter.model import CLOSED
+from exporter.model import CLOSED, SPACES
 from exporter.simulator import SimConfig, SimServer, Simulator
+from exporter.store import SqliteStore
 
 FAR_FUTURE = 1e11
 DAY = 86400.0
@@ -252,27 +253,39 @@ def rss_mb(pid: int, field_name: str = "VmRSS") -> float:
 
 
 def state_rows(path: Path) -> dict[str, int]:
-    """Row counts of the de-dup and last-seen tables, read-only (never blocks the writer)."""
-    out: dict[str, int] = {}
-    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)) as db:
-        for table in KEY_TABLES:
-            out[table] = int(db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
-    return out
+    """How many de-dup keys and last-seen entries the state holds, read through the store
+    (read-only: never blocks the writer)."""
+    store = SqliteStore(path, read_only=True)
+    try:
+        state = store.load()
+    finally:
+        store.close()
+    if state is None:
+        return dict.fromkeys(KEY_TABLES, 0)
+    return {
+        "shiny_keys": len(state.keys.get("shiny", {})),
+        "visit_keys": sum(len(keys) for space, keys in state.keys.items() if space != "shiny"),
+        "user_last": len(state.user_last),
+        "pair_last": sum(map(len, state.pair_last.values())),
+    }
 
 
 def stale_keys(path: Path, overlap_us: int) -> int:
-    """De-dup keys a walk can no longer return (below hwm - overlap): pruning leaves none."""
-    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)) as db:
-        hwm = dict(db.execute("SELECT stream, value FROM hwm").fetchall())
-        shiny = db.execute(
-            "SELECT COUNT(*) FROM shiny_keys WHERE state = ? AND time < ?",
-            (CLOSED, hwm.get("shiny", 0) - overlap_us),
-        ).fetchone()[0]
-        visits = db.execute(
-            "SELECT COUNT(*) FROM visit_keys WHERE time < ?",
-            (hwm.get("visits", 0) - overlap_us,),
-        ).fetchone()[0]
-    return int(shiny) + int(visits)
+    """De-dup keys a walk can no longer return (below the walk start), open sessions apart:
+    pruning leaves none."""
+    store = SqliteStore(path, read_only=True)
+    try:
+        state = store.load()
+    finally:
+        store.close()
+    if state is None:
+        return 0
+    stale = 0
+    for space, keys in state.keys.items():
+        bound = state.marks.get(SPACES[space], 0) - overlap_us
+        pinned = space == "shiny"
+        stale += sum(1 for v, t in keys.values() if t < bound and not (pinned and v != CLOSED))
+    return stale
 
 
 Series = dict[str, dict[tuple[tuple[str, str], ...], float]]

@@ -11,11 +11,12 @@ from typing import Any
 import anyio
 
 from exporter.client import ConnectClient
-from exporter.model import US, UsageModel
-from exporter.poller import Health, Poller
+from exporter.health import Health
+from exporter.model import US, USER_WINDOWS, WINDOW_SECONDS, Rules, UsageModel
+from exporter.poller import Poller
 from exporter.simulator import Simulator
-from exporter.snapshot import USER_WINDOWS, WINDOW_SECONDS
-from exporter.state import StateStore
+from exporter.store import SqliteStore
+from exporter.streams import STREAMS
 
 FAR_FUTURE = 1e11
 # Where every simulator of the tests starts its clock: a fixed instant, never the wall clock, so
@@ -39,8 +40,8 @@ def make_poller(
     max_retries: int = 8,
     timeout: float = 5.0,
     catchup_concurrency: int = 4,
-) -> tuple[ConnectClient, Poller, StateStore]:
-    health = Health()
+) -> tuple[ConnectClient, Poller, SqliteStore]:
+    health = Health(s.name for s in STREAMS)
     client = ConnectClient(
         connect.url,
         connect.sim.keys["admin"],
@@ -50,12 +51,14 @@ def make_poller(
         backoff_max=0.05,
         observer=health.observe_request,
     )
-    store = StateStore(state_path)
+    store = SqliteStore(state_path)
     model = UsageModel(
-        overlap_us=int(overlap * US),
-        max_session_age_us=int(max_session_age * US),
-        exclude_user_agents=("ContentHealthMonitor/",),
-        track_user_hours=top_users > 0,
+        Rules(
+            overlap_us=int(overlap * US),
+            max_session_age_us=int(max_session_age * US),
+            exclude_user_agents=("ContentHealthMonitor/",),
+            track_user_hours=top_users > 0,
+        )
     )
     poller = Poller(
         client,
@@ -74,14 +77,15 @@ def assert_matches_truth(poller: Poller, sim: Simulator) -> None:
     """Every usage figure of the snapshot equals the simulator's ground truth, exactly."""
     assert_counters_match_truth(poller, sim)
     snap = poller.snapshot
+    usage = snap.usage
     now = snap.windows_evaluated_at
     assert now is not None
-    assert dict(snap.shiny_sessions_active) == sim.truth(now, FAR_FUTURE)["sessions_running"]
+    assert dict(usage.shiny_sessions_active) == sim.truth(now, FAR_FUTURE)["sessions_running"]
     for window in USER_WINDOWS:
         expected = sim.truth(now - WINDOW_SECONDS[window], FAR_FUTURE)
-        assert snap.active_users[window] == expected["distinct_users"], window
+        assert usage.active_users[window] == expected["distinct_users"], window
         if window != "1h":
-            got = {g: n for (g, w), n in snap.content_active_users.items() if w == window and n}
+            got = {g: n for (g, w), n in usage.content_active_users.items() if w == window and n}
             assert got == expected["content_distinct_users"], window
 
 
@@ -89,16 +93,18 @@ def assert_counters_match_truth(poller: Poller, sim: Simulator) -> None:
     """Every counter and histogram equals the truth (the gauges may differ by design: a session
     past the age limit is abandoned by the exporter but still "running" for Connect)."""
     snap = poller.snapshot
+    usage = snap.usage
     assert snap.counting_since is not None
     truth = sim.truth(snap.counting_since, FAR_FUTURE)
-    assert dict(snap.shiny_sessions_total) == truth["sessions_started"]
-    assert {g: h.count for g, h in snap.shiny_session_duration.items()} == truth["sessions_ended"]
-    assert {g: h.sum for g, h in snap.shiny_session_duration.items()} == {
+    assert dict(usage.shiny_sessions_total) == truth["sessions_started"]
+    durations = usage.shiny_session_duration
+    assert {g: h.count for g, h in durations.items()} == truth["sessions_ended"]
+    assert {g: h.sum for g, h in durations.items()} == {
         g: us / US for g, us in truth["session_microseconds"].items()
     }
-    assert dict(snap.content_visits_total) == truth["visits"]
+    assert dict(usage.content_visits_total) == truth["visits"]
     assert (
-        snap.excluded_events_total.get(("visits", "synthetic"), 0)
+        usage.excluded_events_total.get(("visits", "synthetic"), 0)
         == truth["totals"]["synthetic_visits"]
     )
 

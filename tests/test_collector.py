@@ -1,4 +1,5 @@
-"""SnapshotCollector: exact exposition text, bucket math, pre-initialised series, promtool lint."""
+"""SnapshotCollector and SnapshotRenderer: exact exposition text, bucket math, pre-initialised
+series, promtool lint, and the renderer byte-identical to prometheus_client."""
 
 from __future__ import annotations
 
@@ -19,21 +20,25 @@ from exporter.collector import (
     SnapshotRenderer,
     build_registry,
 )
-from exporter.snapshot import (
+from exporter.health import Health
+from exporter.model import (
     CONTENT_WINDOWS,
-    DELETED_APP_MODE,
-    DELETED_NAME,
     DURATION_BUCKETS,
     EXCLUDE_REASONS,
-    POLL_BUCKETS,
-    POLL_STREAMS,
-    STREAMS,
     USER_WINDOWS,
-    ContentInfo,
     HistogramValue,
+    UsageView,
+)
+from exporter.snapshot import (
+    DELETED_APP_MODE,
+    DELETED_NAME,
+    ContentInfo,
+    MetadataView,
     Snapshot,
 )
 from tests.snapshots import populated_snapshot
+
+STREAMS = ("shiny", "visits")
 
 GOLDEN = Path(__file__).parent / "golden" / "collector.prom"
 APP = "6f300623-1e0c-48e6-a473-ddf630c0c0c3"
@@ -45,40 +50,37 @@ def handcrafted() -> Snapshot:
     """A small snapshot touching every family, with label values that need escaping."""
     duration = [0] * (len(DURATION_BUCKETS) + 1)
     duration[0], duration[3], duration[-1] = 2, 5, 1  # two ≤1 s, five ≤30 s, one > 1 day
-    poll = [0] * (len(POLL_BUCKETS) + 1)
-    poll[2] = 4
+    info = {
+        APP: ContentInfo("sales-app", 'Sales "live" \\ dashboard', "shiny", "acl", "alice"),
+        DOC: ContentInfo("report", "Quarterly\nreport", "rmd-static", "logged_in", "bob"),
+    }
     return Snapshot(
-        taken_at=1_736_000_000.0,
-        counting_since=1_735_000_000.0,
-        windows_evaluated_at=1_736_000_000.5,
-        shiny_sessions_total={APP: 8, GONE: 1},
-        shiny_session_duration={APP: HistogramValue(tuple(duration), 100_123.25)},
-        shiny_sessions_active={APP: 1},
-        shiny_sessions_abandoned_total={APP: 1},
-        content_visits_total={APP: 12, DOC: 3},
-        active_users={"24h": 4, "7d": 9},
-        content_active_users={(APP, "24h"): 2, (APP, "30d"): 5},
-        content_last_activity={APP: 1_735_999_999.25, DOC: 1_735_900_000.0},
-        content_info={
-            APP: ContentInfo("sales-app", 'Sales "live" \\ dashboard', "shiny", "acl", "alice"),
-            DOC: ContentInfo("report", "Quarterly\nreport", "rmd-static", "logged_in", "bob"),
-            GONE: ContentInfo(DELETED_NAME, "", DELETED_APP_MODE, "", ""),
-        },
-        content_items={("shiny", "acl"): 1, ("rmd-static", "logged_in"): 1},
-        users={("viewer", "active"): 10, ("publisher", "locked"): 1},
-        content_permissions={(APP, "user", "viewer"): 3, (APP, "group", "owner"): 1},
-        excluded_events_total={("visits", "synthetic"): 7},
+        usage=UsageView(
+            shiny_sessions_total={APP: 8, GONE: 1},
+            shiny_session_duration={APP: HistogramValue(tuple(duration), 100_123.25)},
+            shiny_sessions_active={APP: 1},
+            shiny_sessions_abandoned_total={APP: 1},
+            content_visits_total={APP: 12, DOC: 3},
+            active_users={"24h": 4, "7d": 9},
+            content_active_users={(APP, "24h"): 2, (APP, "30d"): 5},
+            content_last_activity={APP: 1_735_999_999.25, DOC: 1_735_900_000.0},
+            excluded_events_total={("visits", "synthetic"): 7},
+        ),
+        metadata=MetadataView(
+            content=info,
+            content_items={("shiny", "acl"): 1, ("rmd-static", "logged_in"): 1},
+            users={("viewer", "active"): 10, ("publisher", "locked"): 1},
+            permissions={(APP, "user", "viewer"): 3, (APP, "group", "owner"): 1},
+            server_version="2025.04.0",
+        ),
+        content_info={**info, GONE: ContentInfo(DELETED_NAME, "", DELETED_APP_MODE, "", "")},
         user_events={("u-1", "alice", "7d"): 20},
         user_series_dropped_total={"7d": 2},
-        up=True,
-        last_successful_poll={"shiny": 1_736_000_000.0, "metadata": 1_735_999_000.0},
-        poll_duration={"shiny": HistogramValue(tuple(poll), 0.35)},
-        poll_errors_total={"visits": 2},
-        api_requests_total={("/v1/instrumentation/shiny/usage", "200"): 5},
-        events_ingested_total={"shiny": 9},
+        counting_since=1_735_000_000.0,
+        windows_evaluated_at=1_736_000_000.5,
         high_water_mark={"shiny": 1_735_999_990.0},
-        server_version="2025.04.0",
-        exporter_version="9.9.9",
+        streams=STREAMS,
+        taken_at=1_736_000_000.0,
     )
 
 
@@ -117,39 +119,26 @@ def test_histogram_buckets_are_cumulative_with_count_and_sum() -> None:
     assert [got[key(name + "_bucket", content_guid=APP, le=le)] for le in les] == expected
     assert got[key(name + "_count", content_guid=APP)] == 8
     assert got[key(name + "_sum", content_guid=APP)] == 100_123.25
-    poll = "connect_usage_poll_duration_seconds"
-    assert got[key(poll + "_bucket", stream="shiny", le="0.05")] == 0
-    assert got[key(poll + "_bucket", stream="shiny", le="0.1")] == 4
-    assert got[key(poll + "_bucket", stream="shiny", le="+Inf")] == 4
-    assert got[key(poll + "_count", stream="shiny")] == 4
 
 
 def test_histogram_with_wrong_bucket_count_is_refused() -> None:
-    bad = Snapshot(shiny_session_duration={APP: HistogramValue((1, 2, 3), 1.0)})
+    bad = Snapshot(usage=UsageView(shiny_session_duration={APP: HistogramValue((1, 2, 3), 1.0)}))
     with pytest.raises(ValueError, match="3 bucket counts for 16 buckets"):
         list(SnapshotCollector(lambda: bad).collect())
 
 
 def test_empty_snapshot_preinitialises_series() -> None:
-    got = samples(Snapshot())
+    got = samples(Snapshot(streams=STREAMS))
     for window in USER_WINDOWS:
         assert got[key("connect_usage_active_users", window=window)] == 0
         assert got[key("connect_usage_user_series_dropped_total", window=window)] == 0
     for stream in STREAMS:
-        assert got[key("connect_usage_events_ingested_total", stream=stream)] == 0
         for reason in EXCLUDE_REASONS:
             excluded = key("connect_usage_excluded_events_total", stream=stream, reason=reason)
             assert got[excluded] == 0
-    for stream in POLL_STREAMS:
-        assert got[key("connect_usage_poll_errors_total", stream=stream)] == 0
-        assert got[key("connect_usage_poll_duration_seconds_count", stream=stream)] == 0
-        assert got[key("connect_usage_poll_duration_seconds_bucket", stream=stream, le="+Inf")] == 0
-    assert got[key("connect_usage_up")] == 0
-    assert got[key("connect_usage_exporter_build_info", version=Snapshot().exporter_version)] == 1
     names = {name for name, _ in got}
     # Unknown timestamps and an unknown server version are absent, not 0 (0 would read as 1970).
     for absent in (
-        "connect_usage_last_successful_poll_timestamp_seconds",
         "connect_usage_high_water_mark_timestamp_seconds",
         "connect_usage_counting_since_timestamp_seconds",
         "connect_usage_windows_evaluated_timestamp_seconds",
@@ -185,14 +174,13 @@ def test_deleted_content_keeps_usage_and_says_so_in_info() -> None:
     assert got[info] == 1
 
 
-def test_health_values() -> None:
+def test_snapshot_values() -> None:
     got = samples(handcrafted())
-    assert got[key("connect_usage_up")] == 1
     assert got[key("connect_usage_server_info", version="2025.04.0")] == 1
     assert got[key("connect_usage_counting_since_timestamp_seconds")] == 1_735_000_000.0
-    last = "connect_usage_last_successful_poll_timestamp_seconds"
-    assert got[key(last, stream="metadata")] == 1_735_999_000.0
-    assert key(last, stream="visits") not in got
+    mark = "connect_usage_high_water_mark_timestamp_seconds"
+    assert got[key(mark, stream="shiny")] == 1_735_999_990.0
+    assert key(mark, stream="visits") not in got
 
 
 def test_describe_does_not_read_the_snapshot_and_collect_reads_it_once() -> None:
@@ -213,9 +201,10 @@ def test_describe_does_not_read_the_snapshot_and_collect_reads_it_once() -> None
     assert calls == [1, 1]
 
 
-def test_build_registry_adds_process_metrics() -> None:
-    text = generate_latest(build_registry(handcrafted)).decode()
-    assert "connect_usage_up 1.0" in text
+def test_build_registry_adds_health_and_process_metrics() -> None:
+    text = generate_latest(build_registry(handcrafted, Health(STREAMS))).decode()
+    assert "connect_usage_up 0.0" in text
+    assert "connect_usage_shiny_sessions_total" in text
     assert "python_info" in text
     if Path("/proc/self/stat").exists():
         assert "process_resident_memory_bytes" in text
@@ -233,7 +222,7 @@ def _promtool() -> str:
 @pytest.mark.parametrize("snapshot", [handcrafted(), Snapshot()], ids=["full", "empty"])
 def test_promtool_check_metrics_is_silent(snapshot: Snapshot) -> None:
     promtool = _promtool()
-    text = generate_latest(build_registry(lambda: snapshot))
+    text = generate_latest(build_registry(lambda: snapshot, Health(STREAMS)))
     result = subprocess.run(
         [promtool, "check", "metrics"], input=text, capture_output=True, timeout=60, check=False
     )
@@ -250,13 +239,15 @@ def edge_values() -> Snapshot:
     guids = [f"g-{i}" for i in range(12)]
     values = [0, 1, 1023, 1024, 999_999, 1_000_000, 1_234_567, -5, -1_000_000, 2**53, 0.1, 1e-7]
     return Snapshot(
-        shiny_sessions_total=dict(zip(guids, values, strict=True)),
-        content_last_activity={g: float(v) + 0.25 for g, v in zip(guids, values, strict=True)},
+        usage=UsageView(
+            shiny_sessions_total=dict(zip(guids, values, strict=True)),
+            shiny_session_duration={"g-2": HistogramValue((0,) * 15 + (5,), float("nan"))},
+            content_last_activity={g: float(v) + 0.25 for g, v in zip(guids, values, strict=True)},
+            content_active_users={("g-1", "90d"): 3, ("g-1", "24h"): 1},
+        ),
         content_info={"g-0": ContentInfo('a"b', "x\\y\nz", "shiny", "acl", "ünïcode ✓")},
-        content_active_users={("g-1", "90d"): 3, ("g-1", "24h"): 1},
-        state_errors_total=10**7,
         counting_since=float("inf"),
-        poll_duration={"shiny": HistogramValue((0,) * 12 + (5,), float("nan"))},
+        windows_evaluated_at=10**7,  # type: ignore[arg-type]  # an int, as a count would be
     )
 
 
@@ -306,14 +297,15 @@ def test_renderer_label_cache_follows_changed_content() -> None:
 
 
 def test_renderer_refuses_wrong_bucket_count_like_the_collector() -> None:
-    bad = Snapshot(shiny_session_duration={APP: HistogramValue((1, 2, 3), 1.0)})
+    bad = Snapshot(usage=UsageView(shiny_session_duration={APP: HistogramValue((1, 2, 3), 1.0)}))
     with pytest.raises(ValueError, match="3 bucket counts for 16 buckets"):
         SnapshotRenderer().render(bad)
 
 
-def test_exporter_registry_keeps_runtime_collectors_apart() -> None:
-    registry = build_registry(handcrafted)
+def test_exporter_registry_keeps_live_collectors_apart() -> None:
+    registry = build_registry(handcrafted, Health(STREAMS))
     runtime = generate_latest(registry.runtime).decode()
     assert "python_info" in runtime
-    assert "connect_usage_" not in runtime
+    assert "connect_usage_up" in runtime  # the exporter's own health is rendered live
+    assert "connect_usage_shiny_sessions_total" not in runtime  # the snapshot is cached
     assert generate_latest(registry).decode().startswith(GOLDEN.read_text())

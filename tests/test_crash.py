@@ -26,11 +26,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from exporter.model import UsageModel
+from exporter.model import DURATION_BUCKETS
 from exporter.simulator import SimConfig, SimServer, Simulator
 from exporter.simulator.store import NO_END
-from exporter.snapshot import DURATION_BUCKETS
-from exporter.state import StateStore
+from exporter.store import SqliteStore
 from tests.support import FAR_FUTURE, TUESDAY_AFTERNOON
 from tests.test_cli import (
     EXE,
@@ -230,13 +229,13 @@ def db_counters(original: Path) -> dict[tuple[str, str], int]:
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     finally:
         db.close()
-    store = StateStore(path)
-    model = UsageModel(overlap_us=0, max_session_age_us=10**15, exclude_user_agents=())
+    store = SqliteStore(path)
     try:
-        assert store.restore(model)
+        state = store.load()
     finally:
         store.close()
-    return dict(model.counters)
+    assert state is not None
+    return dict(state.counters)
 
 
 def exposed_totals(text: str) -> tuple[float, float]:

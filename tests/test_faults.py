@@ -33,7 +33,7 @@ from exporter.http import ExporterHTTPServer
 from exporter.poller import Poller
 from exporter.records import ENDPOINT_SHINY, ENDPOINT_VISITS
 from exporter.simulator import SimConfig, SimServer, Simulator
-from exporter.state import StateStore
+from exporter.store import SqliteStore
 from tests.support import (
     FAR_FUTURE,
     TUESDAY_AFTERNOON,
@@ -66,16 +66,18 @@ class Backoff:
 class Rig:
     client: ConnectClient
     poller: Poller
-    store: StateStore
+    store: SqliteStore
     backoff: Backoff
 
     @property
     def requests(self) -> dict[tuple[str, str], int]:
-        return self.poller.health.api_requests
+        return self.poller.health.requests()
 
     def exposition(self) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
         """What /metrics would answer now."""
-        text = generate_latest(build_registry(lambda: self.poller.snapshot)).decode()
+        text = generate_latest(
+            build_registry(lambda: self.poller.snapshot, self.poller.health)
+        ).decode()
         out: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
@@ -150,7 +152,8 @@ def _retry_after(n: int) -> list[float]:
 
 
 FAULTS = {
-    "timeout": Fault({"latency": 0.4}, "timeout", None, timeout=0.15, log_detail="ReadTimeout"),
+    # Far beyond the timeout, and the timeout far beyond a loaded machine's answer.
+    "timeout": Fault({"latency": 1.5}, "timeout", None, timeout=0.5, log_detail="ReadTimeout"),
     "connection_reset": Fault(
         {"reset_rate": 1.0}, "connection_error", "reset", log_detail="RemoteProtocolError"
     ),
@@ -203,10 +206,10 @@ async def test_simulator_fault(
         warnings = [m for m in messages(caplog, logging.WARNING) if ENDPOINT_VISITS in m]
         assert len(warnings) == 2
         assert fault.log_detail in warnings[0]
-        assert r.poller.snapshot.poll_errors_total["visits"] == 0
+        assert r.poller.health.poll_errors()["visits"] == 0
     else:
         assert r.backoff.delays == []
-        assert r.poller.snapshot.poll_errors_total["visits"] == 1
+        assert r.poller.health.poll_errors()["visits"] == 1
         assert "HTTP 500" in messages(caplog, logging.ERROR)[0]
         assert await r.poller.poll_once("visits")
     assert await r.poller.poll_all_once()
@@ -214,7 +217,7 @@ async def test_simulator_fault(
 
     # Persistent: every visits request fails; the poll gives up, the other streams go on.
     caplog.clear()
-    errors_before = r.poller.snapshot.poll_errors_total["visits"]
+    errors_before = r.poller.health.poll_errors()["visits"]
     requests_before = r.requests.get(key, 0)
     r.backoff.delays.clear()
     sim.clock.advance(600)
@@ -239,7 +242,7 @@ async def test_simulator_fault(
         == r.requests[key]
     )
     truth = sim.truth(r.poller.snapshot.counting_since or 0, FAR_FUTURE)
-    assert dict(r.poller.snapshot.shiny_sessions_total) == truth["sessions_started"]
+    assert dict(r.poller.snapshot.usage.shiny_sessions_total) == truth["sessions_started"]
 
     sim.faults.clear()
     assert await r.poller.poll_all_once()
@@ -316,11 +319,11 @@ async def test_a_repeating_cursor(
     errors = [m for m in messages(caplog, logging.ERROR) if "poll of visits failed" in m]
     assert len(errors) == 1
     assert "sent the cursor 'LOOP' a second time" in errors[0]
-    assert r.poller.snapshot.poll_errors_total["visits"] == 1
+    assert r.poller.health.poll_errors()["visits"] == 1
     assert r.exposition()["connect_usage_up"][()] == 0.0
     # The first page was committed; the repeat of it must not have been counted again.
     truth = sim.truth(r.poller.snapshot.counting_since or 0, FAR_FUTURE)["visits"]
-    counted = dict(r.poller.snapshot.content_visits_total)
+    counted = dict(r.poller.snapshot.usage.content_visits_total)
     assert all(counted.get(g, 0) <= n for g, n in truth.items()), "a repeated page was counted"
 
     transport.redirect = transport.rewrite = None
@@ -357,9 +360,11 @@ async def test_a_page_larger_than_limit(
     assert r.backoff.delays == [0.01, 0.02, 0.04]
     warnings = messages(caplog, logging.WARNING)
     assert "a cursor page holds 501 records, more than limit=500" in warnings[0]
-    assert r.poller.snapshot.poll_errors_total["visits"] == 1
+    assert r.poller.health.poll_errors()["visits"] == 1
     truth = sim.truth(r.poller.snapshot.counting_since or 0, FAR_FUTURE)
-    assert sum(r.poller.snapshot.content_visits_total.values()) < sum(truth["visits"].values())
+    assert sum(r.poller.snapshot.usage.content_visits_total.values()) < sum(
+        truth["visits"].values()
+    )
 
     transport.rewrite = None
     assert await r.poller.poll_all_once()
@@ -414,11 +419,11 @@ async def test_records_with_missing_extra_and_mistyped_fields(
     assert len(skipped) == 3 * (len(BAD_VISITS) + len(BAD_SHINY))
     assert any("content_guid" in m for m in skipped)
     snap = r.poller.snapshot
-    assert snap.excluded_events_total[("visits", "malformed")] == len(BAD_VISITS)
-    assert snap.excluded_events_total[("shiny", "malformed")] == len(BAD_SHINY)
+    assert snap.usage.excluded_events_total[("visits", "malformed")] == len(BAD_VISITS)
+    assert snap.usage.excluded_events_total[("shiny", "malformed")] == len(BAD_SHINY)
     m = r.exposition()["connect_usage_excluded_events_total"]
     assert m[(("reason", "malformed"), ("stream", "visits"))] == len(BAD_VISITS)
-    assert snap.poll_errors_total == {"shiny": 0, "visits": 0, "metadata": 0}
+    assert r.poller.health.poll_errors() == {"shiny": 0, "visits": 0, "metadata": 0}
     assert await r.poller.poll_all_once()
     assert_matches_truth(r.poller, sim)  # every good record exact, decorated ones included
     await r.close()
@@ -452,7 +457,7 @@ async def test_a_bad_open_session_that_every_slice_meets_counts_once(
     assert await r.poller.poll_all_once()
     transport.rewrite = None
     assert pages[0] > 4  # several slices, each of which met it
-    assert r.poller.snapshot.excluded_events_total[("shiny", "malformed")] == 1
+    assert r.poller.snapshot.usage.excluded_events_total[("shiny", "malformed")] == 1
     assert_matches_truth(r.poller, sim)
     await r.close()
 
@@ -505,7 +510,7 @@ async def test_timestamps_in_the_future(
         assert await r.poller.poll_all_once()
         hwm = r.poller.snapshot.high_water_mark["visits"]
         assert hwm <= sim.clock.now(), "a future record moved the mark past Connect's now"
-        assert r.poller.snapshot.content_visits_total[LONE_GUID] == 1
+        assert r.poller.snapshot.usage.content_visits_total[LONE_GUID] == 1
     assert sim.clock.now() > future + 360  # it is in the past now, beyond the overlap
     assert_matches_truth(r.poller, cast(Simulator, TruthPlus(sim, [(LONE_GUID, future)])))
     await r.close()
@@ -607,7 +612,7 @@ async def test_connect_down_longer_than_the_overlap(
     caplog.set_level(logging.WARNING)
     r = await rig(connect, tmp_path / "s.sqlite", max_retries=1)
     http = ExporterHTTPServer(
-        build_registry(lambda: r.poller.snapshot), host="127.0.0.1", port=0,
+        build_registry(lambda: r.poller.snapshot, r.poller.health), host="127.0.0.1", port=0,
         readiness=r.poller.readiness,
     )  # fmt: skip
     http.start()
@@ -623,7 +628,7 @@ async def test_connect_down_longer_than_the_overlap(
         monkeypatch.undo()
         # Every loop failed and waited, doubling: 1, 2, 4, 8, 16, 16 s for the streams
         # (poll interval 1 s), 60, 120, 240, 300 s for metadata (interval 60 s); never a spin.
-        errors = r.poller.snapshot.poll_errors_total
+        errors = r.poller.health.poll_errors()
         streams = sorted(w for w in loop.waits if w < 60)
         meta = sorted(w for w in loop.waits if w >= 60)
         assert len(streams) == errors["shiny"] + errors["visits"]

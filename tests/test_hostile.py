@@ -20,14 +20,13 @@ from typing import Any
 
 import anyio
 import httpx
-import orjson
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import exporter.client as client_module
 from exporter.client import ConnectClient, ConnectError, ResponseFormatError
-from exporter.model import US, UsageModel
+from exporter.model import US, Rules, UsageModel
 from exporter.poller import Poller
 from exporter.records import (
     RECORD,
@@ -51,7 +50,7 @@ from exporter.records import (
     parse_user,
     parse_visit,
 )
-from exporter.state import StateStore
+from exporter.store import SqliteStore
 
 EXAMPLES = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 # A whole generated walk per example: fewer of them, so the file stays well under 20 s.
@@ -344,12 +343,9 @@ def checked_reading(
     """The client's own checked reading of a cursor page (its decode order, its page check, its
     record loop); None where it refuses the page."""
     try:
-        page = orjson.loads(body)  # integers past 64 bits come back as floats: malformed
-    except orjson.JSONDecodeError:
-        try:
-            page = json.loads(body, object_pairs_hook=client_module._checked_text)
-        except (ValueError, RecursionError):
-            return None
+        page = json.loads(body, object_pairs_hook=client_module._checked_text)
+    except (ValueError, RecursionError):
+        return None
     try:
         raw, cursor = client_module._cursor_page_check(limit)(page)
     except ResponseFormatError:
@@ -664,8 +660,8 @@ async def poll_hostile(generated: list[Body], path: Path) -> tuple[bool, dict[st
         "http://connect.test", "k", max_retries=0, verify=False, transport=transport,
         sleep=_no_wait,
     )  # fmt: skip
-    store = StateStore(path)
-    model = UsageModel(overlap_us=0, max_session_age_us=10**15, exclude_user_agents=())
+    store = SqliteStore(path)
+    model = UsageModel(Rules(overlap_us=0, max_session_age_us=10**15))
     poller = Poller(
         client, model, store, poll_interval=1, metadata_interval=60,
         clock=lambda: float(current["date"]),
@@ -680,16 +676,16 @@ async def poll_hostile(generated: list[Body], path: Path) -> tuple[bool, dict[st
         snap = poller.snapshot
         return (
             ok,
-            dict(snap.content_visits_total),
-            snap.excluded_events_total.get(("visits", "malformed"), 0),
-            snap.poll_errors_total["visits"],
+            dict(snap.usage.content_visits_total),
+            snap.usage.excluded_events_total.get(("visits", "malformed"), 0),
+            poller.health.poll_errors()["visits"],
         )
     finally:
         store.close()
 
 
 def test_text_with_an_unpaired_surrogate_is_a_malformed_value_not_a_stuck_stream() -> None:
-    # orjson refuses `"\ud800"`; the stdlib reads it into a str no UTF-8 can hold, which the
+    # The checked reading takes `"\ud800"` into a str no UTF-8 can hold, which the
     # visit key and the state file then failed on, on every poll: the stream stuck for good.
     raw, good = anyio.run(_surrogate_page)
     generated = [Body(json.dumps({"results": raw}).encode(), good, 3, None, True)]

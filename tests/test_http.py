@@ -21,8 +21,9 @@ from exporter.collector import (
     SnapshotRenderer,
     build_registry,
 )
+from exporter.health import Health
 from exporter.http import ExporterHTTPServer, MetricsEndpoint, parse_listen_address
-from exporter.snapshot import Snapshot
+from exporter.snapshot import MetadataView, Snapshot
 from tests.test_collector import handcrafted
 
 
@@ -43,9 +44,12 @@ def readiness() -> Readiness:
 
 @pytest.fixture
 def base_url(readiness: Readiness) -> Iterator[str]:
-    snapshot = Snapshot(up=True, server_version="2025.04.0")
+    snapshot = Snapshot(metadata=MetadataView(server_version="2025.04.0"))
     server = ExporterHTTPServer(
-        build_registry(lambda: snapshot), host="127.0.0.1", port=0, readiness=readiness
+        build_registry(lambda: snapshot, Health(("shiny", "visits"))),
+        host="127.0.0.1",
+        port=0,
+        readiness=readiness,
     )
     server.start()
     assert server.port != 0
@@ -59,7 +63,7 @@ def test_metrics_in_text_format(base_url: str) -> None:
     r = httpx.get(f"{base_url}/metrics")
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("text/plain")
-    assert "connect_usage_up 1.0\n" in r.text
+    assert 'connect_usage_server_info{version="2025.04.0"} 1.0\n' in r.text
     assert "# TYPE connect_usage_shiny_sessions_total counter" in r.text
     assert 'connect_usage_server_info{version="2025.04.0"} 1.0' in r.text
     assert "process_" in r.text or "python_info" in r.text
@@ -74,7 +78,7 @@ def test_metrics_in_openmetrics_when_asked(base_url: str) -> None:
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("application/openmetrics-text")
     assert r.text.endswith("# EOF\n")
-    assert "connect_usage_up 1.0\n" in r.text
+    assert 'connect_usage_server_info{version="2025.04.0"} 1.0\n' in r.text
 
 
 def test_metrics_gzip_when_accepted(base_url: str) -> None:
@@ -86,7 +90,7 @@ def test_metrics_gzip_when_accepted(base_url: str) -> None:
         raw = b"".join(r.iter_raw())  # the bytes on the wire, not httpx's decoding
         r.close()
     assert r.headers["content-encoding"] == "gzip"
-    assert b"connect_usage_up 1.0\n" in gzip.decompress(raw)
+    assert b'connect_usage_server_info{version="2025.04.0"} 1.0\n' in gzip.decompress(raw)
 
 
 def test_metrics_head(base_url: str) -> None:
@@ -117,7 +121,10 @@ def test_readyz_is_503_when_the_check_itself_fails() -> None:
         raise RuntimeError("boom")
 
     server = ExporterHTTPServer(
-        build_registry(Snapshot), host="127.0.0.1", port=0, readiness=broken
+        build_registry(Snapshot, Health(("shiny", "visits"))),
+        host="127.0.0.1",
+        port=0,
+        readiness=broken,
     )
     server.start()
     try:
@@ -151,14 +158,20 @@ def test_other_methods_are_405(base_url: str, method: str) -> None:
 
 def test_stop_releases_port_and_is_idempotent() -> None:
     server = ExporterHTTPServer(
-        build_registry(Snapshot), host="127.0.0.1", port=0, readiness=lambda: (True, "")
+        build_registry(Snapshot, Health(("shiny", "visits"))),
+        host="127.0.0.1",
+        port=0,
+        readiness=lambda: (True, ""),
     )
     server.start()
     port = server.port
     server.stop()
     server.stop()
     again = ExporterHTTPServer(
-        build_registry(Snapshot), host="127.0.0.1", port=port, readiness=lambda: (True, "")
+        build_registry(Snapshot, Health(("shiny", "visits"))),
+        host="127.0.0.1",
+        port=port,
+        readiness=lambda: (True, ""),
     )
     again.start()
     try:
@@ -169,7 +182,10 @@ def test_stop_releases_port_and_is_idempotent() -> None:
 
 def test_ipv6_loopback() -> None:
     server = ExporterHTTPServer(
-        build_registry(Snapshot), host="::1", port=0, readiness=lambda: (True, "")
+        build_registry(Snapshot, Health(("shiny", "visits"))),
+        host="::1",
+        port=0,
+        readiness=lambda: (True, ""),
     )
     try:
         server.start()
@@ -261,7 +277,7 @@ class Ticks(Collector):
 
 def test_snapshot_rendered_once_per_snapshot_and_format(monkeypatch: pytest.MonkeyPatch) -> None:
     current = Swappable(handcrafted())
-    endpoint = MetricsEndpoint(build_registry(current))
+    endpoint = MetricsEndpoint(build_registry(current, Health(("shiny", "visits"))))
     renders: list[str] = []
     real = SnapshotRenderer.render
 
@@ -276,7 +292,7 @@ def test_snapshot_rendered_once_per_snapshot_and_format(monkeypatch: pytest.Monk
         endpoint(_environ(encoding="gzip"))
         endpoint(_environ(accept=om))
     assert renders == [TEXT, OPENMETRICS]
-    current.snapshot = Snapshot(up=True)
+    current.snapshot = Snapshot(metadata=MetadataView(server_version="2025.04.0"))
     endpoint(_environ())
     endpoint(_environ())
     assert renders == [TEXT, OPENMETRICS, TEXT]
@@ -284,7 +300,7 @@ def test_snapshot_rendered_once_per_snapshot_and_format(monkeypatch: pytest.Monk
 
 def test_cached_body_is_prometheus_clients_text_plus_fresh_runtime_metrics() -> None:
     current = Swappable(handcrafted())
-    registry = build_registry(current)
+    registry = build_registry(current, Health(("shiny", "visits")))
     ticks = Ticks()
     registry.runtime.register(ticks)
     endpoint = MetricsEndpoint(registry)
@@ -305,7 +321,7 @@ def test_cached_body_is_prometheus_clients_text_plus_fresh_runtime_metrics() -> 
 
 def test_openmetrics_body_ends_with_one_eof_after_runtime_metrics() -> None:
     snapshot = handcrafted()
-    endpoint = MetricsEndpoint(build_registry(lambda: snapshot))
+    endpoint = MetricsEndpoint(build_registry(lambda: snapshot, Health(("shiny", "visits"))))
     headers, chunks = endpoint(_environ(accept="application/openmetrics-text; version=1.0.0"))
     body = gzip.decompress(
         b"".join(
@@ -324,18 +340,20 @@ def test_openmetrics_body_ends_with_one_eof_after_runtime_metrics() -> None:
 
 def test_dots_escaping_and_name_filter_fall_back_to_prometheus_client() -> None:
     snapshot = handcrafted()
-    endpoint = MetricsEndpoint(build_registry(lambda: snapshot))
+    endpoint = MetricsEndpoint(build_registry(lambda: snapshot, Health(("shiny", "visits"))))
     accept = "application/openmetrics-text; version=1.0.0; escaping=dots"
     _, chunks = endpoint(_environ(accept=accept))
     body = b"".join(chunks)
-    assert b"connect__usage__up 1.0\n" in body
+    assert b'connect__usage__server__info{version="2025.04.0"} 1.0\n' in body
     assert body.startswith(
         _usage_only(snapshot, partial(openmetrics_latest, escaping="dots")).removesuffix(b"# EOF\n")
     )
-    _, chunks = endpoint(_environ(query="name[]=connect_usage_up"))
+    _, chunks = endpoint(_environ(query="name[]=connect_usage_server_info"))
     assert b"".join(chunks) == (
-        b"# HELP connect_usage_up 1 if the last background poll of Connect succeeded, else 0.\n"
-        b"# TYPE connect_usage_up gauge\nconnect_usage_up 1.0\n"
+        b"# HELP connect_usage_server_info Version of the Connect server (value 1), as of the "
+        b"last background poll of Connect's metadata API.\n"
+        b"# TYPE connect_usage_server_info gauge\n"
+        b'connect_usage_server_info{version="2025.04.0"} 1.0\n'
     )
 
 

@@ -1,7 +1,9 @@
 """The public metric contract, frozen: a rename, a type change or a new label fails here loudly.
 
 Dashboards, alerts and recording rules depend on these names. Changing one is a deliberate act:
-edit this list, docs/design.md and README.md together, and say so in the changelog.
+edit this list, the family's definition (`exporter/metrics.py` or `exporter/health.py`) and
+README.md together (`python -m exporter.metrics` prints README's table), and say so in the
+changelog.
 """
 
 from __future__ import annotations
@@ -9,19 +11,20 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
-from exporter.collector import SnapshotCollector
-from exporter.snapshot import (
+from exporter.collector import build_registry
+from exporter.health import Health
+from exporter.metrics import contract, markdown_table
+from exporter.model import (
     CONTENT_WINDOWS,
     DURATION_BUCKETS,
-    POLL_BUCKETS,
-    POLL_STREAMS,
-    STREAMS,
     USER_WINDOWS,
-    ContentInfo,
     HistogramValue,
-    Snapshot,
+    UsageView,
 )
+from exporter.snapshot import ContentInfo, MetadataView, Snapshot
 
 # (exposed family name, type, label names in order)
 FROZEN: tuple[tuple[str, str, tuple[str, ...]], ...] = (
@@ -60,60 +63,73 @@ FROZEN: tuple[tuple[str, str, tuple[str, ...]], ...] = (
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 G = "6f300623-1e0c-48e6-a473-ddf630c0c0c3"
+STREAMS = ("shiny", "visits")
 
 
 def fully_populated() -> Snapshot:
     """Every mapping non-empty and every optional value known, so every family has samples."""
     duration = HistogramValue(tuple([1] * (len(DURATION_BUCKETS) + 1)), 10.0)
-    poll = HistogramValue(tuple([1] * (len(POLL_BUCKETS) + 1)), 1.0)
     return Snapshot(
-        counting_since=1.0,
-        windows_evaluated_at=2.0,
-        shiny_sessions_total={G: 1},
-        shiny_session_duration={G: duration},
-        shiny_sessions_active={G: 1},
-        shiny_sessions_abandoned_total={G: 1},
-        content_visits_total={G: 1},
-        active_users=dict.fromkeys(USER_WINDOWS, 1),
-        content_active_users={(G, w): 1 for w in CONTENT_WINDOWS},
-        content_last_activity={G: 3.0},
+        usage=UsageView(
+            shiny_sessions_total={G: 1},
+            shiny_session_duration={G: duration},
+            shiny_sessions_active={G: 1},
+            shiny_sessions_abandoned_total={G: 1},
+            content_visits_total={G: 1},
+            active_users=dict.fromkeys(USER_WINDOWS, 1),
+            content_active_users={(G, w): 1 for w in CONTENT_WINDOWS},
+            content_last_activity={G: 3.0},
+            excluded_events_total={("visits", "synthetic"): 1},
+        ),
+        metadata=MetadataView(
+            content_items={("shiny", "acl"): 1},
+            users={("viewer", "active"): 1},
+            permissions={(G, "user", "viewer"): 1},
+            server_version="2025.04.0",
+        ),
         content_info={G: ContentInfo("n", "t", "shiny", "acl", "o")},
-        content_items={("shiny", "acl"): 1},
-        users={("viewer", "active"): 1},
-        content_permissions={(G, "user", "viewer"): 1},
-        excluded_events_total={("visits", "synthetic"): 1},
         user_events={("u", "alice", "7d"): 1},
         user_series_dropped_total={"7d": 1},
-        up=True,
-        last_successful_poll=dict.fromkeys(POLL_STREAMS, 4.0),
-        poll_duration=dict.fromkeys(POLL_STREAMS, poll),
-        poll_errors_total=dict.fromkeys(POLL_STREAMS, 1),
-        api_requests_total={("/v1/content", "200"): 1},
-        events_ingested_total=dict.fromkeys(STREAMS, 1),
+        counting_since=1.0,
+        windows_evaluated_at=2.0,
         high_water_mark=dict.fromkeys(STREAMS, 5.0),
-        server_version="2025.04.0",
+        streams=STREAMS,
     )
 
 
-def exposed(name: str, typ: str) -> str:
-    """prometheus_client keeps counters without `_total` internally; the wire name has it."""
-    return name + "_total" if typ == "counter" else name
+def busy_health() -> Health:
+    """Health with every family holding a sample."""
+    health = Health(STREAMS)
+    health.observe_request("v1/content", "200", 0.1)
+    for poll in (*STREAMS, "metadata"):
+        health.record_poll(poll, 0.1, ok=True, at=4.0)
+    return health
 
 
-def test_describe_matches_the_frozen_contract() -> None:
-    collector = SnapshotCollector(fully_populated)
-    described = [(exposed(m.name, m.type), m.type) for m in collector.describe()]
-    assert described == [(name, typ) for name, typ, _ in FROZEN]
-
-
-def test_collect_matches_the_frozen_contract() -> None:
-    got: list[tuple[str, str, tuple[str, ...]]] = []
-    for family in SnapshotCollector(fully_populated).collect():
-        assert family.samples, f"{family.name} has no samples in a fully populated snapshot"
+def exposed() -> list[tuple[str, str, tuple[str, ...]]]:
+    """Every family of the real registry's exposition: name, type, label names."""
+    text = generate_latest(build_registry(fully_populated, busy_health())).decode()
+    got = []
+    for family in text_string_to_metric_families(text):
+        if not family.name.startswith("connect_usage_"):
+            continue
+        assert family.samples, f"{family.name} has no samples in a fully populated registry"
         label_sets = {tuple(k for k in s.labels if k != "le") for s in family.samples}
         assert len(label_sets) == 1, f"{family.name} has mixed label names: {label_sets}"
-        got.append((exposed(family.name, family.type), family.type, label_sets.pop()))
-    assert got == list(FROZEN)
+        name = family.name + "_total" if family.type == "counter" else family.name
+        got.append((name, family.type, label_sets.pop()))
+    return got
+
+
+def test_the_exposition_matches_the_frozen_contract() -> None:
+    def unordered(families: list[tuple[str, str, tuple[str, ...]]]) -> list[object]:
+        return sorted((name, typ, sorted(labels)) for name, typ, labels in families)
+
+    assert unordered(exposed()) == unordered(list(FROZEN))
+
+
+def test_the_definitions_match_the_frozen_contract() -> None:
+    assert sorted((name, typ, labels) for name, typ, _help, labels in contract()) == sorted(FROZEN)
 
 
 def test_names_follow_the_conventions() -> None:
@@ -123,7 +139,14 @@ def test_names_follow_the_conventions() -> None:
         assert not name.endswith(("_sum", "_count", "_bucket")), name
 
 
-@pytest.mark.parametrize(("name", "typ", "labels"), FROZEN, ids=[n for n, _, _ in FROZEN])
-def test_readme_documents_every_metric(name: str, typ: str, labels: tuple[str, ...]) -> None:
+def test_readme_lists_every_family_as_defined() -> None:
     assert README.exists(), "README.md is missing at the repository root"
-    assert name in README.read_text(encoding="utf-8"), f"README.md does not mention {name}"
+    assert markdown_table() in README.read_text(encoding="utf-8"), (
+        "README's metric table differs from the definitions: paste `python -m exporter.metrics`"
+    )
+
+
+@pytest.mark.parametrize(("name", "typ", "labels"), FROZEN, ids=[n for n, _, _ in FROZEN])
+def test_every_family_has_help(name: str, typ: str, labels: tuple[str, ...]) -> None:
+    (doc,) = [d for n, _t, d, _l in contract() if n == name]
+    assert doc.strip() and doc.endswith(".")

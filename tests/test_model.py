@@ -6,21 +6,24 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from exporter.model import ABANDONED, CLOSED, OPEN, US, UsageModel, WalkTally
+from exporter.model import ABANDONED, CLOSED, OPEN, US, Rules, UsageModel, WalkTally
 from exporter.records import ShinySession, Visit
-from exporter.state import StateStore
+from exporter.store import SqliteStore
 
 T0 = 1_700_000_000 * US
 OVERLAP = 120 * US
 
 
-def model(**kw: object) -> UsageModel:
-    m = UsageModel(
+def rules() -> Rules:
+    return Rules(
         overlap_us=OVERLAP,
         max_session_age_us=24 * 3600 * US,
         exclude_user_agents=("ContentHealthMonitor/",),
-        **kw,  # type: ignore[arg-type]
     )
+
+
+def model() -> UsageModel:
+    m = UsageModel(rules())
     m.start_counting(T0, ("shiny", "visits"))
     return m
 
@@ -30,7 +33,7 @@ def session(content: str, user: str | None, started: int, ended: int | None) -> 
 
 
 def visit(content: str, user: str | None, t: int, ua: str | None = "Mozilla/5.0") -> Visit:
-    return Visit(content, user, t, None, None, "7", 3, "/", ua)
+    return Visit(content, user, t, None, None, "7", "/", ua, 3)
 
 
 def walk(m: UsageModel, stream: str) -> WalkTally:
@@ -55,7 +58,7 @@ def test_session_counted_once_across_overlapping_walks_and_duration_on_end() -> 
     hist = view.shiny_session_duration["a"]
     assert hist.count == 1
     assert hist.sum == 90.0
-    assert m.shiny_keys[("a", "u1", T0 + 10 * US)] == (CLOSED, T0 + 100 * US)
+    assert m.sessions[("a", "u1", T0 + 10 * US)] == (CLOSED, T0 + 100 * US)
 
 
 def test_history_before_epoch_fills_windows_but_not_counters() -> None:
@@ -67,7 +70,7 @@ def test_history_before_epoch_fills_windows_but_not_counters() -> None:
     view = m.view(T0 / US)
     assert view.shiny_sessions_total == {}
     assert view.active_users == {"1h": 2, "24h": 2, "7d": 2, "30d": 2}
-    assert ("a", "u1", T0 - 3600 * US) not in m.shiny_keys  # nothing to de-dup before T0
+    assert ("a", "u1", T0 - 3600 * US) not in m.sessions  # nothing to de-dup before T0
     # The running session started before T0 is not counted, but its duration is once it ends.
     m.apply_shiny([session("a", "u2", T0 - 600 * US, T0 + 60 * US)], walk(m, "shiny"), T0 + 90 * US)
     view = m.view((T0 + 90 * US) / US)
@@ -121,8 +124,8 @@ def test_records_before_walk_start_are_ignored_and_keys_prune() -> None:
     v = visit("doc", "u1", T0 + 5 * US)
     m.apply_visits([v], walk(m, "visits"))
     m.set_hwm("visits", T0 + 5 * US + OVERLAP + 10 * US)
-    m.prune("visits")
-    assert m.visit_keys == {}
+    m.take_delta()
+    assert m.visits == {}
     # A floor-to-the-second query may return it again: the walk start filters it exactly.
     m.apply_visits([v], walk(m, "visits"))
     assert m.view((T0 + 10 * US) / US).content_visits_total == {"doc": 1}
@@ -140,7 +143,7 @@ def test_open_session_past_max_age_or_vanished_is_abandoned() -> None:
     view = m.view(later / US)
     assert view.shiny_sessions_abandoned_total == {"a": 2}
     assert view.shiny_sessions_active == {}
-    assert m.shiny_keys[("a", "u1", T0 + 1 * US)][0] == ABANDONED
+    assert m.sessions[("a", "u1", T0 + 1 * US)][0] == ABANDONED
     # When it finally ends, it is not counted again and no duration is observed.
     m.apply_shiny([session("a", "u1", T0 + 1 * US, later + US)], walk(m, "shiny"), later)
     view = m.view(later / US)
@@ -160,11 +163,11 @@ def test_session_first_seen_past_max_age_is_counted_once_across_walks() -> None:
         m.apply_shiny([stuck], w, later + step * US)
         m.finish_shiny_walk(w, later + step * US)
         m.set_hwm("shiny", later + step * US)
-        m.prune("shiny")
+        m.take_delta()
     view = m.view(later / US)
     assert view.shiny_sessions_total == {"a": 1}
     assert view.shiny_sessions_abandoned_total == {"a": 1}
-    assert m.shiny_keys[("a", "u1", T0 + 1 * US)][0] == ABANDONED
+    assert m.sessions[("a", "u1", T0 + 1 * US)][0] == ABANDONED
 
 
 def test_delta_holds_exactly_the_changes() -> None:
@@ -173,18 +176,20 @@ def test_delta_holds_exactly_the_changes() -> None:
     assert m.take_delta().is_empty()
     m.apply_shiny([session("a", "u1", T0 + 1 * US, None)], walk(m, "shiny"), T0 + 2 * US)
     delta = m.take_delta()
-    assert delta.counters == [("shiny_sessions", "a", 1)]
-    assert delta.shiny_upserts == [("a", "u1", T0 + 1 * US, OPEN, T0 + 1 * US)]
-    assert delta.user_last == [("u1", T0 + 1 * US)]
+    assert delta.counters == {("shiny_sessions", "a"): 1}
+    assert delta.keys == {"shiny": {("a", "u1", T0 + 1 * US): (OPEN, T0 + 1 * US, True)}}
+    assert delta.user_last == {"u1": T0 + 1 * US}
+    assert delta.pair_last == {("a", "u1"): T0 + 1 * US}
     assert m.take_delta().is_empty()
 
 
-def test_keys_below_the_committed_mark_minus_overlap_are_dropped_not_written() -> None:
+def test_keys_below_the_committed_mark_minus_overlap_are_dropped_and_the_horizon_said() -> None:
     # A long walk meets most of its keys after the mark has passed them by more than the
-    # overlap: no later walk can return those records, so they are not written at all.
+    # overlap: no later walk can return those records, so they go at once, and the delta's
+    # horizon tells the store it need not write them.
     m = model()
     m.apply_shiny([session("app", "u3", T0 + 3 * US, None)], walk(m, "shiny"), T0 + 4 * US)
-    assert m.take_delta().shiny_upserts  # written as open
+    assert m.take_delta().keys["shiny"]  # noted as open (pinned)
     w = walk(m, "visits")
     old, recent = visit("doc", "u1", T0 + 10 * US), visit("doc", "u2", T0 + 500 * US)
     m.apply_visits([old, recent], w)
@@ -196,11 +201,18 @@ def test_keys_below_the_committed_mark_minus_overlap_are_dropped_not_written() -
     m.set_hwm("visits", T0 + 500 * US)  # bound: 500 s - 120 s overlap
     m.set_hwm("shiny", T0 + 500 * US)
     delta = m.take_delta()
-    assert [row[2] for row in delta.visit_upserts] == [T0 + 500 * US]
-    assert len(m.visit_keys) == 1
-    assert [row[:3] for row in delta.shiny_upserts] == [("app", "u2", T0 + 2 * US)]  # open
-    # Only the row that says "open" is deleted; the other dropped key never had a row.
-    assert delta.shiny_deletes == [("app", "u3", T0 + 3 * US)]
+    bound = T0 + 380 * US
+    assert delta.horizons == {space: bound for space in delta.horizons}
+    assert set(delta.horizons) >= {"shiny", "visits"}
+    written = {k: v for k, v in delta.keys["visits"].items() if v is not None and v[1] >= bound}
+    assert list(written) == [recent[:-1]]
+    assert list(m.visits) == [recent[:-1]]
+    # The open session stays (pinned); the closed ones are below the horizon, unpinned: the
+    # store writes none of them and deletes the row of the one it held as open.
+    shiny = delta.keys["shiny"]
+    assert shiny[("app", "u2", T0 + 2 * US)] == (OPEN, T0 + 2 * US, True)
+    assert shiny[("app", "u3", T0 + 3 * US)] == (CLOSED, T0 + 30 * US, False)
+    assert set(m.sessions) == {("app", "u2", T0 + 2 * US)}
     # The counts are all there, and a walk from the mark meets nothing it could count again.
     assert m.view((T0 + 600 * US) / US).content_visits_total == {"doc": 2}
     m.apply_visits([old, recent], walk(m, "visits"))
@@ -210,68 +222,46 @@ def test_keys_below_the_committed_mark_minus_overlap_are_dropped_not_written() -
     assert view.shiny_sessions_total == {"app": 3}
 
 
-def test_a_session_open_on_disk_that_closes_below_the_prune_bound_gets_its_row_deleted() -> None:
+def test_a_session_open_on_disk_that_closes_below_the_horizon_gets_its_row_deleted(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
     # Found by the SIGKILL test: a session written as open, seen closed by a long catch-up whose
-    # end prunes it in the same walk. The prune's range delete only removes closed rows, so the
-    # row kept saying open; after the next restart the session showed as running, then as
-    # abandoned.
+    # end prunes it in the same walk. Its row kept saying open; after the next restart the
+    # session showed as running, then as abandoned.
+    store = SqliteStore(tmp_path_factory.mktemp("state") / "s.sqlite")
     m = model()
     key = ("app", "u1", T0 + 1 * US)
     m.apply_shiny([session("app", "u1", T0 + 1 * US, None)], walk(m, "shiny"), T0 + 2 * US)
-    assert m.take_delta().shiny_upserts == [(*key, OPEN, T0 + 1 * US)]
+    store.commit(m.take_delta())
+    loaded = store.load()
+    assert loaded is not None and loaded.keys["shiny"] == {key: (OPEN, T0 + 1 * US)}
     w = walk(m, "shiny")
     m.apply_shiny([session("app", "u1", T0 + 1 * US, T0 + 60 * US)], w, T0 + 3 * 86400 * US)
     m.finish_shiny_walk(w, T0 + 3 * 86400 * US)
     m.set_hwm("shiny", T0 + 3 * 86400 * US)
-    m.prune("shiny")
-    delta = m.take_delta()
-    assert key in delta.shiny_deletes
-    assert key not in m.shiny_keys and key not in m.shiny_open_on_disk
+    store.commit(m.take_delta())
+    assert key not in m.sessions
+    loaded = store.load()
+    assert loaded is not None and loaded.keys.get("shiny", {}) == {}
+    again = UsageModel(rules(), loaded)
+    assert again.view(T0 / US + 3 * 86400).shiny_sessions_active == {}
     assert m.view(T0 / US + 3 * 86400).shiny_session_duration["app"].count == 1
+    store.close()
 
 
-def test_fresh_visits_get_keys_only_inside_the_overlap_with_their_multiplicity() -> None:
+def test_identical_visits_split_across_commits_keep_the_count_of_the_whole_walk() -> None:
     m = model()
+    late = visit("doc", "u2", T0 + 500 * US)
     w = walk(m, "visits")
-    assert w.fresh_after == -1  # no key yet: every visit of this walk is fresh
-    early, late = visit("doc", "u1", T0 + 10 * US), visit("doc", "u2", T0 + 500 * US)
-    m.apply_visits([early, early, late], w)
-    assert m.visit_keys == {}  # nothing hashed while applying
-    m.set_hwm("visits", T0 + 500 * US)
-    delta = m.take_delta()
-    assert [(row[1], row[2]) for row in delta.visit_upserts] == [(1, T0 + 500 * US)]
-    # The same walk meets an identical late visit after the commit: its key counts both.
     m.apply_visits([late], w)
-    delta = m.take_delta()
-    assert [(row[1], row[2]) for row in delta.visit_upserts] == [(2, T0 + 500 * US)]
-    assert m.view((T0 + 600 * US) / US).content_visits_total == {"doc": 4}
-    # The next walk re-reads the overlap: both late visits are known, nothing counts again.
-    again = walk(m, "visits")
-    assert again.fresh_after == T0 + 500 * US
+    m.set_hwm("visits", T0 + 500 * US)
+    assert m.take_delta().keys["visits"] == {late[:-1]: (1, T0 + 500 * US, False)}
+    m.apply_visits([late], w)  # the same walk meets its identical twin after the commit
+    assert m.take_delta().keys["visits"] == {late[:-1]: (2, T0 + 500 * US, False)}
+    assert m.view((T0 + 600 * US) / US).content_visits_total == {"doc": 2}
+    again = walk(m, "visits")  # the next walk re-reads the overlap: both known
     m.apply_visits([late, late], again)
-    assert m.view((T0 + 600 * US) / US).content_visits_total == {"doc": 4}
-
-
-def test_a_known_visit_on_a_page_with_fresh_ones_keeps_the_count_of_the_whole_walk() -> None:
-    # Fresh visits are remembered by page: a page can also hold visits older than the newest
-    # key (not fresh), whose keys already carry how often the whole walk met them. Keying them
-    # again from that page alone would undercount twins split across pages, and count again.
-    m = model()
-    a = visit("doc", "u1", T0 + 10 * US)
-    m.apply_visits([a], walk(m, "visits"))
-    m.set_hwm("visits", T0 + 20 * US)
-    m.take_delta()
-    second = walk(m, "visits")
-    assert second.fresh_after == T0 + 10 * US
-    b = visit("doc", "u2", T0 + 30 * US)
-    m.apply_visits([a], second)  # the known visit, then its twin (written late) with a fresh one
-    m.apply_visits([a, b], second)
-    m.set_hwm("visits", T0 + 40 * US)
-    m.take_delta()
-    assert m.view((T0 + 50 * US) / US).content_visits_total == {"doc": 3}
-    third = walk(m, "visits")
-    m.apply_visits([a, a, b], third)
-    assert m.view((T0 + 50 * US) / US).content_visits_total == {"doc": 3}
+    assert m.view((T0 + 600 * US) / US).content_visits_total == {"doc": 2}
 
 
 def test_a_walk_without_a_delta_still_leaves_keys_for_the_next() -> None:
@@ -279,10 +269,29 @@ def test_a_walk_without_a_delta_still_leaves_keys_for_the_next() -> None:
     v = visit("doc", "u1", T0 + 5 * US)
     m.apply_visits([v], walk(m, "visits"))
     second = walk(m, "visits")  # no take_delta between the walks
-    assert second.fresh_after == T0 + 5 * US
     m.apply_visits([v], second)
     assert m.view((T0 + 10 * US) / US).content_visits_total == {"doc": 1}
-    assert [row[1:] for row in m.take_delta().visit_upserts] == [(1, T0 + 5 * US)]
+    assert m.take_delta().keys["visits"] == {v[:-1]: (1, T0 + 5 * US, False)}
+
+
+def test_visits_keyed_by_a_schema_2_digest_count_once_and_take_their_own_keys() -> None:
+    # A state file from before visits were keyed by their fields holds digests: a visit as old
+    # as them is looked up by its digest, and the key moves to the visit's own.
+    from exporter.model import LEGACY_SPACE, ModelState, legacy_digest
+
+    v = visit("doc", "u1", T0 + 5 * US)
+    state = ModelState(
+        counting_since=T0,
+        marks={"shiny": T0 + 10 * US, "visits": T0 + 10 * US},
+        counters={("content_visits", "doc"): 2},
+        keys={LEGACY_SPACE: {(legacy_digest(v),): (2, T0 + 5 * US)}},
+    )
+    m = UsageModel(rules(), state)
+    m.apply_visits([v, v, v], walk(m, "visits"))  # the two counted before, and a third
+    assert m.view((T0 + 10 * US) / US).content_visits_total == {"doc": 3}
+    delta = m.take_delta()
+    assert delta.keys[LEGACY_SPACE] == {(legacy_digest(v),): None}
+    assert delta.keys["visits"] == {v[:-1]: (3, T0 + 5 * US, False)}
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -300,10 +309,10 @@ def test_visits_count_exactly_once_across_commits_and_crashes(
     crashes: set[int],
 ) -> None:
     """A Connect listing visits (identical ones too) read by walks that commit at random
-    points and crash at others: every visit counts once, whatever was fresh or keyed."""
+    points and crash at others: every visit counts once."""
     times = [T0 + 5 * US + sum(gaps[: i + 1]) * US for i in range(len(gaps))]
     listed = [visit("doc", users[i], t) for i, t in enumerate(times)]
-    store = StateStore(tmp_path_factory.mktemp("state") / "s.sqlite")
+    store = SqliteStore(tmp_path_factory.mktemp("state") / "s.sqlite")
     m = model()
     store.commit(m.take_delta())
     walks = 0
@@ -321,10 +330,10 @@ def test_visits_count_exactly_once_across_commits_and_crashes(
                 crashed = True
                 break
         if crashed:
-            m = model()  # a restart: what was not committed is gone
-            assert store.restore(m)
+            loaded = store.load()  # a restart: what was not committed is gone
+            assert loaded is not None
+            m = UsageModel(rules(), loaded)
             continue
-        m.prune("visits")
         store.commit(m.take_delta())
         if walks >= 4:
             break

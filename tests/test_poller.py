@@ -9,7 +9,9 @@ import anyio
 import pytest
 
 from exporter import client as client_module
+from exporter import planner
 from exporter import poller as poller_module
+from exporter.model import UsageModel
 from exporter.simulator import Simulator
 from exporter.snapshot import DELETED_APP_MODE
 from tests.support import (
@@ -49,9 +51,7 @@ async def restart_after(connect: Connect, path: Path, downtime: float, **kw: obj
 
 def on_disk(poller, store):  # type: ignore[no-untyped-def]
     """The model as the state file holds it."""
-    model = poller.model.empty_like()
-    store.restore(model)
-    return model
+    return UsageModel(poller.model.rules, store.load())
 
 
 def now(sim: Simulator) -> float:
@@ -65,7 +65,7 @@ async def test_first_start_counts_from_now_and_backfills_windows(
     snap = poller.snapshot
     # History is not replayed into counters, but the 30-day windows are right at once.
     assert snap.counting_since == float(int(now(connect.sim)))
-    assert snap.active_users["30d"] > 0
+    assert snap.usage.active_users["30d"] > 0
     assert_matches_truth(poller, connect.sim)
     ready, reason = poller.readiness()
     assert ready, reason
@@ -83,8 +83,8 @@ async def test_overlapping_polls_and_live_traffic_are_exact(
         connect.sim.clock.advance(step)  # live traffic arrives, sessions end between polls
         assert await poller.poll_all_once()
         assert_matches_truth(poller, connect.sim)
-    assert sum(poller.snapshot.shiny_sessions_total.values()) > 0
-    assert sum(poller.snapshot.content_visits_total.values()) > 0
+    assert sum(poller.snapshot.usage.shiny_sessions_total.values()) > 0
+    assert sum(poller.snapshot.usage.content_visits_total.values()) > 0
     await stop(client, store)
 
 
@@ -116,10 +116,10 @@ async def test_late_arrival_beyond_the_overlap_is_the_documented_loss(
     assert await poller.poll_all_once()
     guid = "0badc0de-0000-4000-8000-000000000002"  # no generated traffic to blur the count
     t = now(sim)
-    before = poller.snapshot.content_visits_total.get(guid, 0)
+    before = poller.snapshot.usage.content_visits_total.get(guid, 0)
     sim.add_visit(guid, None, t - 300, written_at=t)  # 5 min late, overlap 1 min
     assert await poller.poll_all_once()
-    assert poller.snapshot.content_visits_total.get(guid, 0) == before
+    assert poller.snapshot.usage.content_visits_total.get(guid, 0) == before
     truth = sim.truth(poller.snapshot.counting_since or 0, FAR_FUTURE)["visits"].get(guid, 0)
     assert truth == before + 1
     await stop(client, store)
@@ -153,13 +153,13 @@ async def test_restart_continues_counters(connect: Connect, tmp_path: Path) -> N
     client, poller, store = await start(connect, path)
     sim.clock.advance(1800)
     assert await poller.poll_all_once()
-    first = dict(poller.snapshot.shiny_sessions_total)
+    first = dict(poller.snapshot.usage.shiny_sessions_total)
     since = poller.snapshot.counting_since
     await stop(client, store)
     sim.clock.advance(1800)  # traffic while the exporter is down
     client, poller, store = await start(connect, path)
     assert poller.snapshot.counting_since == since
-    assert all(poller.snapshot.shiny_sessions_total.get(g, 0) >= n for g, n in first.items())
+    assert all(poller.snapshot.usage.shiny_sessions_total.get(g, 0) >= n for g, n in first.items())
     assert_matches_truth(poller, sim)
     await stop(client, store)
 
@@ -183,13 +183,13 @@ async def test_deleted_content_keeps_usage_and_is_labelled(
     deleted = [c.guid for c in sim.world.content if c.deleted_us is not None]
     assert deleted
     info = poller.snapshot.content_info
-    with_usage = [g for g in deleted if g in poller.snapshot.content_last_activity]
+    with_usage = [g for g in deleted if g in poller.snapshot.usage.content_last_activity]
     assert with_usage
     for guid in with_usage:
         assert info[guid].app_mode == DELETED_APP_MODE
     listed = [c for c in sim.world.content if c.deleted_us is None]
-    assert sum(poller.snapshot.content_items.values()) == len(listed)
-    assert sum(poller.snapshot.users.values()) == len(sim.world.users)
+    assert sum(poller.snapshot.metadata.content_items.values()) == len(listed)
+    assert sum(poller.snapshot.metadata.users.values()) == len(sim.world.users)
     await stop(client, store)
 
 
@@ -201,13 +201,13 @@ async def test_abandoned_sessions_close_after_max_age(connect: Connect, tmp_path
     sim.add_shiny_session(guid, sim.world.users[1].guid, t + 1, None)  # its end is never recorded
     sim.clock.advance(10)
     assert await poller.poll_all_once()
-    assert poller.snapshot.shiny_sessions_active[guid] == 1
-    assert poller.snapshot.shiny_sessions_total[guid] == 1
+    assert poller.snapshot.usage.shiny_sessions_active[guid] == 1
+    assert poller.snapshot.usage.shiny_sessions_total[guid] == 1
     sim.clock.advance(3700)
     assert await poller.poll_all_once()
-    assert poller.snapshot.shiny_sessions_active.get(guid, 0) == 0
-    assert poller.snapshot.shiny_sessions_abandoned_total[guid] == 1
-    assert poller.snapshot.shiny_sessions_total[guid] == 1  # abandoning does not recount
+    assert poller.snapshot.usage.shiny_sessions_active.get(guid, 0) == 0
+    assert poller.snapshot.usage.shiny_sessions_abandoned_total[guid] == 1
+    assert poller.snapshot.usage.shiny_sessions_total[guid] == 1  # abandoning does not recount
     await stop(client, store)
 
 
@@ -230,9 +230,9 @@ async def test_stuck_session_first_seen_after_long_downtime_counts_once(
         if step:
             sim.clock.advance(30)  # before the poll: the truth is taken at the clock
         assert await poller.poll_all_once()
-    assert poller.snapshot.shiny_sessions_total[guid] == 1
-    assert poller.snapshot.shiny_sessions_abandoned_total[guid] == 1
-    assert poller.snapshot.shiny_sessions_active.get(guid, 0) == 0
+    assert poller.snapshot.usage.shiny_sessions_total[guid] == 1
+    assert poller.snapshot.usage.shiny_sessions_abandoned_total[guid] == 1
+    assert poller.snapshot.usage.shiny_sessions_active.get(guid, 0) == 0
     assert_counters_match_truth(poller, sim)
     await stop(client, store)
 
@@ -256,20 +256,21 @@ async def test_faults_cost_no_events(connect: Connect, tmp_path: Path) -> None:
     sim.faults.clear()
     assert await poller.poll_all_once()
     assert_matches_truth(poller, sim)
-    statuses = {status for (_e, status) in poller.health.api_requests}
+    statuses = {status for (_e, status) in poller.health.requests()}
     assert {"503", "429", "connection_error", "invalid_response"} <= statuses
     await stop(client, store)
 
 
 async def test_timeouts_cost_no_events(connect: Connect, tmp_path: Path) -> None:
     sim = connect.sim
-    client, poller, store = await start(connect, tmp_path / "s.sqlite", timeout=0.2)
+    # The timeout far beyond a loaded machine's answer, the latency far beyond the timeout.
+    client, poller, store = await start(connect, tmp_path / "s.sqlite", timeout=0.5)
     sim.clock.advance(1800)
-    sim.faults.configure({"latency": 0.5, "count": 3})  # three requests outlast the timeout
+    sim.faults.configure({"latency": 1.5, "count": 3})  # three requests outlast the timeout
     assert await poller.poll_all_once()
     assert_matches_truth(poller, sim)
     assert (
-        sum(n for (_e, status), n in poller.health.api_requests.items() if status == "timeout") == 3
+        sum(n for (_e, status), n in poller.health.requests().items() if status == "timeout") == 3
     )
     await stop(client, store)
 
@@ -297,7 +298,10 @@ async def test_sliced_catchup_equals_a_sequential_walk(connect: Connect, tmp_pat
         )
         assert_matches_truth(poller, sim)
         results.append(
-            (dict(poller.snapshot.active_users), dict(poller.snapshot.content_active_users))
+            (
+                dict(poller.snapshot.usage.active_users),
+                dict(poller.snapshot.usage.content_active_users),
+            )
         )
         await stop(client, store)
     assert results[0] == results[1]
@@ -333,14 +337,14 @@ async def test_a_failing_stream_does_not_stop_the_others(connect: Connect, tmp_p
     assert await poller.poll_once("shiny")
     assert await poller.poll_once("metadata")
     snap = poller.snapshot
-    assert snap.up is False
-    assert snap.poll_errors_total["visits"] == 1
-    assert snap.poll_errors_total["shiny"] == 0
+    assert poller.health.up is False
+    assert poller.health.poll_errors()["visits"] == 1
+    assert poller.health.poll_errors()["shiny"] == 0
     truth = sim.truth(snap.counting_since or 0, FAR_FUTURE)
-    assert dict(snap.shiny_sessions_total) == truth["sessions_started"]
+    assert dict(snap.usage.shiny_sessions_total) == truth["sessions_started"]
     sim.faults.clear()
     assert await poller.poll_once("visits")
-    assert poller.snapshot.up is True
+    assert poller.health.up is True
     assert_matches_truth(poller, sim)
     await stop(client, store)
 
@@ -376,8 +380,8 @@ async def test_batched_pages_are_committed_before_any_snapshot_shows_them(
     assert_matches_truth(poller, sim)
     # What the last snapshot shows is what the state file holds.
     view = on_disk(poller, store).view(poller.snapshot.taken_at or 0.0)
-    assert view.shiny_sessions_total == poller.snapshot.shiny_sessions_total
-    assert view.content_visits_total == poller.snapshot.content_visits_total
+    assert view.shiny_sessions_total == poller.snapshot.usage.shiny_sessions_total
+    assert view.content_visits_total == poller.snapshot.usage.content_visits_total
     await stop(client, store)
 
 
@@ -489,18 +493,18 @@ async def test_commits_written_behind_a_walk_land_in_order_and_exactly(
 
             time.sleep(0.02)  # a slow disk: the walk applies pages meanwhile
             real_commit(delta)
-            if "visits" in delta.hwm:
-                marks.append(delta.hwm["visits"])
+            if "visits" in delta.marks:
+                marks.append(delta.marks["visits"])
         finally:
             writing[0] -= 1
 
     monkeypatch.setattr(store, "commit", slow_commit)
     real_apply = poller.model.apply_visits
 
-    def apply_visits(visits, walk):  # type: ignore[no-untyped-def]
-        pending = poller._writing
+    def apply_visits(visits, walk, now_us):  # type: ignore[no-untyped-def]
+        pending = poller.committer._writing
         overlapped[0] += pending is not None and not pending.is_set()
-        real_apply(visits, walk)
+        real_apply(visits, walk, now_us)
 
     monkeypatch.setattr(poller.model, "apply_visits", apply_visits)
     assert await poller.poll_all_once()
@@ -509,7 +513,7 @@ async def test_commits_written_behind_a_walk_land_in_order_and_exactly(
     assert_matches_truth(poller, sim)
     in_file = on_disk(poller, store)
     view = in_file.view(poller.snapshot.taken_at or 0.0)
-    assert view.content_visits_total == poller.snapshot.content_visits_total
+    assert view.content_visits_total == poller.snapshot.usage.content_visits_total
     assert in_file.hwm == poller.model.hwm
     await stop(client, store)
 
@@ -552,21 +556,21 @@ async def test_a_slow_head_slice_is_dealt_out_to_idle_readers_exactly(
     # Whether a reader is idle at the moment the head reader looks depends on timing (about 1
     # walk in 10 never shares): up to three walks, each exact, until one shares.
     sim = connect.sim
-    monkeypatch.setattr(poller_module, "SLICE_RECORDS", 100_000)
+    monkeypatch.setattr(planner, "SLICE_RECORDS", 100_000)
     # Pages of 20 records, so that the ~3,600 records of 3 days make slices of many pages.
     monkeypatch.setattr(client_module, "MAX_PAGE_LIMIT", 20)
-    monkeypatch.setattr(poller_module, "PAGE_RECORDS", 20)
+    monkeypatch.setattr(planner, "PAGE_RECORDS", 20)
     shared: list[tuple[int, int]] = []
-    original = poller_module._Plan.share_head
+    original = planner.Plan.share_head
 
-    def share_head(plan: poller_module._Plan, run: poller_module._Run, last: int) -> bool:
+    def share_head(plan: planner.Plan, run: planner.Slice, last: int) -> bool:
         before = len(plan.order)
         done = original(plan, run, last)
         if done:
             shared.append((len(plan.order) - before, plan.idle_readers))
         return done
 
-    monkeypatch.setattr(poller_module._Plan, "share_head", share_head)
+    monkeypatch.setattr(planner.Plan, "share_head", share_head)
     for attempt in range(3):
         client, poller, store = await restart_after(
             connect, tmp_path / f"s{attempt}.sqlite", 3 * 86400, catchup_concurrency=4
@@ -580,85 +584,3 @@ async def test_a_slow_head_slice_is_dealt_out_to_idle_readers_exactly(
             break
     assert shared, "no head slice was shared"
     assert all(2 <= pieces <= idle + 1 for pieces, idle in shared)
-
-
-def test_share_head_partitions_the_unread_rest_of_the_head_only() -> None:
-    model = poller_module.UsageModel(overlap_us=0, max_session_age_us=1)
-    plan = poller_module._Plan(model, 0, now_us=10_000_000, width_us=1_000_000, ahead=4)
-    plan.extend()
-    head, after = plan.order[0], plan.order[1]
-    head.records = 1000  # 1000 records in [0, 100_000): 10 per µs-per-thousand
-    plan.idle_readers = 3
-    assert not plan.share_head(after, 50)  # not the head
-    assert plan.share_head(head, 99_999)
-    # Cut after the last record read; the rest [100_000, 1_000_000) in idle + 1 = 4 pieces.
-    bounds = [(r.lo, r.hi) for r in plan.order[:6]]
-    assert bounds == [
-        (0, 100_000),
-        (100_000, 325_000),
-        (325_000, 550_000),
-        (550_000, 775_000),
-        (775_000, 1_000_000),
-        (after.lo, after.hi),
-    ]
-    plan.idle_readers = 0
-    assert not plan.share_head(plan.order[0], 50_000)  # nobody idle to take pieces
-    plan.idle_readers = 2
-    head.records = 10  # sparse: the rest holds less than two pages per piece
-    head.hi = 200_000
-    assert not plan.share_head(head, 100_000)
-
-
-def test_read_ahead_grows_while_the_apply_waits_and_shrinks_when_it_does_not() -> None:
-    model = poller_module.UsageModel(overlap_us=0, max_session_age_us=1)
-    plan = poller_module._Plan(model, 0, now_us=10_000_000, width_us=1_000_000, ahead=5)
-    plan.ahead_range = (5, 16)
-    waiting, read = poller_module._Run(0, 1, first=False), poller_module._Run(0, 1, first=False)
-    read.read_done = True
-    seen = []
-    for head in (waiting, waiting, waiting, read, read, waiting, *[read] * 20):
-        plan.adapt(head)
-        seen.append(plan.ahead)
-    assert seen[:6] == [10, 16, 16, 15, 14, 16]
-    assert seen[-1] == 5
-
-
-@pytest.mark.parametrize(
-    ("times", "owned"),
-    [
-        ([100, 150, 199], [100, 150, 199]),  # the whole page: taken as is
-        ([100, 150, 200], [100, 150]),  # a record at `hi` belongs to the next slice
-        ([99, 100, 199], [100, 199]),  # and one before `lo` to the slice before
-        ([99, 150, 200], [150]),
-    ],
-)
-async def test_a_slice_owns_exactly_the_records_in_lo_hi(
-    tmp_path: Path, times: list[int], owned: list[int]
-) -> None:
-    # Slices partition the records by sort time, [lo, hi): a record on a bound in two slices
-    # would count twice, in none not at all. A page wholly inside is taken without a filter.
-    from exporter.client import Page
-    from exporter.records import Visit
-
-    page = Page([Visit("c", "u", t, None, None, None, None, None, None) for t in times], [], None)
-
-    class OnePage:
-        async def visit_pages(self, *, start: int, end: int | None):  # type: ignore[no-untyped-def]
-            yield page
-
-    model = poller_module.UsageModel(overlap_us=0, max_session_age_us=1)
-    store = poller_module.StateStore(tmp_path / "s.sqlite")
-    poller = poller_module.Poller(
-        OnePage(),  # type: ignore[arg-type]
-        model,
-        store,
-        poll_interval=60,
-        metadata_interval=600,
-    )
-    plan = poller_module._Plan(model, 0)
-    run = poller_module._Run(100, 200, first=False)
-    await poller._read_slice("visits", poller_module.WalkTally(start_us=0), plan, run)
-    _page, mine, last = run.receive.receive_nowait()
-    assert [v.time for v in mine] == owned
-    assert last == times[-1]
-    store.close()

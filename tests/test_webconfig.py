@@ -17,10 +17,11 @@ import pytest
 
 from exporter import webconfig
 from exporter.collector import build_registry
+from exporter.health import Health
 from exporter.http import ExporterHTTPServer
 from exporter.service import serve
 from exporter.settings import load_settings
-from exporter.snapshot import Snapshot
+from exporter.snapshot import MetadataView, Snapshot
 from exporter.webconfig import BasicAuth, WebConfigError, load_web_config
 
 PASSWORD = "s3cret-pa55"
@@ -46,9 +47,9 @@ def serve_with(pki: Path) -> Iterator[object]:
 
     def start(text: str) -> str:
         config = load_web_config(_write(pki, text))
-        snapshot = Snapshot(up=True)
+        snapshot = Snapshot(metadata=MetadataView(server_version="2025.04.0"))
         server = ExporterHTTPServer(
-            build_registry(lambda: snapshot),
+            build_registry(lambda: snapshot, Health(("shiny", "visits"))),
             host="127.0.0.1",
             port=0,
             readiness=lambda: (True, ""),
@@ -231,7 +232,7 @@ def test_tls_with_basic_auth(pki: Path, serve_with: object) -> None:
         assert r.headers["www-authenticate"] == 'Basic realm="connect-usage-exporter"'
         assert r.text == "unauthorized\n"
     assert ok.status_code == 200
-    assert "connect_usage_up 1.0\n" in ok.text
+    assert 'connect_usage_server_info{version="2025.04.0"} 1.0\n' in ok.text
     assert (health.status_code, health.text) == (200, "ok\n")
     # Probes carry no credentials: they stay open, and say nothing a scrape would.
     assert (health_anon.status_code, health_anon.text) == (200, "ok\n")
@@ -308,5 +309,5 @@ def test_openmetrics_and_gzip_over_tls_with_auth(pki: Path, serve_with: object) 
     assert r.headers["content-encoding"] == "gzip"
     assert r.headers["x-frame-options"] == "deny"
     text = gzip.decompress(raw).decode()
-    assert "connect_usage_up 1.0\n" in text
+    assert 'connect_usage_server_info{version="2025.04.0"} 1.0\n' in text
     assert text.endswith("# EOF\n")

@@ -1,0 +1,79 @@
+"""The slower refresh: content, users, permissions and the server's version, as labels.
+
+None of it is an event; it is read whole on its own cadence and replaces the last reading.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import anyio
+
+from exporter.client import ConnectClient, NotFoundError
+from exporter.records import ContentItem, User
+from exporter.snapshot import ContentInfo, MetadataView
+
+log = logging.getLogger("exporter.metadata")
+
+
+def user_state(user: User) -> str:
+    """`locked` wins over `unconfirmed`."""
+    if user.locked:
+        return "locked"
+    return "active" if user.confirmed else "unconfirmed"
+
+
+def content_info(item: ContentItem) -> ContentInfo:
+    return ContentInfo(
+        name=item.name,
+        title=item.title or "",
+        app_mode=item.app_mode,
+        access_type=item.access_type,
+        owner=item.owner_username or item.owner_guid or "",
+    )
+
+
+async def read_metadata(
+    client: ConnectClient, *, permissions: bool = True, concurrency: int = 4
+) -> MetadataView:
+    """Everything at once; permissions with one request per content item, `concurrency` at a
+    time (an item deleted between the listing and its request is skipped)."""
+    settings = await client.server_settings()
+    content_page = await client.content()
+    users_page = await client.users()
+    for error in (*content_page.malformed, *users_page.malformed):
+        log.warning("skipped a malformed metadata record: %s", error)
+    content = {item.guid: item for item in content_page.records}
+    users: dict[tuple[str, str], int] = {}
+    for user in users_page.records:
+        key = (user.role, user_state(user))
+        users[key] = users.get(key, 0) + 1
+    items: dict[tuple[str, str], int] = {}
+    for item in content.values():
+        key = (item.app_mode, item.access_type)
+        items[key] = items.get(key, 0) + 1
+    grants: dict[tuple[str, str, str], int] = {}
+    if permissions:
+        limiter = anyio.CapacityLimiter(concurrency)
+
+        async def read(guid: str) -> None:
+            async with limiter:
+                try:
+                    page = await client.permissions(guid)
+                except NotFoundError:
+                    return
+            for perm in page.records:
+                key = (perm.content_guid, perm.principal_type, perm.role)
+                grants[key] = grants.get(key, 0) + 1
+
+        async with anyio.create_task_group() as group:
+            for guid in content:
+                group.start_soon(read, guid)
+    return MetadataView(
+        content={guid: content_info(item) for guid, item in content.items()},
+        content_items=items,
+        usernames={u.guid: u.username for u in users_page.records},
+        users=users,
+        permissions=grants,
+        server_version=settings.version,
+    )

@@ -1,0 +1,276 @@
+"""Every metric family a snapshot shows, defined once: name, type, help, labels, and how its
+samples are read from the snapshot.
+
+The collector, the fast renderer, the contract test and README's table all derive from
+`FAMILIES`; the exporter's own health metrics are prometheus_client objects (`health.py`).
+`python -m exporter.metrics` prints README's table of every family.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from exporter.model import (
+    CONTENT_WINDOWS,
+    DURATION_BUCKETS,
+    EXCLUDE_REASONS,
+    USER_WINDOWS,
+    HistogramValue,
+)
+from exporter.snapshot import Snapshot
+
+PREFIX = "connect_usage_"
+_POLL = "by the background poll of Connect's instrumentation API"
+_META = "as of the last background poll of Connect's metadata API"
+
+K = TypeVar("K")
+Samples = Iterable[tuple[tuple[str, ...], Any]]  # (label values, a number or a HistogramValue)
+
+
+@dataclass(frozen=True)
+class Family:
+    """One metric family: its exposed name (counters end in `_total`), type, help, labels, and
+    the function that reads its samples from a snapshot."""
+
+    name: str
+    type: str  # "counter", "gauge" or "histogram"
+    help: str
+    labels: tuple[str, ...]
+    samples: Callable[[Snapshot], Samples]
+    buckets: tuple[float, ...] = ()  # histograms: the upper bounds, +Inf implied
+
+    @property
+    def base(self) -> str:
+        """The name prometheus_client families take (counters without `_total`)."""
+        return self.name.removesuffix("_total") if self.type == "counter" else self.name
+
+
+def _one(values: Mapping[str, Any]) -> Samples:
+    """A mapping keyed by one label value."""
+    return (((key,), value) for key, value in values.items())
+
+
+def _many(values: Mapping[Any, Any]) -> Samples:
+    """A mapping keyed by a tuple of label values."""
+    return values.items()
+
+
+def _zeros(keys: Iterable[K], values: Mapping[K, Any]) -> dict[K, Any]:
+    """`values` with every expected key present (0 when missing), expected keys first."""
+    out: dict[K, Any] = dict.fromkeys(keys, 0)
+    out.update(values)
+    return out
+
+
+def _scalar(value: float | None) -> Samples:
+    return () if value is None else (((), value),)
+
+
+def content_with_windows(snap: Snapshot) -> dict[str, None]:
+    """Content items that get every window of content_active_users (0 if absent), in order."""
+    usage = snap.usage
+    guids: dict[str, None] = dict.fromkeys(snap.content_info)
+    for values in (
+        usage.shiny_sessions_total,
+        usage.shiny_session_duration,
+        usage.shiny_sessions_active,
+        usage.shiny_sessions_abandoned_total,
+        usage.content_visits_total,
+        usage.content_last_activity,
+    ):
+        guids.update(dict.fromkeys(values))
+    guids.update(dict.fromkeys(guid for guid, _ in usage.content_active_users))
+    return guids
+
+
+def _content_active_users(snap: Snapshot) -> Samples:
+    """Every content item known from usage or metadata gets every window, at 0 if absent."""
+    values = snap.usage.content_active_users
+    known = {(g, w): 0 for g in content_with_windows(snap) for w in CONTENT_WINDOWS}
+    return {**known, **values}.items()
+
+
+def _content_info(snap: Snapshot) -> Samples:
+    return (
+        ((guid, i.name, i.title, i.app_mode, i.access_type, i.owner), 1)
+        for guid, i in snap.content_info.items()
+    )
+
+
+def _excluded(snap: Snapshot) -> Samples:
+    expected = [(s, r) for s in snap.streams for r in EXCLUDE_REASONS]
+    return _zeros(expected, snap.usage.excluded_events_total).items()
+
+
+FAMILIES: tuple[Family, ...] = (
+    Family(
+        PREFIX + "shiny_sessions_total",
+        "counter",
+        f"Shiny sessions started, counted once each {_POLL}.",
+        ("content_guid",),
+        lambda s: _one(s.usage.shiny_sessions_total),
+    ),
+    Family(
+        PREFIX + "shiny_session_duration_seconds",
+        "histogram",
+        f"Duration of ended Shiny sessions, observed once each {_POLL}.",
+        ("content_guid",),
+        lambda s: _one(s.usage.shiny_session_duration),
+        DURATION_BUCKETS,
+    ),
+    Family(
+        PREFIX + "shiny_sessions_active",
+        "gauge",
+        f"Shiny sessions started but not yet ended, as seen {_POLL}.",
+        ("content_guid",),
+        lambda s: _one(s.usage.shiny_sessions_active),
+    ),
+    Family(
+        PREFIX + "shiny_sessions_abandoned_total",
+        "counter",
+        "Shiny sessions that never reported an end and were given up on, counted once each "
+        f"{_POLL}.",
+        ("content_guid",),
+        lambda s: _one(s.usage.shiny_sessions_abandoned_total),
+    ),
+    Family(
+        PREFIX + "content_visits_total",
+        "counter",
+        f"Content visits (excluding synthetic ones), counted once each {_POLL}.",
+        ("content_guid",),
+        lambda s: _one(s.usage.content_visits_total),
+    ),
+    Family(
+        PREFIX + "active_users",
+        "gauge",
+        "Distinct known users with a visit or Shiny session in the trailing window, evaluated "
+        f"{_POLL}.",
+        ("window",),
+        lambda s: _one(_zeros(USER_WINDOWS, s.usage.active_users)),
+    ),
+    Family(
+        PREFIX + "content_active_users",
+        "gauge",
+        f"Distinct known users of a content item in the trailing window, evaluated {_POLL}.",
+        ("content_guid", "window"),
+        _content_active_users,
+    ),
+    Family(
+        PREFIX + "content_last_activity_timestamp_seconds",
+        "gauge",
+        f"Unix time of the latest visit or Shiny session of a content item, as seen {_POLL}.",
+        ("content_guid",),
+        lambda s: _one(s.usage.content_last_activity),
+    ),
+    Family(
+        PREFIX + "content_info",
+        "gauge",
+        f"Names of a content item (value 1), {_META}; join on content_guid. "
+        'Deleted content has app_mode="deleted".',
+        ("content_guid", "content_name", "title", "app_mode", "access_type", "owner"),
+        _content_info,
+    ),
+    Family(
+        PREFIX + "content_items",
+        "gauge",
+        f"Content items by app mode and access type, {_META}.",
+        ("app_mode", "access_type"),
+        lambda s: _many(s.metadata.content_items),
+    ),
+    Family(
+        PREFIX + "users",
+        "gauge",
+        f"Connect users by role and state, {_META}.",
+        ("role", "state"),
+        lambda s: _many(s.metadata.users),
+    ),
+    Family(
+        PREFIX + "content_permissions",
+        "gauge",
+        f"Permission grants on a content item by principal type and role, {_META}.",
+        ("content_guid", "principal_type", "role"),
+        lambda s: _many(s.metadata.permissions),
+    ),
+    Family(
+        PREFIX + "excluded_events_total",
+        "counter",
+        f"Usage records left uncounted (synthetic traffic or malformed records), counted {_POLL}.",
+        ("stream", "reason"),
+        _excluded,
+    ),
+    Family(
+        PREFIX + "user_events",
+        "gauge",
+        "Events of the most active users in the trailing window (opt-in top-N), evaluated "
+        f"{_POLL}.",
+        ("user_guid", "username", "window"),
+        lambda s: _many(s.user_events),
+    ),
+    Family(
+        PREFIX + "user_series_dropped_total",
+        "counter",
+        f"Per-user series left out because of the top-N cap, counted {_POLL}.",
+        ("window",),
+        lambda s: _one(_zeros(USER_WINDOWS, s.user_series_dropped_total)),
+    ),
+    Family(
+        PREFIX + "high_water_mark_timestamp_seconds",
+        "gauge",
+        f"Connect time below which every usage record has been seen {_POLL}, by stream.",
+        ("stream",),
+        lambda s: _one(s.high_water_mark),
+    ),
+    Family(
+        PREFIX + "counting_since_timestamp_seconds",
+        "gauge",
+        "Connect time from which the usage counters count (the counting epoch).",
+        (),
+        lambda s: _scalar(s.counting_since),
+    ),
+    Family(
+        PREFIX + "windows_evaluated_timestamp_seconds",
+        "gauge",
+        f"Unix time at which the windowed gauges were last evaluated {_POLL}.",
+        (),
+        lambda s: _scalar(s.windows_evaluated_at),
+    ),
+    Family(
+        PREFIX + "server_info",
+        "gauge",
+        f"Version of the Connect server (value 1), {_META}.",
+        ("version",),
+        lambda s: () if s.metadata.server_version is None else (((s.metadata.server_version,), 1),),
+    ),
+)
+
+
+def histogram_check(family: Family, labels: tuple[str, ...], value: HistogramValue) -> None:
+    """A histogram value must have a count per bucket, +Inf included."""
+    if len(value.counts) != len(family.buckets) + 1:
+        raise ValueError(
+            f"{family.name}{dict(zip(family.labels, labels, strict=True))}: "
+            f"{len(value.counts)} bucket counts for {len(family.buckets) + 1} buckets "
+            "(including +Inf)"
+        )
+
+
+def contract() -> list[tuple[str, str, str, tuple[str, ...]]]:
+    """Every family the exporter serves: (exposed name, type, help, labels), the snapshot's
+    then the exporter's own health."""
+    from exporter.health import HEALTH_FAMILIES
+
+    return [(f.name, f.type, f.help, f.labels) for f in FAMILIES] + list(HEALTH_FAMILIES)
+
+
+def markdown_table() -> str:
+    """README's metric table, from `contract()`."""
+    lines = ["| metric | type | labels | meaning |", "| --- | --- | --- | --- |"]
+    for name, typ, doc, labels in contract():
+        lines.append(f"| `{name}` | {typ} | {', '.join(labels)} | {doc} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(markdown_table())

@@ -1,0 +1,358 @@
+"""The SQLite store: round trips, atomic batches, migrations, and clear errors for bad files."""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from exporter.model import (
+    CLOSED,
+    LEGACY_SPACE,
+    OPEN,
+    US,
+    ModelState,
+    Rules,
+    UsageModel,
+    WalkTally,
+    legacy_digest,
+)
+from exporter.records import ShinySession, Visit
+from exporter.store import SCHEMA_VERSION, SqliteStore, StateError
+
+T0 = 1_700_000_000 * US
+
+
+def rules() -> Rules:
+    return Rules(overlap_us=120 * US, max_session_age_us=86400 * US, track_user_hours=True)
+
+
+def populated() -> UsageModel:
+    m = UsageModel(rules())
+    m.start_counting(T0, ("shiny", "visits"))
+    w = WalkTally(start_us=m.walk_start("shiny"))
+    m.apply_shiny(
+        [
+            ShinySession("a", "u1", T0 + 1 * US, T0 + 61 * US, 1),
+            ShinySession("a", None, T0 + 2 * US, None, 1),
+        ],
+        w,
+        T0 + 100 * US,
+    )
+    m.apply_visits(
+        [Visit("d", "u2", T0 + 3 * US, None, None, "1", "/", "x", 3)],
+        WalkTally(start_us=m.walk_start("visits")),
+    )
+    m.count_malformed("visits", [b'{"bad": 1}'], T0 + 3 * US, WalkTally(start_us=0))
+    m.set_hwm("shiny", T0 + 50 * US)
+    return m
+
+
+def comparable(m: UsageModel) -> tuple[object, ...]:
+    return (
+        m.counting_since,
+        m.hwm,
+        m.counters,
+        m.duration_counts,
+        m.duration_sums,
+        {space: keys for space, keys in m.keys.items() if keys},
+        m.user_last,
+        m.pair_last,
+        m.content_last,
+        m.user_hours,
+    )
+
+
+def reopened_equals(path: Path, m: UsageModel) -> UsageModel:
+    """Open the file afresh, load, and check it holds `m`; the loaded model."""
+    store = SqliteStore(path)
+    state = store.load()
+    store.close()
+    assert state is not None
+    again = UsageModel(rules(), state)
+    assert comparable(again) == comparable(m)
+    return again
+
+
+def test_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "state.sqlite"
+    store = SqliteStore(path)
+    m = populated()
+    store.commit(m.take_delta())
+    store.close()
+    assert not reopened_equals(path, m).has_changes()
+
+
+def test_a_round_trip_keeps_text_any_guid_may_hold(tmp_path: Path) -> None:
+    odd = ['q"uo\\te', "ünï\u00e9cödé ✓", "tab\there", "line\nbreak", "😀", "[1,2]"]
+    path = tmp_path / "s.sqlite"
+    store = SqliteStore(path)
+    m = populated()
+    m.apply_visits(
+        [
+            Visit(c, u, T0 + (10 + i) * US, c, u, None, c, u, None)
+            for i, (c, u) in enumerate(zip(odd, reversed(odd), strict=True))
+        ],
+        WalkTally(start_us=m.walk_start("visits")),
+    )
+    m.apply_shiny(
+        [ShinySession(odd[0], odd[1], T0 + 20 * US, None, 1)],
+        WalkTally(start_us=m.walk_start("shiny")),
+        T0 + 100 * US,
+    )
+    store.commit(m.take_delta())
+    store.close()
+    reopened_equals(path, m)
+
+
+def test_empty_file_has_no_state(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "s.sqlite")
+    assert store.load() is None
+    store.close()
+
+
+def test_failed_batch_leaves_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite"
+    store = SqliteStore(path)
+    delta = populated().take_delta()
+    delta.content_last["broken"] = None  # type: ignore[assignment]  # NOT NULL violation
+    with pytest.raises(sqlite3.IntegrityError):
+        store.commit(delta)
+    assert store.load() is None  # not even the epoch of the same batch
+    del delta.content_last["broken"]
+    store.commit(delta)  # the same batch again, whole
+    store.close()
+
+
+def test_a_pinned_key_stays_past_the_horizon_and_goes_once_unpinned(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite"
+    store = SqliteStore(path)
+    m = populated()
+    store.commit(m.take_delta())
+    m.set_hwm("shiny", T0 + 3 * 86400 * US)
+    m.set_hwm("visits", T0 + 3 * 86400 * US)
+    store.commit(m.take_delta())
+    state = store.load()
+    assert state is not None
+    # Only the open session is left: the closed one and the visit went with the horizon.
+    assert state.keys == {"shiny": {("a", "", T0 + 2 * US): (OPEN, T0 + 2 * US)}}
+    end = T0 + 3 * 86400 * US - 10 * US  # inside the overlap: its key is still needed
+    w = WalkTally(start_us=m.walk_start("shiny"))
+    m.apply_shiny([ShinySession("a", None, T0 + 2 * US, end, 1)], w, T0 + 3 * 86400 * US)
+    delta = m.take_delta()
+    assert delta.keys["shiny"] == {("a", "", T0 + 2 * US): (CLOSED, end, False)}
+    store.commit(delta)
+    state = store.load()
+    assert state is not None
+    assert state.keys == {"shiny": {("a", "", T0 + 2 * US): (CLOSED, end)}}
+    m.set_hwm("shiny", T0 + 4 * 86400 * US)  # the mark moves on: closed, it goes
+    store.commit(m.take_delta())
+    state = store.load()
+    assert state is not None and state.keys == {}
+    store.close()
+
+
+def test_corrupt_file_names_the_file_and_the_way_out(tmp_path: Path) -> None:
+    path = tmp_path / "state.sqlite"
+    path.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(StateError) as info:
+        SqliteStore(path)
+    assert str(path) in str(info.value)
+    assert "Move the file away" in str(info.value)
+
+
+def test_incompatible_schema_is_refused_not_reset(tmp_path: Path) -> None:
+    path = tmp_path / "state.sqlite"
+    SqliteStore(path).close()
+    db = sqlite3.connect(path)
+    db.execute("UPDATE meta SET value='999' WHERE key='schema_version'")
+    db.commit()
+    db.close()
+    with pytest.raises(StateError, match="schema version 999"):
+        SqliteStore(path)
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("999",)
+    db.close()
+
+
+def test_foreign_database_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "other.sqlite"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE notes (x)")
+    db.commit()
+    db.close()
+    with pytest.raises(StateError, match="not an exporter state file"):
+        SqliteStore(path)
+
+
+# --- files of earlier schemas ------------------------------------------------------------------
+
+# The tables of schema 2, as the exporter that wrote them declared them.
+SCHEMA_2 = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE hwm (stream TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE counters (
+    name TEXT NOT NULL, label TEXT NOT NULL, value INTEGER NOT NULL, PRIMARY KEY (name, label));
+CREATE TABLE durations (
+    content_guid TEXT PRIMARY KEY, counts TEXT NOT NULL, sum_us INTEGER NOT NULL);
+CREATE TABLE shiny_keys (
+    started INTEGER NOT NULL, content_guid TEXT NOT NULL, user_guid TEXT NOT NULL,
+    state INTEGER NOT NULL, time INTEGER NOT NULL,
+    PRIMARY KEY (started, content_guid, user_guid)) WITHOUT ROWID;
+CREATE TABLE visit_keys (
+    time INTEGER NOT NULL, key BLOB NOT NULL, count INTEGER NOT NULL,
+    PRIMARY KEY (time, key)) WITHOUT ROWID;
+CREATE TABLE guids (id INTEGER PRIMARY KEY, guid TEXT NOT NULL UNIQUE);
+CREATE TABLE user_last (user_id INTEGER PRIMARY KEY, last INTEGER NOT NULL);
+CREATE TABLE pair_last (
+    content_id INTEGER NOT NULL, user_id INTEGER NOT NULL, last INTEGER NOT NULL,
+    PRIMARY KEY (content_id, user_id)) WITHOUT ROWID;
+CREATE TABLE user_last_log (user_id INTEGER NOT NULL, last INTEGER NOT NULL);
+CREATE TABLE pair_last_log (
+    content_id INTEGER NOT NULL, user_id INTEGER NOT NULL, last INTEGER NOT NULL);
+CREATE TABLE content_last (content_guid TEXT PRIMARY KEY, last INTEGER NOT NULL);
+CREATE TABLE user_hours (
+    user_guid TEXT NOT NULL, hour INTEGER NOT NULL, count INTEGER NOT NULL,
+    PRIMARY KEY (user_guid, hour)) WITHOUT ROWID;
+"""
+BUCKETS = (
+    "1.0,5.0,15.0,30.0,60.0,120.0,300.0,600.0,1200.0,1800.0,3600.0,7200.0,14400.0,28800.0,86400.0"
+)
+V = Visit("d", "u2", T0 + 3 * US, None, None, "1", "/", "x", 3)
+
+
+def _schema_2_file(path: Path) -> None:
+    db = sqlite3.connect(path)
+    db.executescript(SCHEMA_2)
+    db.executemany(
+        "INSERT INTO meta VALUES (?, ?)",
+        [("schema_version", "2"), ("duration_buckets", BUCKETS), ("counting_since", str(T0))],
+    )
+    db.executemany("INSERT INTO hwm VALUES (?, ?)", [("shiny", T0 + 50 * US), ("visits", T0)])
+    db.executemany(
+        "INSERT INTO counters VALUES (?, ?, ?)",
+        [("shiny_sessions", "a", 2), ("content_visits", "d", 1)],
+    )
+    db.execute(
+        "INSERT INTO durations VALUES ('a', ?, 60000000)",
+        (",".join(["0"] * 4 + ["1"] + ["0"] * 11),),
+    )
+    db.executemany(
+        "INSERT INTO shiny_keys VALUES (?, ?, ?, ?, ?)",
+        [(T0 + 1 * US, "a", "u1", 1, T0 + 61 * US), (T0 + 2 * US, "a", "", 0, T0 + 2 * US)],
+    )
+    digest = bytes.fromhex(legacy_digest(V))
+    db.execute("INSERT INTO visit_keys VALUES (?, ?, 1)", (T0 + 3 * US, digest))
+    db.executemany("INSERT INTO guids VALUES (?, ?)", [(1, "a"), (2, "u1"), (3, "d"), (4, "u2")])
+    db.executemany("INSERT INTO user_last VALUES (?, ?)", [(2, T0 + 61 * US), (4, T0)])
+    db.execute("INSERT INTO user_last_log VALUES (4, ?)", (T0 + 3 * US,))
+    db.execute("INSERT INTO pair_last VALUES (1, 2, ?)", (T0 + 61 * US,))
+    db.execute("INSERT INTO pair_last_log VALUES (3, 4, ?)", (T0 + 3 * US,))
+    db.executemany(
+        "INSERT INTO content_last VALUES (?, ?)", [("a", T0 + 61 * US), ("d", T0 + 3 * US)]
+    )
+    db.execute("INSERT INTO user_hours VALUES ('u2', ?, 1)", ((T0 + 3 * US) // (3600 * US),))
+    db.commit()
+    db.close()
+
+
+def _expected_migrated() -> ModelState:
+    return ModelState(
+        counting_since=T0,
+        marks={"shiny": T0 + 50 * US, "visits": T0},
+        counters={("shiny_sessions", "a"): 2, ("content_visits", "d"): 1},
+        durations={"a": ([0] * 4 + [1] + [0] * 11, 60 * US)},
+        keys={
+            "shiny": {
+                ("a", "u1", T0 + 1 * US): (CLOSED, T0 + 61 * US),
+                ("a", "", T0 + 2 * US): (OPEN, T0 + 2 * US),
+            },
+            LEGACY_SPACE: {(legacy_digest(V),): (1, T0 + 3 * US)},
+        },
+        user_last={"u1": T0 + 61 * US, "u2": T0 + 3 * US},
+        pair_last={"a": {"u1": T0 + 61 * US}, "d": {"u2": T0 + 3 * US}},
+        content_last={"a": T0 + 61 * US, "d": T0 + 3 * US},
+        user_hours={"u2": {(T0 + 3 * US) // (3600 * US): 1}},
+    )
+
+
+def test_a_schema_2_file_is_migrated_in_place_losing_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "state.sqlite"
+    _schema_2_file(path)
+    store = SqliteStore(path)
+    assert store.load() == _expected_migrated()
+    # The visit the schema-2 digest stands for is not counted again; a new one is.
+    model = UsageModel(rules(), store.load())
+    model.apply_visits([V, V], WalkTally(start_us=model.walk_start("visits")))
+    assert model.view(T0 / US).content_visits_total == {"d": 2}
+    store.commit(model.take_delta())
+    store.close()
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == (
+        str(SCHEMA_VERSION),
+    )
+    tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert not {"hwm", "shiny_keys", "visit_keys", "guids"} & tables
+    assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    db.close()
+
+
+def test_a_schema_1_file_is_migrated_in_place_losing_nothing(tmp_path: Path) -> None:
+    # Schema 1 kept last-seen rows by guid text and key tables in another column order.
+    path = tmp_path / "state.sqlite"
+    _schema_2_file(path)
+    db = sqlite3.connect(path)
+    g = "(SELECT guid FROM guids WHERE id = {})"
+    for table in ("user_last", "user_last_log"):
+        db.execute(f"CREATE TABLE {table}_x (user_guid TEXT NOT NULL, last INTEGER NOT NULL)")
+        db.execute(f"INSERT INTO {table}_x SELECT {g.format('user_id')}, last FROM {table}")
+    for table in ("pair_last", "pair_last_log"):
+        db.execute(
+            f"CREATE TABLE {table}_x (content_guid TEXT NOT NULL, user_guid TEXT NOT NULL, "
+            "last INTEGER NOT NULL)"
+        )
+        db.execute(
+            f"INSERT INTO {table}_x SELECT {g.format('content_id')}, {g.format('user_id')}, "
+            f"last FROM {table}"
+        )
+    for table in ("user_last", "user_last_log", "pair_last", "pair_last_log", "guids"):
+        db.execute(f"DROP TABLE {table}")
+    for table in ("user_last", "user_last_log", "pair_last", "pair_last_log"):
+        db.execute(f"ALTER TABLE {table}_x RENAME TO {table}")
+    db.execute("ALTER TABLE shiny_keys RENAME TO shiny_keys_x")
+    db.execute(
+        "CREATE TABLE shiny_keys (content_guid TEXT NOT NULL, user_guid TEXT NOT NULL, "
+        "started INTEGER NOT NULL, state INTEGER NOT NULL, time INTEGER NOT NULL, "
+        "PRIMARY KEY (content_guid, user_guid, started))"
+    )
+    db.execute(
+        "INSERT INTO shiny_keys SELECT content_guid, user_guid, started, state, time "
+        "FROM shiny_keys_x"
+    )
+    db.execute("DROP TABLE shiny_keys_x")
+    db.execute("UPDATE meta SET value='1' WHERE key='schema_version'")
+    db.commit()
+    db.close()
+    store = SqliteStore(path)
+    assert store.load() == _expected_migrated()
+    store.close()
+
+
+def test_a_malformed_record_keyed_by_a_schema_2_digest_is_not_counted_again(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "state.sqlite"
+    _schema_2_file(path)
+    raw = b'{"content_guid": null}'
+    digest = hashlib.blake2b(b"visits\x1f" + raw, digest_size=16).digest()
+    db = sqlite3.connect(path)
+    db.execute("INSERT INTO visit_keys VALUES (?, ?, 1)", (T0 + 4 * US, digest))
+    db.commit()
+    db.close()
+    store = SqliteStore(path)
+    model = UsageModel(rules(), store.load())
+    model.count_malformed("visits", [raw], T0 + 3 * US, WalkTally(start_us=0))
+    assert model.view(T0 / US).excluded_events_total == {}
+    store.close()
