@@ -70,26 +70,32 @@ def _median(values: list[float]) -> float:
     return statistics.median(values)
 
 
+def contenders(args: argparse.Namespace) -> list[tuple[str, Path | None]]:
+    """This checkout, and the `--baseline` checkout when given (run side by side)."""
+    return [("exporter", None)] + ([("baseline", args.baseline)] if args.baseline else [])
+
+
 def catchup(args: argparse.Namespace) -> list[Row]:
     config = sim_config(args, args.events, args.content, args.users)
     bare_times: list[float] = []
-    exp_times: list[float] = []
+    times: dict[str, list[float]] = {name: [] for name, _ in contenders(args)}
     with SimProcess(config, now=NOW) as sim:
         log(f"catch-up: simulator generated in {sim.generation_s:.1f} s")
         start = NOW - 30 * DAY
-        # The two alternate, `--repeat` times, and each figure is the median of its runs: this
+        # They alternate, `--repeat` times, and each figure is the median of its runs: this
         # machine's speed drifts by 10-20% over minutes, which a single pair straddles.
         for run in range(args.repeat):
             records, requests, bare_s = bare_walk(sim.url, sim.key, start)
             log(f"bare loop: {records} records, {requests} requests, {bare_s:.1f} s")
-            job = {"mode": "catchup", "url": sim.url, "key": sim.key, "profile": args.profile}
-            exp = run_exporter(job)
-            log(
-                f"exporter: {exp['seconds']:.1f} s, {exp['requests']} requests, "
-                f"cpu {exp['cpu']:.1f} s (run {run + 1}: {bare_s / exp['seconds']:.2f}x)"
-            )
             bare_times.append(bare_s)
-            exp_times.append(exp["seconds"])
+            for name, checkout in contenders(args):
+                job = {"mode": "catchup", "url": sim.url, "key": sim.key, "profile": args.profile}
+                exp = run_exporter(job, checkout)
+                log(
+                    f"{name}: {exp['seconds']:.1f} s, {exp['requests']} requests, "
+                    f"cpu {exp['cpu']:.1f} s (run {run + 1}: {bare_s / exp['seconds']:.2f}x)"
+                )
+                times[name].append(exp["seconds"])
         if args.skip_sdk:
             sdk_n, sdk_s = records, float("nan")
         else:
@@ -97,27 +103,31 @@ def catchup(args: argparse.Namespace) -> list[Row]:
             log(f"posit-sdk: {sdk_n} events, {sdk_s:.1f} s")
     if sdk_n != records:
         log(f"WARNING: posit-sdk saw {sdk_n} events, the bare loop {records}")
-    exp_s, bare_s = _median(exp_times), _median(bare_times)
-    exp_rate, bare_rate, sdk_rate = records / exp_s, records / bare_s, records / sdk_s
+    bare_rate, sdk_rate = records / _median(bare_times), records / sdk_s
     runs = f" (median of {args.repeat})" if args.repeat > 1 else ""
-    return [
-        Row(
-            f"catch-up, {records:,} events: exporter vs bare httpx+json loop{runs}",
-            f"{exp_rate:,.0f} ev/s",
-            f"{bare_rate:,.0f} ev/s",
-            f"{exp_rate / bare_rate:.2f}x",
-            ">= 0.8x",
-            exp_rate / bare_rate >= 0.8,
-        ),
-        Row(
-            "catch-up: exporter vs posit-sdk usage.find()",
-            f"{exp_rate:,.0f} ev/s",
-            f"{sdk_rate:,.0f} ev/s",
-            f"{exp_rate / sdk_rate:.2f}x",
-            ">= 3x",
-            exp_rate / sdk_rate >= 3,
-        ),
-    ]
+    rows = []
+    for name, _ in contenders(args):
+        rate = records / _median(times[name])
+        each = ", ".join(f"{b / t:.2f}" for b, t in zip(bare_times, times[name], strict=True))
+        rows += [
+            Row(
+                f"catch-up, {records:,} events: {name} vs bare httpx+json loop{runs}",
+                f"{rate:,.0f} ev/s",
+                f"{bare_rate:,.0f} ev/s",
+                f"{rate / bare_rate:.2f}x (runs {each})",
+                ">= 0.8x",
+                rate / bare_rate >= 0.8,
+            ),
+            Row(
+                f"catch-up: {name} vs posit-sdk usage.find()",
+                f"{rate:,.0f} ev/s",
+                f"{sdk_rate:,.0f} ev/s",
+                f"{rate / sdk_rate:.2f}x",
+                ">= 3x",
+                rate / sdk_rate >= 3,
+            ),
+        ]
+    return rows
 
 
 def latency(args: argparse.Namespace) -> list[Row]:
@@ -125,77 +135,88 @@ def latency(args: argparse.Namespace) -> list[Row]:
     config["history_days"] = 0.05  # the epoch is fixed near the start of the data
     down = args.days * DAY
     t0 = NOW - down
-    exp_times: list[float] = []
+    times: dict[str, list[float]] = {name: [] for name, _ in contenders(args)}
+    truths: dict[str, dict[str, Any]] = {}
     seq_times: list[float] = []
     exact = True
     for run in range(args.repeat):
-        with SimProcess(config, now=t0) as sim:  # a new one each run: the job moves its clock
-            sim.control("POST", "faults", {"latency": args.latency})
-            job = {"mode": "catchup", "url": sim.url, "key": sim.key, "load_at": down}
-            exp = run_exporter({**job, "truth": True})
-            log(f"latency: exporter {exp['seconds']:.1f} s, {exp['requests']} requests")
-            # The same range the exporter read: from its first walk start (epoch - 30 d) to now.
-            records, requests, seq_s = bare_walk(sim.url, sim.key, t0 - 30 * DAY)
-            log(
-                f"latency: sequential walk {records} records, {requests} requests, {seq_s:.1f} s"
-                f" (run {run + 1}: {exp['seconds'] / seq_s:.2f}x)"
-            )
-        truth = exp["truth"]
-        exact = exact and bool(truth["exact"])
-        exp_times.append(exp["seconds"])
-        seq_times.append(seq_s)
-    exp_s, seq_s = _median(exp_times), _median(seq_times)
-    ratio = exp_s / seq_s
+        for name, checkout in contenders(args):
+            with SimProcess(config, now=t0) as sim:  # a new one each run: the job moves its clock
+                sim.control("POST", "faults", {"latency": args.latency})
+                job = {"mode": "catchup", "url": sim.url, "key": sim.key, "load_at": down}
+                exp = run_exporter({**job, "truth": True}, checkout)
+                log(f"latency: {name} {exp['seconds']:.1f} s, {exp['requests']} requests")
+                if name == "exporter":
+                    # The same range the exporter read: from its first walk start (epoch - 30 d).
+                    records, requests, seq_s = bare_walk(sim.url, sim.key, t0 - 30 * DAY)
+                    log(
+                        f"latency: sequential walk {records} records, {requests} requests, "
+                        f"{seq_s:.1f} s (run {run + 1}: {exp['seconds'] / seq_s:.2f}x)"
+                    )
+                    seq_times.append(seq_s)
+            truths[name] = exp["truth"]
+            exact = exact and bool(exp["truth"]["exact"])
+            times[name].append(exp["seconds"])
+    seq_s = _median(seq_times)
     runs = f" (median of {args.repeat})" if args.repeat > 1 else ""
-    return [
-        Row(
-            f"latency {args.latency * 1000:.0f} ms/request, {records:,} events: backfill time "
-            f"vs sequential cursor walk{runs}",
-            f"{exp_s:.1f} s",
-            f"{seq_s:.1f} s",
-            f"{ratio:.2f}x",
-            "<= 0.25x",
-            ratio <= 0.25,
-        ),
-        Row(
-            "  exactly-once after every concurrent backfill (counters == /__sim__/truth)",
-            f"{truth['sessions']:,} sessions, {truth['visits']:,} visits",
-            f"{truth['truth_sessions']:,}, {truth['truth_visits']:,}",
-            "exact" if exact else f"DIFFERS {truth['checks']}",
-            "exact",
-            exact,
-        ),
-    ]
+    rows = []
+    for name, _ in contenders(args):
+        exp_s = _median(times[name])
+        ratio = exp_s / seq_s
+        truth = truths[name]
+        rows += [
+            Row(
+                f"latency {args.latency * 1000:.0f} ms/request, {records:,} events: {name} "
+                f"backfill time vs sequential cursor walk{runs}",
+                f"{exp_s:.1f} s",
+                f"{seq_s:.1f} s",
+                f"{ratio:.2f}x",
+                "<= 0.25x",
+                ratio <= 0.25,
+            ),
+            Row(
+                f"  {name}: exactly-once after every concurrent backfill (counters == truth)",
+                f"{truth['sessions']:,} sessions, {truth['visits']:,} visits",
+                f"{truth['truth_sessions']:,}, {truth['truth_visits']:,}",
+                "exact" if truth["exact"] else f"DIFFERS {truth['checks']}",
+                "exact",
+                exact,
+            ),
+        ]
+    return rows
 
 
 def memory(args: argparse.Namespace) -> list[Row]:
     config = sim_config(args, args.mem_events, args.mem_content, args.mem_users)
+    rows = []
     with SimProcess(config, now=NOW) as sim:
         log(f"memory: simulator generated in {sim.generation_s:.1f} s")
-        exp = run_exporter({"mode": "catchup", "url": sim.url, "key": sim.key})
-    peak_mb = exp["peak_rss_kb"] / 1024
-    base_mb = exp["base_rss_kb"] / 1024
-    per_pair = (exp["rss_kb"] - exp["base_rss_kb"]) * 1024 / max(1, exp["pairs"])
-    return [
-        Row(
-            f"peak RSS, {args.mem_content:,} content / {args.mem_users:,} users / "
-            f"{args.mem_events:,} events",
-            f"{peak_mb:.0f} MB",
-            f"{base_mb:.0f} MB at start",
-            f"{peak_mb / 200:.2f}x of 200 MB",
-            "<= 200 MB",
-            peak_mb <= 200,
-        ),
-        Row(
-            f"  RSS growth per tracked (content, user) pair ({exp['pairs']:,} pairs, "
-            f"{exp['users']:,} users)",
-            f"{per_pair:.0f} B",
-            "",
-            "",
-            "report",
-            None,
-        ),
-    ]
+        for name, checkout in contenders(args):
+            exp = run_exporter({"mode": "catchup", "url": sim.url, "key": sim.key}, checkout)
+            peak_mb = exp["peak_rss_kb"] / 1024
+            base_mb = exp["base_rss_kb"] / 1024
+            per_pair = (exp["rss_kb"] - exp["base_rss_kb"]) * 1024 / max(1, exp["pairs"])
+            rows += [
+                Row(
+                    f"{name}: peak RSS, {args.mem_content:,} content / {args.mem_users:,} users "
+                    f"/ {args.mem_events:,} events",
+                    f"{peak_mb:.0f} MB",
+                    f"{base_mb:.0f} MB at start",
+                    f"{peak_mb / 200:.2f}x of 200 MB",
+                    "<= 200 MB",
+                    peak_mb <= 200,
+                ),
+                Row(
+                    f"  {name}: RSS growth per tracked (content, user) pair "
+                    f"({exp['pairs']:,} pairs, {exp['users']:,} users)",
+                    f"{per_pair:.0f} B",
+                    "",
+                    "",
+                    "report",
+                    None,
+                ),
+            ]
+    return rows
 
 
 def steady(args: argparse.Namespace) -> list[Row]:
@@ -209,39 +230,43 @@ def steady(args: argparse.Namespace) -> list[Row]:
         "visits_per_day": per_day * 0.7,
         "bucket_seconds": 60,
     }
-    with SimProcess(config, now=NOW) as sim:
-        job = {
-            "mode": "steady",
-            "url": sim.url,
-            "key": sim.key,
-            "step": args.poll_interval,
-            "polls": args.polls,
-        }
-        exp = run_exporter(job)
-    busy_cpu = statistics.median(c for c, _r, _n in exp["busy"])
-    busy_req = statistics.median(r for _c, r, _n in exp["busy"])
-    busy_new = statistics.median(n for _c, _r, n in exp["busy"])
-    idle_cpu = statistics.median(c for c, _r in exp["idle"])
-    idle_req = statistics.median(r for _c, r in exp["idle"])
-    interval = args.poll_interval
-    return [
-        Row(
-            f"steady state, {args.rate:g} ev/s, poll every {interval:g} s: CPU per poll",
-            f"{busy_cpu * 1000:.0f} ms ({busy_new:.0f} new ev)",
-            f"{interval:g} s interval",
-            f"{busy_cpu / interval:.4f} of a core",
-            "report",
-            None,
-        ),
-        Row(
-            "  API requests per busy poll / per idle poll (no new events)",
-            f"{busy_req:.0f} / {idle_req:.0f}",
-            f"idle CPU {idle_cpu * 1000:.0f} ms",
-            "",
-            "report",
-            bool(exp["truth"]["exact"]),
-        ),
-    ]
+    rows = []
+    for name, checkout in contenders(args):
+        with SimProcess(config, now=NOW) as sim:
+            job = {
+                "mode": "steady",
+                "url": sim.url,
+                "key": sim.key,
+                "step": args.poll_interval,
+                "polls": args.polls,
+            }
+            exp = run_exporter(job, checkout)
+        busy_cpu = statistics.median(c for c, _r, _n in exp["busy"])
+        busy_req = statistics.median(r for _c, r, _n in exp["busy"])
+        busy_new = statistics.median(n for _c, _r, n in exp["busy"])
+        idle_cpu = statistics.median(c for c, _r in exp["idle"])
+        idle_req = statistics.median(r for _c, r in exp["idle"])
+        interval = args.poll_interval
+        rows += [
+            Row(
+                f"{name}: steady state, {args.rate:g} ev/s, poll every {interval:g} s: "
+                "CPU per poll",
+                f"{busy_cpu * 1000:.0f} ms ({busy_new:.0f} new ev)",
+                f"{interval:g} s interval",
+                f"{busy_cpu / interval:.4f} of a core",
+                "report",
+                None,
+            ),
+            Row(
+                f"  {name}: API requests per busy poll / per idle poll (no new events)",
+                f"{busy_req:.0f} / {idle_req:.0f}",
+                f"idle CPU {idle_cpu * 1000:.0f} ms",
+                "",
+                "report",
+                bool(exp["truth"]["exact"]),
+            ),
+        ]
+    return rows
 
 
 def print_table(rows: list[Row]) -> None:
@@ -281,6 +306,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--skip-sdk", action="store_true", help="no posit-sdk run (slow)")
     p.add_argument("--profile", help="write a pyinstrument profile of the catch-up here")
+    p.add_argument(
+        "--baseline",
+        type=Path,
+        help="another checkout (with its own .venv) whose exporter runs every job side by side",
+    )
     p.add_argument(
         "--only",
         nargs="*",

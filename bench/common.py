@@ -141,11 +141,17 @@ def sdk_walk(url: str, key: str, start: float) -> tuple[int, float]:
 # --- the exporter in a subprocess ---------------------------------------------------------------
 
 
-def run_exporter(job: dict[str, Any]) -> dict[str, Any]:
-    """Run one exporter job in a fresh interpreter; its JSON answer."""
+def run_exporter(job: dict[str, Any], checkout: Path | None = None) -> dict[str, Any]:
+    """Run one exporter job in a fresh interpreter; its JSON answer.
+
+    `checkout`: another checkout of the project (its own `.venv`, its own bench/common.py speaking
+    the same job protocol), so an older commit runs the same job side by side.
+    """
+    root = checkout or ROOT
+    python = str(root / ".venv" / "bin" / "python") if checkout else sys.executable
     out = subprocess.run(
-        [sys.executable, "-m", "bench.common", "exporter", json.dumps(job)],
-        cwd=ROOT,
+        [python, "-m", "bench.common", "exporter", json.dumps(job)],
+        cwd=root,
         check=True,
         stdout=subprocess.PIPE,
         text=True,
@@ -156,16 +162,15 @@ def run_exporter(job: dict[str, Any]) -> dict[str, Any]:
 
 def _build(job: dict[str, Any], state_dir: Path) -> Any:
     """The exporter as the service builds it, from default settings plus the job's overrides."""
-    from exporter.state import StateStore
-
     from exporter import service
     from exporter.settings import load_settings
+    from exporter.store import SqliteStore
 
     settings = load_settings(
         {"server": job["url"], "api_key": job["key"], **job.get("settings", {})}
     )
-    store = StateStore(state_dir / "state.sqlite")
-    _client, poller, _registry = service._build(settings, store)
+    store = SqliteStore(state_dir / "state.sqlite")
+    _client, poller, _registry = service.build(settings, store)
     return poller
 
 

@@ -174,6 +174,9 @@ class WalkTally:
     # the most any one slice met, not their sum.
     malformed_counts: dict[tuple[int, str], int] = field(default_factory=dict)
     open_seen: set[SessionKey] = field(default_factory=set)
+    # Visits after this (the newest visit key when the walk began) cannot be re-reads. The
+    # default, for a tally made by hand: every visit is checked against the keys.
+    fresh_after: int = 2**63
     new_events: int = 0
     records: int = 0
     malformed: int = 0
@@ -281,7 +284,9 @@ class UsageModel:
 
     def walk_tally(self, stream: str) -> WalkTally:
         """The tally a new walk of `stream` starts with."""
-        return WalkTally(start_us=self.walk_start(stream))
+        newest = max((t for _n, t in self.visits.values()), default=-1)
+        fresh_after = max(newest, self._legacy_until, (self.counting_since or 0) - 1)
+        return WalkTally(start_us=self.walk_start(stream), fresh_after=fresh_after)
 
     def _key_bound(self, stream: str) -> int:
         """Keys below this serve no walk to come (-1 before the stream has a mark)."""
@@ -337,29 +342,33 @@ class UsageModel:
 
     # -- activity ---------------------------------------------------------------------------
 
-    def _touch(self, content: str, user: str | None, when: int, *, new_event: bool) -> None:
-        """A session or visit of `user` on `content` at `when` (µs): the last-seen maps."""
+    def _seen(self, events: Iterable[tuple[str, str | None, int, bool]]) -> None:
+        """Sessions and visits as (content, user, µs, new event?) on the last-seen maps."""
+        content_last, user_last, pair_last = self.content_last, self.user_last, self.pair_last
         delta = self._delta
-        if self.content_last.get(content, -1) < when:
-            self.content_last[content] = delta.content_last[content] = when
-        if user is None:
-            return
-        user_last = self.user_last
-        if user_last.get(user, -1) < when:
-            if user not in user_last:
-                user = share(user)
-            user_last[user] = delta.user_last[user] = when
-        users = self.pair_last.get(content)
-        if users is None:
-            users = self.pair_last[content] = {}
-        if users.get(user, -1) < when:
-            if user not in users:
-                user = share(user)
-            users[user] = delta.pair_last[content, user] = when
-        if new_event and self.rules.track_user_hours:
-            hour = when // HOUR_US
-            hours = self.user_hours.setdefault(user, {})
-            hours[hour] = delta.user_hours[user, hour] = hours.get(hour, 0) + 1
+        changed_content, changed_users = delta.content_last, delta.user_last
+        changed_pairs, changed_hours = delta.pair_last, delta.user_hours
+        hours = self.user_hours if self.rules.track_user_hours else None
+        for content, user, when, new in events:
+            if content_last.get(content, -1) < when:
+                content_last[content] = changed_content[content] = when
+            if user is None:
+                continue
+            if user_last.get(user, -1) < when:
+                if user not in user_last:
+                    user = share(user)
+                user_last[user] = changed_users[user] = when
+            users = pair_last.get(content)
+            if users is None:
+                users = pair_last[content] = {}
+            if users.get(user, -1) < when:
+                if user not in users:
+                    user = share(user)
+                users[user] = changed_pairs[content, user] = when
+            if new and hours is not None:
+                hour = when // HOUR_US
+                counts = hours.setdefault(user, {})
+                counts[hour] = changed_hours[user, hour] = counts.get(hour, 0) + 1
 
     def pair_count(self) -> int:
         """Tracked (content, user) pairs: what the windowed per-content gauges cost in memory."""
@@ -395,6 +404,7 @@ class UsageModel:
         from_us = walk.start_us
         max_age = self.rules.max_session_age_us
         added: dict[str, int] = {}  # one counter update per item and page, not per session
+        seen: list[tuple[str, str | None, int, bool]] = []
         for session in sessions:
             walk.records += 1
             ended = session.ended
@@ -416,13 +426,13 @@ class UsageModel:
                     # Seen without an end in this walk: `finish_shiny_walk` keeps the key, so
                     # the next walk, which lists it again, does not count it again.
                     walk.open_seen.add(key)
-                    self._touch(content, user, session.started, new_event=new)
+                    seen.append((content, user, session.started, new))
                 else:
                     if ended >= t0:
                         self._observe(content, session.started, ended)
                     if new or ended >= t0:
                         self._set_session(key, (CLOSED, ended))
-                    self._touch(content, user, ended, new_event=new)
+                    seen.append((content, user, ended, new))
                 continue
             state = known[0]
             if ended is None:
@@ -433,7 +443,8 @@ class UsageModel:
                 if state == OPEN:
                     self._observe(content, session.started, ended)
                 self._set_session(key, (CLOSED, ended))
-                self._touch(content, user, ended, new_event=False)
+                seen.append((content, user, ended, False))
+        self._seen(seen)
         for content, count in added.items():
             self._add(SESSIONS, content, count)
             walk.new_events += count
@@ -460,31 +471,41 @@ class UsageModel:
         """Apply one page of visits; identical visits count as often as Connect lists them."""
         t0 = self.counting_since
         assert t0 is not None, "start_counting() or a loaded state before applying records"
-        from_us = walk.start_us
+        from_us, fresh_after = walk.start_us, walk.fresh_after
         keys = self.visits
         tally = walk.visit_counts
         remember = walk.visit_order.append
         noted = self._delta.keys.setdefault(VISITS_SPACE, {})
         prefixes = self.rules.exclude_user_agents
-        touch = self._touch
         added: dict[str, int] = {}
+        seen: list[tuple[str, str | None, int, bool]] = []
+        append = seen.append
         for visit in visits:
             when = visit.time
             if when < from_us:
                 continue
             new = False
-            if when >= t0:
+            if when > fresh_after:
+                # Newer than every key there was when the walk began: no re-read, so each one
+                # is new, and an identical one (same time, same fields) a twin of this walk.
                 key = visit[:-1]
-                seen = tally.get(key, 0) + 1
-                if seen == 1:
+                stored = keys.get(key)
+                count = 1 if stored is None else stored[0] + 1
+                keys[key] = (count, when)
+                noted[key] = (count, when, False)
+                new = True
+            elif when >= t0:
+                key = visit[:-1]
+                count = tally.get(key, 0) + 1
+                if count == 1:
                     remember((when, key))
-                tally[key] = seen
+                tally[key] = count
                 stored = keys.get(key)
                 if stored is None and when <= self._legacy_until:
                     stored = self._legacy_seen(visit, key)
-                if stored is None or seen > stored[0]:
-                    keys[key] = (seen, when)
-                    noted[key] = (seen, when, False)
+                if stored is None or count > stored[0]:
+                    keys[key] = (count, when)
+                    noted[key] = (count, when, False)
                     new = True
             agent = visit.user_agent
             content = visit.content_guid
@@ -495,7 +516,8 @@ class UsageModel:
                 continue
             if new:
                 added[content] = added.get(content, 0) + 1
-            touch(content, visit.user_guid, when, new_event=new)
+            append((content, visit.user_guid, when, new))
+        self._seen(seen)
         walk.records += len(visits)
         for content, count in added.items():  # one counter update per item, not per visit
             self._add(VISITS, content, count)

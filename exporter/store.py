@@ -11,8 +11,11 @@ import json
 import sqlite3
 import threading
 from collections.abc import Iterable
+from operator import itemgetter
 from pathlib import Path
 from typing import Protocol
+
+import msgspec
 
 from exporter import __version__
 from exporter.model import DURATION_BUCKETS, Delta, Key, ModelState
@@ -22,6 +25,10 @@ _PAGE_SIZE = 1024
 _CHECKPOINT_BYTES = 64 * 1024 * 1024  # of WAL between automatic checkpoints
 _WAL_SIZE_LIMIT = 16 * 1024 * 1024  # bytes the WAL keeps on disk after a checkpoint
 _CACHE_KIB = 8_192
+_JSON_ROWS = 2_000  # rows per statement of a commit (see _rows)
+# Log rows that trigger a fold into the last-seen tables (or the tables' size, if larger: each
+# row is then folded O(1) times).
+_FOLD_ROWS = 50_000
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -35,10 +42,18 @@ CREATE TABLE IF NOT EXISTS keys (
     space TEXT NOT NULL, key TEXT NOT NULL, value INTEGER NOT NULL, time INTEGER NOT NULL,
     pinned INTEGER NOT NULL, PRIMARY KEY (space, key)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS keys_by_time ON keys (space, time);
-CREATE TABLE IF NOT EXISTS user_last (user_guid TEXT PRIMARY KEY, last INTEGER NOT NULL);
+-- Last-seen times, keyed by small integers (content and user guids share one id space), and
+-- appended to logs that are folded into the tables in bulk: a catch-up commits one row per
+-- (content, user) pair it meets, and a log takes them on a few sequential pages instead of one
+-- random B-tree page each. The newest time of a key in table or log is its value.
+CREATE TABLE IF NOT EXISTS guids (id INTEGER PRIMARY KEY, guid TEXT NOT NULL UNIQUE);
+CREATE TABLE IF NOT EXISTS user_last (user_id INTEGER PRIMARY KEY, last INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS pair_last (
-    content_guid TEXT NOT NULL, user_guid TEXT NOT NULL, last INTEGER NOT NULL,
-    PRIMARY KEY (content_guid, user_guid)) WITHOUT ROWID;
+    content_id INTEGER NOT NULL, user_id INTEGER NOT NULL, last INTEGER NOT NULL,
+    PRIMARY KEY (content_id, user_id)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS user_last_log (user_id INTEGER NOT NULL, last INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS pair_last_log (
+    content_id INTEGER NOT NULL, user_id INTEGER NOT NULL, last INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS content_last (content_guid TEXT PRIMARY KEY, last INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS user_hours (
     user_guid TEXT NOT NULL, hour INTEGER NOT NULL, count INTEGER NOT NULL,
@@ -83,6 +98,10 @@ class SqliteStore:
         self.read_only = read_only
         self._lock = threading.Lock()
         self._pinned: set[tuple[str, Key]] = set()  # key rows that outlive the horizon
+        self._ids: dict[str, int] = {}  # guid -> id of the last-seen tables, as committed
+        self._max_id = 0
+        self._log_rows = 0  # rows in the last-seen logs
+        self._table_rows = 0  # rows in the last-seen tables
         try:
             if read_only:
                 uri = f"{path.resolve().as_uri()}?mode=ro"
@@ -121,6 +140,11 @@ class SqliteStore:
         db.execute(f"PRAGMA wal_autocheckpoint={_CHECKPOINT_BYTES // page_size}")
         db.execute(f"PRAGMA journal_size_limit={_WAL_SIZE_LIMIT}")
         db.execute(f"PRAGMA cache_size=-{_CACHE_KIB}")
+        if sqlite3.sqlite_version_info < (3, 38):
+            raise StateError(
+                f"SQLite {sqlite3.sqlite_version} is too old for the state file {self.path}: "
+                "the exporter needs 3.38 or later (JSON built in)"
+            )
         result = db.execute("PRAGMA quick_check").fetchone()
         if result is None or result[0] != "ok":
             raise sqlite3.DatabaseError(f"integrity check failed: {result}")
@@ -159,6 +183,10 @@ class SqliteStore:
             (space, tuple(json.loads(key)))
             for space, key in db.execute("SELECT space, key FROM keys WHERE pinned")
         }
+        self._ids = {guid: i for i, guid in db.execute("SELECT id, guid FROM guids")}
+        self._max_id = max(self._ids.values(), default=0)
+        self._table_rows = _count(db, "user_last", "pair_last")
+        self._log_rows = _count(db, "user_last_log", "pair_last_log")
 
     def _check_schema(self) -> None:
         try:
@@ -190,9 +218,21 @@ class SqliteStore:
             }
             for space, key, value, time in db.execute("SELECT space, key, value, time FROM keys"):
                 state.keys.setdefault(space, {})[tuple(json.loads(key))] = (value, time)
-            state.user_last = dict(db.execute("SELECT user_guid, last FROM user_last"))
-            for content, user, last in db.execute("SELECT * FROM pair_last"):
-                state.pair_last.setdefault(content, {})[user] = last
+            names = dict(db.execute("SELECT id, guid FROM guids"))
+            user_last = state.user_last
+            for table in ("user_last", "user_last_log"):
+                for user_id, last in db.execute(f"SELECT user_id, last FROM {table}"):  # noqa: S608
+                    user = names[user_id]
+                    if user_last.get(user, -1) < last:
+                        user_last[user] = last
+            pair_last = state.pair_last
+            for table in ("pair_last", "pair_last_log"):
+                query = f"SELECT content_id, user_id, last FROM {table}"  # noqa: S608
+                for content_id, user_id, last in db.execute(query):
+                    users = pair_last.setdefault(names[content_id], {})
+                    user = names[user_id]
+                    if users.get(user, -1) < last:
+                        users[user] = last
             state.content_last = dict(db.execute("SELECT * FROM content_last"))
             for user, hour, count in db.execute("SELECT * FROM user_hours"):
                 state.user_hours.setdefault(user, {})[hour] = count
@@ -206,6 +246,7 @@ class SqliteStore:
         with self._lock:
             db = self._db
             pinned = set(self._pinned)
+            new_ids: dict[str, int] = {}
             try:
                 db.execute("BEGIN IMMEDIATE")
                 if delta.counting_since is not None:
@@ -224,13 +265,7 @@ class SqliteStore:
                     ),
                 )
                 self._write_keys(db, delta, pinned)
-                _write(db, "user_last", ("user_guid",), delta.user_last.items())
-                _write(
-                    db,
-                    "pair_last",
-                    ("content_guid", "user_guid"),
-                    ((c, u, t) for (c, u), t in delta.pair_last.items()),
-                )
+                log_rows = self._write_last_seen(db, delta, new_ids)
                 _upsert(db, "content_last", delta.content_last.items())
                 _write(
                     db,
@@ -242,8 +277,54 @@ class SqliteStore:
             except BaseException:
                 if db.in_transaction:
                     db.execute("ROLLBACK")
+                for guid in new_ids:  # their rows went with the transaction
+                    del self._ids[guid]
+                self._max_id -= len(new_ids)
                 raise
             self._pinned = pinned
+            self._log_rows = log_rows
+
+    def _write_last_seen(
+        self, db: sqlite3.Connection, delta: Delta, new_ids: dict[str, int]
+    ) -> int:
+        """Append the changed last-seen times to the logs, delete the forgotten ones, and fold
+        the logs into the tables once they are long; the log rows left."""
+        ids = self._ids
+        first, second = itemgetter(0), itemgetter(1)
+        met = set(delta.user_last)
+        met.update(map(first, delta.pair_last), map(second, delta.pair_last))
+        for guid in sorted(met.difference(ids)):  # sorted: the same file from the same data
+            self._max_id += 1
+            ids[guid] = new_ids[guid] = self._max_id  # taken back if the transaction fails
+        _rows(db, "INSERT INTO guids", [(i, g) for g, i in new_ids.items()])
+        get = ids.__getitem__
+        users = [(get(u), t) for u, t in delta.user_last.items() if t is not None]
+        pairs = [(get(c), get(u), t) for (c, u), t in delta.pair_last.items() if t is not None]
+        gone_users = [(get(u),) for u, t in delta.user_last.items() if t is None]
+        gone_pairs = [(get(c), get(u)) for (c, u), t in delta.pair_last.items() if t is None]
+        _rows(db, "INSERT INTO user_last_log", users)  # type: ignore[arg-type]
+        _rows(db, "INSERT INTO pair_last_log", pairs)  # type: ignore[arg-type]
+        for table in ("user_last", "user_last_log"):
+            statement = f"DELETE FROM {table} WHERE (user_id) IN"  # noqa: S608
+            _rows(db, statement, gone_users)  # type: ignore[arg-type]
+        for table in ("pair_last", "pair_last_log"):
+            statement = f"DELETE FROM {table} WHERE (content_id, user_id) IN"  # noqa: S608
+            _rows(db, statement, gone_pairs)  # type: ignore[arg-type]
+        log_rows = self._log_rows + len(users) + len(pairs)
+        if log_rows >= max(_FOLD_ROWS, self._table_rows):
+            db.execute(
+                "INSERT OR REPLACE INTO user_last "
+                "SELECT user_id, max(last) FROM user_last_log GROUP BY user_id"
+            )
+            db.execute(
+                "INSERT OR REPLACE INTO pair_last SELECT content_id, user_id, max(last) "
+                "FROM pair_last_log GROUP BY content_id, user_id"
+            )
+            db.execute("DELETE FROM user_last_log")
+            db.execute("DELETE FROM pair_last_log")
+            self._table_rows = _count(db, "user_last", "pair_last")
+            log_rows = 0
+        return log_rows
 
     @staticmethod
     def _write_keys(db: sqlite3.Connection, delta: Delta, pinned: set[tuple[str, Key]]) -> None:
@@ -262,19 +343,20 @@ class SqliteStore:
                 elif change is None or (space, key) in pinned:
                     deletes.append((space, _key_text(key)))
                     pinned.discard((space, key))
-        db.executemany("DELETE FROM keys WHERE space = ? AND key = ?", deletes)
-        db.executemany("INSERT OR REPLACE INTO keys VALUES (?, ?, ?, ?, ?)", upserts)
+        _rows(db, "DELETE FROM keys WHERE (space, key) IN", deletes)  # type: ignore[arg-type]
+        _rows(db, "INSERT OR REPLACE INTO keys", upserts)  # type: ignore[arg-type]
         db.executemany(
             "DELETE FROM keys WHERE space = ? AND time < ? AND NOT pinned",
             delta.horizons.items(),
         )
 
 
+def _count(db: sqlite3.Connection, *tables: str) -> int:
+    return sum(int(db.execute(f"SELECT count(*) FROM {t}").fetchone()[0]) for t in tables)  # noqa: S608
+
+
 def _upsert(db: sqlite3.Connection, table: str, rows: Iterable[tuple[object, ...]]) -> None:
-    rows = list(rows)
-    if rows:
-        marks = ", ".join("?" * len(rows[0]))
-        db.executemany(f"INSERT OR REPLACE INTO {table} VALUES ({marks})", rows)  # noqa: S608
+    _rows(db, f"INSERT OR REPLACE INTO {table}", list(rows))
 
 
 def _write(
@@ -289,9 +371,26 @@ def _write(
     for row in rows:
         (deletes if row[-1] is None else upserts).append(row)
     _upsert(db, table, upserts)
-    if deletes:
-        where = " AND ".join(f"{c} = ?" for c in key_columns)
-        db.executemany(f"DELETE FROM {table} WHERE {where}", [r[:-1] for r in deletes])  # noqa: S608
+    keys = ", ".join(key_columns)
+    _rows(db, f"DELETE FROM {table} WHERE ({keys}) IN", [r[:-1] for r in deletes])  # noqa: S608
+
+
+def _rows(db: sqlite3.Connection, statement: str, rows: list[tuple[object, ...]]) -> None:
+    """`statement` (an INSERT up to its VALUES, or a DELETE up to its IN) for every row.
+
+    A few thousand rows per statement, read by SQLite from one JSON text, not bound one by
+    one: executemany gives up the GIL around each row and must win it back from the event
+    loop for the next, so a commit of tens of thousands of rows written beside a busy walk
+    crawls and keeps interrupting it. The GIL is held only while msgspec writes the text.
+    """
+    if not rows:
+        return
+    width = len(rows[0])
+    columns = ", ".join(f"value ->> {i}" for i in range(width))
+    select = f"SELECT {columns} FROM json_each(?)"  # noqa: S608  # our constants
+    sql = f"{statement} ({select})" if statement.endswith(" IN") else f"{statement} {select}"
+    for at in range(0, len(rows), _JSON_ROWS):
+        db.execute(sql, (msgspec.json.encode(rows[at : at + _JSON_ROWS]),))
 
 
 # --- migration from schema 1 and 2 ------------------------------------------------------------
@@ -323,8 +422,8 @@ def _migrate(db: sqlite3.Connection) -> None:
 
     Everything carries over. Their visit keys were digests, which cannot name the visits they
     stood for: they go to the `legacy` key space, which the model matches by digest until they
-    age out of the overlap. Schema 2 keyed last-seen rows by integer ids (`guids`), and both
-    kept append-only logs beside the tables: the latest time of each wins.
+    age out of the overlap. Schema 2's last-seen tables are this schema's; schema 1 kept them
+    by guid text.
     """
     tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     if "old_hwm" in tables:
@@ -347,21 +446,32 @@ def _migrate(db: sqlite3.Connection) -> None:
                 "INSERT INTO keys VALUES ('legacy', ?, ?, ?, 0)",
                 (_key_text((bytes(key).hex(),)), count, time),
             )
-    ids = "old_guids" in tables
-    user = "(SELECT guid FROM old_guids WHERE id = t.user_id)" if ids else "t.user_guid"
-    content = "(SELECT guid FROM old_guids WHERE id = t.content_id)" if ids else "t.content_guid"
-    for table in ("old_user_last", "old_user_last_log"):
-        if table in tables:
+    if "old_guids" in tables:  # schema 2: the id-keyed tables as they are
+        db.execute("INSERT INTO guids SELECT id, guid FROM old_guids")
+        for table in ("user_last", "user_last_log"):
+            db.execute(f"INSERT INTO {table} SELECT user_id, last FROM old_{table}")  # noqa: S608
+        for table in ("pair_last", "pair_last_log"):
             db.execute(
-                f"INSERT INTO user_last SELECT {user}, t.last FROM {table} t WHERE true "  # noqa: S608
-                "ON CONFLICT (user_guid) DO UPDATE SET last = max(last, excluded.last)"
+                f"INSERT INTO {table} SELECT content_id, user_id, last FROM old_{table}"  # noqa: S608
             )
-    for table in ("old_pair_last", "old_pair_last_log"):
-        if table in tables:
+    elif "old_user_last" in tables:  # schema 1: guid text, given ids here
+        db.execute(
+            "INSERT OR IGNORE INTO guids (guid) "
+            "SELECT user_guid FROM old_user_last UNION SELECT user_guid FROM old_user_last_log "
+            "UNION SELECT content_guid FROM old_pair_last "
+            "UNION SELECT user_guid FROM old_pair_last "
+            "UNION SELECT content_guid FROM old_pair_last_log "
+            "UNION SELECT user_guid FROM old_pair_last_log"
+        )
+        for table in ("user_last", "user_last_log"):
             db.execute(
-                f"INSERT INTO pair_last SELECT {content}, {user}, t.last FROM {table} t "  # noqa: S608
-                "WHERE true ON CONFLICT (content_guid, user_guid) "
-                "DO UPDATE SET last = max(last, excluded.last)"
+                f"INSERT INTO {table} SELECT g.id, t.last FROM old_{table} t "  # noqa: S608
+                "JOIN guids g ON g.guid = t.user_guid"
+            )
+        for table in ("pair_last", "pair_last_log"):
+            db.execute(
+                f"INSERT INTO {table} SELECT c.id, u.id, t.last FROM old_{table} t "  # noqa: S608
+                "JOIN guids c ON c.guid = t.content_guid JOIN guids u ON u.guid = t.user_guid"
             )
     if "old_content_last" in tables:
         db.execute("INSERT INTO content_last SELECT content_guid, last FROM old_content_last")

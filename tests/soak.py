@@ -31,7 +31,7 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporter.model import CLOSED, SPACES
+from exporter.model import CLOSED, SPACES, ModelState
 from exporter.simulator import SimConfig, SimServer, Simulator
 from exporter.store import SqliteStore
 
@@ -252,14 +252,18 @@ def rss_mb(pid: int, field_name: str = "VmRSS") -> float:
     return 0.0
 
 
-def state_rows(path: Path) -> dict[str, int]:
-    """How many de-dup keys and last-seen entries the state holds, read through the store
-    (read-only: never blocks the writer)."""
+def load_state(path: Path) -> ModelState | None:
+    """The state as the store holds it, read-only: never blocks the writer."""
     store = SqliteStore(path, read_only=True)
     try:
-        state = store.load()
+        return store.load()
     finally:
         store.close()
+
+
+def state_rows(path: Path) -> dict[str, int]:
+    """How many de-dup keys and last-seen entries the state holds."""
+    state = load_state(path)
     if state is None:
         return dict.fromkeys(KEY_TABLES, 0)
     return {
@@ -273,11 +277,7 @@ def state_rows(path: Path) -> dict[str, int]:
 def stale_keys(path: Path, overlap_us: int) -> int:
     """De-dup keys a walk can no longer return (below the walk start), open sessions apart:
     pruning leaves none."""
-    store = SqliteStore(path, read_only=True)
-    try:
-        state = store.load()
-    finally:
-        store.close()
+    state = load_state(path)
     if state is None:
         return 0
     stale = 0

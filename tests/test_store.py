@@ -294,7 +294,7 @@ def test_a_schema_2_file_is_migrated_in_place_losing_nothing(tmp_path: Path) -> 
         str(SCHEMA_VERSION),
     )
     tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    assert not {"hwm", "shiny_keys", "visit_keys", "guids"} & tables
+    assert not {"hwm", "shiny_keys", "visit_keys"} & tables
     assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     db.close()
 

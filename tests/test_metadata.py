@@ -1,0 +1,36 @@
+"""The metadata refresh against the simulator: inventory and names exactly as Connect lists."""
+
+from __future__ import annotations
+
+import pytest
+
+from exporter.client import ConnectClient
+from exporter.metadata import read_metadata, user_state
+from exporter.records import User
+from tests.support import Connect
+
+pytestmark = pytest.mark.anyio
+
+
+def test_locked_wins_over_unconfirmed() -> None:
+    def user(locked: bool, confirmed: bool) -> User:
+        return User("g", "n", "viewer", locked, confirmed, None)
+
+    assert user_state(user(True, False)) == "locked"
+    assert user_state(user(False, False)) == "unconfirmed"
+    assert user_state(user(False, True)) == "active"
+
+
+async def test_read_metadata_counts_what_connect_lists(connect: Connect) -> None:
+    sim = connect.sim
+    async with ConnectClient(connect.url, sim.keys["admin"]) as client:
+        meta = await read_metadata(client, permissions=True, concurrency=3)
+        bare = await read_metadata(client, permissions=False)
+    listed = [c for c in sim.world.content if c.deleted_us is None]
+    assert meta.content is not None and set(meta.content) == {c.guid for c in listed}
+    assert sum(meta.content_items.values()) == len(listed)
+    assert sum(meta.users.values()) == len(sim.world.users)
+    assert meta.usernames == {u.guid: u.username for u in sim.world.users}
+    assert meta.permissions and sum(meta.permissions.values()) >= len(listed)  # an owner each
+    assert bare.permissions == {}
+    assert meta.server_version == sim.config.connect_version
