@@ -1358,3 +1358,31 @@ async def test_a_certificate_from_an_unknown_ca_is_refused_naming_verification(
     async with client:
         with pytest.raises(ConnectError, match=r"CERTIFICATE_VERIFY_FAILED|certificate verify"):
             await client.server_settings()
+
+
+@pytest.mark.parametrize("server", ["http://connect.test", "https://host.test:8443/rsconnect/"])
+def test_urls_are_built_as_httpx_builds_them(server: str) -> None:
+    # The client builds each absolute URL itself (one parse instead of three); it must be
+    # the URL httpx would have built from the same relative path and params.
+    client = ConnectClient(server, KEY, verify=False)
+    http = client._http
+    cases: list[tuple[str, dict[str, str] | None]] = [
+        ("v1/instrumentation/content/visits", None),
+        ("v1/instrumentation/shiny/usage", {"limit": "500", "asc_order": "true"}),
+        (
+            "v1/instrumentation/content/visits",
+            {
+                "from": "2025-05-20T00:00:00Z",
+                "to": "2025-05-21T00:00:01Z",
+                "content_guid": f"{GUID_A}|b",
+                "next": "eyJ0+a/b==",
+            },
+        ),
+        ("v1/content/a b%/permissions", {"q": "ünï cöde & more?=#"}),
+        ("v1/users", {"page_number": "2", "page_size": "500"}),
+    ]
+    for path, params in cases:
+        expected = http.build_request("GET", path, params=params)
+        built = http.build_request("GET", client._url(path, params))
+        assert str(built.url) == str(expected.url)
+        assert built.headers == expected.headers
