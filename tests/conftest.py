@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from exporter.simulator import SimConfig, SimServer, Simulator
 from tests.support import TUESDAY_AFTERNOON, Connect
+
+# Property tests: 40 examples each in the default loop, 150 in `.ci/run` (HYPOTHESIS_PROFILE=ci).
+settings.register_profile("loop", max_examples=40)
+settings.register_profile("ci", max_examples=150)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "loop"))
 
 
 @pytest.fixture

@@ -52,9 +52,15 @@ from exporter.records import (
 )
 from exporter.store import SqliteStore
 
-EXAMPLES = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-# A whole generated walk per example: fewer of them, so the file stays well under 20 s.
-WALKS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# How many examples: the hypothesis profile's (tests/conftest.py: fewer in the default loop, the
+# full number in `.ci/run`).
+EXAMPLES = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# A whole generated walk per example: two thirds as many of them.
+WALKS = settings(
+    max_examples=max(1, settings().max_examples * 2 // 3),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 # --- generated JSON ------------------------------------------------------------------------

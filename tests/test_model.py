@@ -294,7 +294,7 @@ def test_visits_keyed_by_a_schema_2_digest_count_once_and_take_their_own_keys() 
     assert delta.keys["visits"] == {v[:-1]: (3, T0 + 5 * US, False)}
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     gaps=st.lists(st.sampled_from([0, 0, 1, 30, 90, 200]), min_size=1, max_size=40),
     users=st.lists(st.sampled_from(["u1", "u2"]), min_size=40, max_size=40),
