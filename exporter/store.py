@@ -38,10 +38,12 @@ CREATE TABLE IF NOT EXISTS counters (
 CREATE TABLE IF NOT EXISTS durations (
     content_guid TEXT PRIMARY KEY, counts TEXT NOT NULL, sum_us INTEGER NOT NULL);
 -- De-dup keys, one JSON array each, by key space: `pinned` keys outlive the horizon.
+-- Ordered by time: a commit's new keys land on a few adjacent pages, and a horizon is one
+-- range. A key whose time moves on gets a new row, and the store deletes the old one when it knows
+-- it (a pinned key's), and any other ages out at the horizon: the newest row of a key wins.
 CREATE TABLE IF NOT EXISTS keys (
-    space TEXT NOT NULL, key TEXT NOT NULL, value INTEGER NOT NULL, time INTEGER NOT NULL,
-    pinned INTEGER NOT NULL, PRIMARY KEY (space, key)) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS keys_by_time ON keys (space, time);
+    space TEXT NOT NULL, time INTEGER NOT NULL, key TEXT NOT NULL, value INTEGER NOT NULL,
+    pinned INTEGER NOT NULL, PRIMARY KEY (space, time, key)) WITHOUT ROWID;
 -- Last-seen times, keyed by small integers (content and user guids share one id space), and
 -- appended to logs that are folded into the tables in bulk: a catch-up commits one row per
 -- (content, user) pair it meets, and a log takes them on a few sequential pages instead of one
@@ -97,7 +99,8 @@ class SqliteStore:
         self.path = path
         self.read_only = read_only
         self._lock = threading.Lock()
-        self._pinned: set[tuple[str, Key]] = set()  # key rows that outlive the horizon
+        # Keys whose rows outlive the horizon (open sessions), with their row's time.
+        self._pinned: dict[tuple[str, Key], int] = {}
         self._ids: dict[str, int] = {}  # guid -> id of the last-seen tables, as committed
         self._max_id = 0
         self._log_rows = 0  # rows in the last-seen logs
@@ -180,8 +183,8 @@ class SqliteStore:
         db.execute("INSERT OR IGNORE INTO meta VALUES ('created_by', ?)", (__version__,))
         db.execute("COMMIT")
         self._pinned = {
-            (space, tuple(json.loads(key)))
-            for space, key in db.execute("SELECT space, key FROM keys WHERE pinned")
+            (space, tuple(json.loads(key))): time
+            for space, time, key in db.execute("SELECT space, time, key FROM keys WHERE pinned")
         }
         self._ids = {guid: i for i, guid in db.execute("SELECT id, guid FROM guids")}
         self._max_id = max(self._ids.values(), default=0)
@@ -216,7 +219,9 @@ class SqliteStore:
                 guid: ([int(x) for x in counts.split(",")], total)
                 for guid, counts, total in db.execute("SELECT * FROM durations")
             }
-            for space, key, value, time in db.execute("SELECT space, key, value, time FROM keys"):
+            # By time: a key with rows of several times takes its newest.
+            query = "SELECT space, key, value, time FROM keys ORDER BY space, time"
+            for space, key, value, time in db.execute(query):
                 state.keys.setdefault(space, {})[tuple(json.loads(key))] = (value, time)
             names = dict(db.execute("SELECT id, guid FROM guids"))
             user_last = state.user_last
@@ -245,7 +250,7 @@ class SqliteStore:
             return
         with self._lock:
             db = self._db
-            pinned = set(self._pinned)
+            pinned = dict(self._pinned)
             new_ids: dict[str, int] = {}
             try:
                 db.execute("BEGIN IMMEDIATE")
@@ -327,23 +332,26 @@ class SqliteStore:
         return log_rows
 
     @staticmethod
-    def _write_keys(db: sqlite3.Connection, delta: Delta, pinned: set[tuple[str, Key]]) -> None:
-        """Keys below their horizon are not written (a long walk's keys mostly are), and go."""
-        upserts: list[tuple[str, str, int, int, bool]] = []
-        deletes: list[tuple[str, str]] = []
+    def _write_keys(
+        db: sqlite3.Connection, delta: Delta, pinned: dict[tuple[str, Key], int]
+    ) -> None:
+        """Keys below their horizon are not written, and every row below it goes but pinned
+        ones; a pinned key that moves or goes takes its old row with it."""
+        upserts: list[tuple[str, int, str, int, bool]] = []
+        deletes: list[tuple[str, int, str]] = []
         for space, changes in delta.keys.items():
             horizon = delta.horizons.get(space, -1)
             for key, change in changes.items():
+                before = pinned.pop((space, key), None)
                 if change is not None and (change[2] or change[1] >= horizon):
-                    upserts.append((space, _key_text(key), *change))
-                    if change[2]:
-                        pinned.add((space, key))
-                    else:
-                        pinned.discard((space, key))
-                elif change is None or (space, key) in pinned:
-                    deletes.append((space, _key_text(key)))
-                    pinned.discard((space, key))
-        _rows(db, "DELETE FROM keys WHERE (space, key) IN", deletes)  # type: ignore[arg-type]
+                    value, time, pin = change
+                    upserts.append((space, time, _key_text(key), value, pin))
+                    if pin:
+                        pinned[(space, key)] = time
+                if before is not None and (change is None or change[1] != before or not change[2]):
+                    deletes.append((space, before, _key_text(key)))
+        # Deletes first: a pinned key written again at the same time replaces its row below.
+        _rows(db, "DELETE FROM keys WHERE (space, time, key) IN", deletes)  # type: ignore[arg-type]
         _rows(db, "INSERT OR REPLACE INTO keys", upserts)  # type: ignore[arg-type]
         db.executemany(
             "DELETE FROM keys WHERE space = ? AND time < ? AND NOT pinned",
@@ -436,7 +444,7 @@ def _migrate(db: sqlite3.Connection) -> None:
         ).fetchall():
             db.execute(
                 "INSERT INTO keys VALUES ('shiny', ?, ?, ?, ?)",
-                (_key_text((content, user, started)), state, time, state != 1),
+                (time, _key_text((content, user, started)), state, state != 1),
             )
     if "old_visit_keys" in tables:
         for key, count, time in db.execute(
@@ -444,7 +452,7 @@ def _migrate(db: sqlite3.Connection) -> None:
         ).fetchall():
             db.execute(
                 "INSERT INTO keys VALUES ('legacy', ?, ?, ?, 0)",
-                (_key_text((bytes(key).hex(),)), count, time),
+                (time, _key_text((bytes(key).hex(),)), count),
             )
     if "old_guids" in tables:  # schema 2: the id-keyed tables as they are
         db.execute("INSERT INTO guids SELECT id, guid FROM old_guids")
