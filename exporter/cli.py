@@ -66,7 +66,12 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=1)
     demo.add_argument("--content", type=int, default=60, help="content items in the simulator")
     demo.add_argument("--users", type=int, default=200, help="users in the simulator")
-    demo.add_argument("--history-days", type=float, default=30.0)
+    demo.add_argument(
+        "--sim-history-days",
+        type=float,
+        default=30.0,
+        help="days of usage the simulator has before it starts",
+    )
     demo.add_argument("--sim-port", type=int, default=0, help="simulator port (0: any free port)")
     demo.add_argument(
         "--clock-speed", type=float, default=10.0, help="simulated seconds per real second"

@@ -498,6 +498,7 @@ class ConnectClient:
             )
         self._key = key
         self.base_url = _api_base(server)
+        self.server = self.base_url.removesuffix("__api__/").rstrip("/")  # what it reads
         self._max_retries = max_retries
         self._backoff_base = backoff_base
         self._backoff_max = backoff_max

@@ -29,13 +29,14 @@ def run_demo(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         seed=args.seed,
         content=args.content,
         users=args.users,
-        history_days=args.history_days,
+        history_days=args.sim_history_days,
         sessions_per_day=DEMO_SESSIONS_PER_DAY,
         visits_per_day=DEMO_VISITS_PER_DAY,
         clock_speed=args.clock_speed,
         live=True,
     )
-    print(f"Generating {args.history_days:g} days of Connect usage (seed {args.seed})…", flush=True)
+    days = args.sim_history_days
+    print(f"Generating {days:g} days of Connect usage (seed {args.seed})…", flush=True)
     sim = Simulator(config, now=start)
     server = SimServer(sim, port=args.sim_port)
     url = server.start()

@@ -19,7 +19,7 @@ from exporter.model import (
     USER_WINDOWS,
     HistogramValue,
 )
-from exporter.snapshot import Snapshot
+from exporter.snapshot import ContentInfo, Snapshot, counts_sessions, counts_visits
 
 PREFIX = "connect_usage_"
 _POLL = "by the background poll of Connect's instrumentation API"
@@ -68,6 +68,25 @@ def _scalar(value: float | None) -> Samples:
     return () if value is None else (((), value),)
 
 
+_NO_DURATIONS = HistogramValue((0,) * (len(DURATION_BUCKETS) + 1), 0.0)
+
+
+def _counted(
+    snap: Snapshot,
+    values: Mapping[str, Any],
+    applies: Callable[[ContentInfo], bool],
+    zero: Any = 0,
+) -> Samples:
+    """A per-content counter: every content item it applies to, at `zero` where nothing has
+    happened, so that the first event of an item is an increase, not a new series (none at
+    all while the counters are not whole)."""
+    if not snap.counters_shown:
+        return ()
+    known = {g: zero for g, info in snap.content_info.items() if applies(info)}
+    known.update(values)
+    return _one(known)
+
+
 def content_with_windows(snap: Snapshot) -> dict[str, None]:
     """Content items that get every window of content_active_users (0 if absent), in order."""
     usage = snap.usage
@@ -99,7 +118,13 @@ def _content_info(snap: Snapshot) -> Samples:
     )
 
 
+def _sessions_content(snap: Snapshot) -> list[str]:
+    return [g for g, info in snap.content_info.items() if counts_sessions(info)]
+
+
 def _excluded(snap: Snapshot) -> Samples:
+    if not snap.counters_shown:
+        return ()
     expected = [(s, r) for s in snap.streams for r in EXCLUDE_REASONS]
     return _zeros(expected, snap.usage.excluded_events_total).items()
 
@@ -110,14 +135,14 @@ FAMILIES: tuple[Family, ...] = (
         "counter",
         f"Shiny sessions started, counted once each {_POLL}.",
         ("content_guid",),
-        lambda s: _one(s.usage.shiny_sessions_total),
+        lambda s: _counted(s, s.usage.shiny_sessions_total, counts_sessions),
     ),
     Family(
         PREFIX + "shiny_session_duration_seconds",
         "histogram",
         f"Duration of ended Shiny sessions, observed once each {_POLL}.",
         ("content_guid",),
-        lambda s: _one(s.usage.shiny_session_duration),
+        lambda s: _counted(s, s.usage.shiny_session_duration, counts_sessions, _NO_DURATIONS),
         DURATION_BUCKETS,
     ),
     Family(
@@ -125,7 +150,7 @@ FAMILIES: tuple[Family, ...] = (
         "gauge",
         f"Shiny sessions started but not yet ended, as seen {_POLL}.",
         ("content_guid",),
-        lambda s: _one(s.usage.shiny_sessions_active),
+        lambda s: _one({**dict.fromkeys(_sessions_content(s), 0), **s.usage.shiny_sessions_active}),
     ),
     Family(
         PREFIX + "shiny_sessions_abandoned_total",
@@ -133,14 +158,14 @@ FAMILIES: tuple[Family, ...] = (
         "Shiny sessions that never reported an end and were given up on, counted once each "
         f"{_POLL}.",
         ("content_guid",),
-        lambda s: _one(s.usage.shiny_sessions_abandoned_total),
+        lambda s: _counted(s, s.usage.shiny_sessions_abandoned_total, counts_sessions),
     ),
     Family(
         PREFIX + "content_visits_total",
         "counter",
         f"Content visits (excluding synthetic ones), counted once each {_POLL}.",
         ("content_guid",),
-        lambda s: _one(s.usage.content_visits_total),
+        lambda s: _counted(s, s.usage.content_visits_total, counts_visits),
     ),
     Family(
         PREFIX + "active_users",

@@ -107,13 +107,16 @@ class Rules:
     max_session_age_us: int
     exclude_user_agents: tuple[str, ...] = ()
     track_user_hours: bool = False
+    history_us: int = 0  # a first start counts this much history (the origin before it)
 
 
 @dataclass(slots=True)
 class ModelState:
     """Everything the model knows, as a store loads it and as the model's deltas change it."""
 
-    counting_since: int | None = None
+    counting_since: int | None = None  # the origin: counters count events from here
+    takeover: int | None = None  # the first start, from which the exporter counts live
+    server: str | None = None  # the Connect whose events these are
     marks: dict[str, int] = field(default_factory=dict)  # stream -> high-water mark µs
     counters: dict[CounterKey, int] = field(default_factory=dict)
     durations: dict[str, tuple[list[int], int]] = field(default_factory=dict)  # counts, sum µs
@@ -122,6 +125,15 @@ class ModelState:
     pair_last: dict[str, dict[str, int]] = field(default_factory=dict)  # content -> user -> µs
     content_last: dict[str, int] = field(default_factory=dict)
     user_hours: dict[str, dict[int, int]] = field(default_factory=dict)  # user -> hour -> events
+    # The counters when they were first shown, after a first start's first complete walks:
+    # what a back-fill of the history before the takeover must not exceed.
+    baseline: Baseline | None = None
+
+
+@dataclass(slots=True)
+class Baseline:
+    counters: dict[CounterKey, int]
+    durations: dict[str, tuple[list[int], int]]
 
 
 @dataclass(slots=True)
@@ -134,6 +146,8 @@ class Delta:
     """
 
     counting_since: int | None = None
+    takeover: int | None = None
+    server: str | None = None
     marks: dict[str, int] = field(default_factory=dict)
     counters: dict[CounterKey, int] = field(default_factory=dict)
     durations: dict[str, tuple[tuple[int, ...], int]] = field(default_factory=dict)
@@ -143,18 +157,23 @@ class Delta:
     pair_last: dict[PairKey, int | None] = field(default_factory=dict)
     content_last: dict[str, int] = field(default_factory=dict)
     user_hours: dict[tuple[str, int], int | None] = field(default_factory=dict)
+    baseline: Baseline | None = None
 
     def is_empty(self) -> bool:
-        return self.counting_since is None and not any(
-            (
-                self.marks,
-                self.counters,
-                self.durations,
-                any(self.keys.values()),
-                self.user_last,
-                self.pair_last,
-                self.content_last,
-                self.user_hours,
+        return (
+            self.counting_since is None
+            and self.baseline is None
+            and not any(
+                (
+                    self.marks,
+                    self.counters,
+                    self.durations,
+                    any(self.keys.values()),
+                    self.user_last,
+                    self.pair_last,
+                    self.content_last,
+                    self.user_hours,
+                )
             )
         )
 
@@ -225,6 +244,10 @@ class UsageModel:
         self.rules = rules
         state = state or ModelState()
         self.counting_since = state.counting_since
+        self.takeover = state.takeover
+        self.server = state.server
+        self.baseline = state.baseline
+        self.complete_walks: set[str] = set()  # streams walked to the end since it was built
         self.hwm = state.marks
         self.counters = state.counters
         self.duration_counts = {c: counts for c, (counts, _sum) in state.durations.items()}
@@ -299,12 +322,31 @@ class UsageModel:
 
     # -- epoch and high-water marks ---------------------------------------------------------
 
-    def start_counting(self, now_us: int, streams: Iterable[str]) -> None:
-        """First start: count from now; windows are back-filled from the largest window."""
-        self.counting_since = self._delta.counting_since = now_us
+    def start_counting(self, now_us: int, streams: Iterable[str], *, server: str = "") -> None:
+        """First start: count from the rules' history before now (the origin). The first walk
+        reads from the origin or from the largest window before now, whichever is earlier."""
+        delta = self._delta
+        history_us = self.rules.history_us
+        self.counting_since = delta.counting_since = now_us - history_us
+        self.takeover = delta.takeover = now_us
+        self.server = delta.server = server
+        first = min(now_us - history_us, now_us - MAX_WINDOW_US)
         for stream in streams:
-            # The first walk starts exactly at now - 30d: nothing before it has been seen.
-            self.set_hwm(stream, now_us - MAX_WINDOW_US + self.rules.overlap_us)
+            self.set_hwm(stream, first + self.rules.overlap_us)
+
+    @property
+    def counters_shown(self) -> bool:
+        """Whether the counters are whole: after a first start's first complete walks."""
+        return self.baseline is not None
+
+    def take_baseline(self) -> None:
+        """The counters are whole from now on: remember them as they are shown first."""
+        self.baseline = self._delta.baseline = Baseline(
+            counters=dict(self.counters),
+            durations={
+                c: (list(n), self.duration_sums[c]) for c, n in self.duration_counts.items()
+            },
+        )
 
     def walk_start(self, stream: str) -> int:
         """Where the next walk of `stream` begins: the overlap re-reads late writes."""
@@ -457,10 +499,14 @@ class UsageModel:
             if state == ABANDONED and key not in walk.open_seen:
                 self._set_session(key, None)  # Connect no longer lists it: nothing to de-dup
             elif state == OPEN and (started < limit or key not in walk.open_seen):
-                self._set_session(key, (ABANDONED, started))
-                self._add(ABANDONED_SESSIONS, key[0])
+                self.abandon(key)
                 closed += 1
         return closed
+
+    def abandon(self, key: SessionKey) -> None:
+        """Give up on an open session: counted as abandoned; no duration when it ends."""
+        self._set_session(key, (ABANDONED, key[2]))
+        self._add(ABANDONED_SESSIONS, key[0])
 
     def open_sessions(self) -> Iterator[SessionKey]:
         return (k for k, (state, _t) in self.sessions.items() if state == OPEN)

@@ -59,6 +59,10 @@ SLICE_BUFFER_PAGES = 64
 DELETED = ContentInfo(DELETED_NAME, DELETED_NAME, DELETED_APP_MODE, "", "")
 
 
+def _when(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
 def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
     """The first real error of a slice task group, so callers see a ConnectError, not a group."""
     for error in group.exceptions:
@@ -117,6 +121,7 @@ class Poller:
             s.name: partial(self.poll_stream, s) for s in self.streams
         }
         self._polls[METADATA] = self.refresh_metadata
+        self._stream_names = {s.name for s in self.streams}
 
     @property
     def model(self) -> UsageModel:
@@ -173,6 +178,7 @@ class Poller:
                     user_events[(user, meta.usernames.get(user, ""), window)] = count
                 self._dropped_users[window].update(user for _c, user in rows[self.top_users :])
         self._snapshot = Snapshot(
+            counters_shown=model.counters_shown,
             usage=view,
             metadata=meta,
             content_info=info,
@@ -199,12 +205,17 @@ class Poller:
             server_time = await self.client.server_time()
             self.note_server_time(server_time)
             now_s = math.floor(server_time if server_time is not None else self.clock())
+            model = committer.model
             async with committer.lock:
-                committer.model.start_counting(now_s * US, (s.name for s in self.streams))
+                model.start_counting(
+                    now_s * US, (s.name for s in self.streams), server=self.client.server
+                )
                 await committer.commit()
+            origin = (model.counting_since or 0) // US
             log.info(
-                "new state file: counting from %s, windows back-filled from 30 days before",
-                time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now_s)),
+                "new state file: counting from %s (%s), windows back-filled from 30 days before",
+                _when(origin),
+                "the first start" if origin == now_s else f"{(now_s - origin) / 86400:g} days back",
             )
         self._loaded = True
         self.publish()
@@ -251,6 +262,9 @@ class Poller:
                 stream.finish(model, walk, walk_now_us)
                 model.set_hwm(stream.name, walk_now_us - US)
                 model.prune_windows(walk_now_us)
+                model.complete_walks.add(stream.name)
+                if not model.counters_shown and model.complete_walks >= self._stream_names:
+                    model.take_baseline()  # the history is counted: the counters are whole
                 await committer.commit()
         return walk  # poll_once publishes, once the poll's health is recorded too
 

@@ -73,6 +73,7 @@ def build(settings: Settings, store: Store) -> tuple[ConnectClient, Poller, Expo
         max_session_age_us=int(settings.max_session_age * US),
         exclude_user_agents=settings.exclude_user_agents,
         track_user_hours=settings.top_users > 0,
+        history_us=int(settings.history_days * 86400 * US),
     )
     poller = Poller(
         client,

@@ -13,6 +13,17 @@ from exporter.model import UsageView
 
 DELETED_APP_MODE = "deleted"
 DELETED_NAME = "(deleted)"
+# App modes whose usage Connect records as Shiny sessions; every other mode's as visits.
+SHINY_APP_MODES = frozenset({"shiny", "python-shiny", "quarto-shiny", "rmd-shiny"})
+UNKNOWN_APP_MODES = frozenset({"unknown", DELETED_APP_MODE})  # either may have either
+
+
+def counts_sessions(info: ContentInfo) -> bool:
+    return info.app_mode in SHINY_APP_MODES or info.app_mode in UNKNOWN_APP_MODES
+
+
+def counts_visits(info: ContentInfo) -> bool:
+    return info.app_mode not in SHINY_APP_MODES
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,4 +66,7 @@ class Snapshot:
     windows_evaluated_at: float | None = None
     high_water_mark: Mapping[str, float] = field(default_factory=dict)  # stream
     streams: tuple[str, ...] = ()  # the event streams polled
+    # False while a first start's first walks are still counting the history: the counters
+    # are not whole yet, and a counter must never be seen to go down.
+    counters_shown: bool = True
     taken_at: float = 0.0

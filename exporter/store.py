@@ -18,7 +18,7 @@ from typing import Protocol
 import msgspec
 
 from exporter import __version__
-from exporter.model import DURATION_BUCKETS, Delta, Key, ModelState
+from exporter.model import DURATION_BUCKETS, Baseline, Delta, Key, ModelState
 
 SCHEMA_VERSION = 3
 _PAGE_SIZE = 1024
@@ -36,6 +36,11 @@ CREATE TABLE IF NOT EXISTS marks (stream TEXT PRIMARY KEY, value INTEGER NOT NUL
 CREATE TABLE IF NOT EXISTS counters (
     name TEXT NOT NULL, label TEXT NOT NULL, value INTEGER NOT NULL, PRIMARY KEY (name, label));
 CREATE TABLE IF NOT EXISTS durations (
+    content_guid TEXT PRIMARY KEY, counts TEXT NOT NULL, sum_us INTEGER NOT NULL);
+-- The counters and histograms when they were first shown (see ModelState.baseline).
+CREATE TABLE IF NOT EXISTS baseline_counters (
+    name TEXT NOT NULL, label TEXT NOT NULL, value INTEGER NOT NULL, PRIMARY KEY (name, label));
+CREATE TABLE IF NOT EXISTS baseline_durations (
     content_guid TEXT PRIMARY KEY, counts TEXT NOT NULL, sum_us INTEGER NOT NULL);
 -- De-dup keys, one JSON array each, by key space: `pinned` keys outlive the horizon.
 -- Ordered by time: a commit's new keys land on a few adjacent pages, and a horizon is one
@@ -212,13 +217,22 @@ class SqliteStore:
             row = db.execute("SELECT value FROM meta WHERE key='counting_since'").fetchone()
             if row is None:
                 return None
-            state = ModelState(counting_since=int(row[0]))
+            meta = dict(db.execute("SELECT key, value FROM meta"))
+            state = ModelState(
+                counting_since=int(row[0]),
+                takeover=int(meta["takeover"]) if "takeover" in meta else None,
+                server=meta.get("server"),
+            )
             state.marks = dict(db.execute("SELECT stream, value FROM marks"))
             state.counters = {(n, lab): v for n, lab, v in db.execute("SELECT * FROM counters")}
-            state.durations = {
-                guid: ([int(x) for x in counts.split(",")], total)
-                for guid, counts, total in db.execute("SELECT * FROM durations")
-            }
+            state.durations = _durations(db, "durations")
+            if "baseline" in meta:
+                state.baseline = Baseline(
+                    counters={
+                        (n, lab): v for n, lab, v in db.execute("SELECT * FROM baseline_counters")
+                    },
+                    durations=_durations(db, "baseline_durations"),
+                )
             # By time: a key with rows of several times takes its newest.
             query = "SELECT space, key, value, time FROM keys ORDER BY space, time"
             for space, key, value, time in db.execute(query):
@@ -254,11 +268,14 @@ class SqliteStore:
             new_ids: dict[str, int] = {}
             try:
                 db.execute("BEGIN IMMEDIATE")
-                if delta.counting_since is not None:
-                    db.execute(
-                        "INSERT OR REPLACE INTO meta VALUES ('counting_since', ?)",
-                        (str(delta.counting_since),),
-                    )
+                meta = {
+                    "counting_since": delta.counting_since,
+                    "takeover": delta.takeover,
+                    "server": delta.server,
+                }
+                _upsert(db, "meta", ((k, str(v)) for k, v in meta.items() if v is not None))
+                if delta.baseline is not None:
+                    _write_baseline(db, delta.baseline)
                 _upsert(db, "marks", delta.marks.items())
                 _upsert(db, "counters", ((n, lab, v) for (n, lab), v in delta.counters.items()))
                 _upsert(
@@ -357,6 +374,25 @@ class SqliteStore:
             "DELETE FROM keys WHERE space = ? AND time < ? AND NOT pinned",
             delta.horizons.items(),
         )
+
+
+def _durations(db: sqlite3.Connection, table: str) -> dict[str, tuple[list[int], int]]:
+    return {
+        guid: ([int(x) for x in counts.split(",")], total)
+        for guid, counts, total in db.execute(f"SELECT * FROM {table}")  # noqa: S608
+    }
+
+
+def _write_baseline(db: sqlite3.Connection, baseline: Baseline) -> None:
+    db.execute("DELETE FROM baseline_counters")
+    db.execute("DELETE FROM baseline_durations")
+    _upsert(db, "baseline_counters", ((n, lab, v) for (n, lab), v in baseline.counters.items()))
+    _upsert(
+        db,
+        "baseline_durations",
+        ((g, ",".join(map(str, c)), t) for g, (c, t) in baseline.durations.items()),
+    )
+    db.execute("INSERT OR REPLACE INTO meta VALUES ('baseline', 'taken')")
 
 
 def _count(db: sqlite3.Connection, *tables: str) -> int:
@@ -481,6 +517,17 @@ def _migrate(db: sqlite3.Connection) -> None:
                 f"INSERT INTO {table} SELECT c.id, u.id, t.last FROM old_{table} t "  # noqa: S608
                 "JOIN guids c ON c.guid = t.content_guid JOIN guids u ON u.guid = t.user_guid"
             )
+    # Earlier exporters counted from their first start and showed the counters at once.
+    if db.execute("SELECT 1 FROM meta WHERE key = 'counting_since'").fetchone():
+        db.execute(
+            "INSERT OR IGNORE INTO meta "
+            "SELECT 'takeover', value FROM meta WHERE key = 'counting_since'"
+        )
+        db.execute("INSERT INTO baseline_counters SELECT name, label, value FROM counters")
+        db.execute(
+            "INSERT INTO baseline_durations SELECT content_guid, counts, sum_us FROM durations"
+        )
+        db.execute("INSERT OR REPLACE INTO meta VALUES ('baseline', 'taken')")
     if "old_content_last" in tables:
         db.execute("INSERT INTO content_last SELECT content_guid, last FROM old_content_last")
     if "old_user_hours" in tables:

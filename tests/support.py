@@ -40,6 +40,7 @@ def make_poller(
     max_retries: int = 8,
     timeout: float = 5.0,
     catchup_concurrency: int = 4,
+    history_days: float = 0.0,
 ) -> tuple[ConnectClient, Poller, SqliteStore]:
     health = Health(s.name for s in STREAMS)
     client = ConnectClient(
@@ -58,6 +59,7 @@ def make_poller(
             max_session_age_us=int(max_session_age * US),
             exclude_user_agents=("ContentHealthMonitor/",),
             track_user_hours=top_users > 0,
+            history_us=int(history_days * 86400 * US),
         )
     )
     poller = Poller(

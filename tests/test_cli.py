@@ -284,7 +284,7 @@ def test_demo_shows_usage_within_seconds(tmp_path: Path) -> None:
             "127.0.0.1:0",
             "--state-path",
             str(tmp_path / "d.sqlite"),
-            "--history-days",
+            "--sim-history-days",
             "3",
             "--start",
             str(TUESDAY_AFTERNOON),

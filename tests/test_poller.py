@@ -11,6 +11,7 @@ import pytest
 from exporter import client as client_module
 from exporter import planner
 from exporter import poller as poller_module
+from exporter.collector import SnapshotCollector
 from exporter.model import UsageModel
 from exporter.simulator import Simulator
 from exporter.snapshot import DELETED_APP_MODE
@@ -584,3 +585,73 @@ async def test_a_slow_head_slice_is_dealt_out_to_idle_readers_exactly(
             break
     assert shared, "no head slice was shared"
     assert all(2 <= pieces <= idle + 1 for pieces, idle in shared)
+
+
+async def test_a_first_start_counts_the_history_since_the_origin(
+    connect: Connect, tmp_path: Path
+) -> None:
+    sim = connect.sim
+    client, poller, store = make_poller(connect, tmp_path / "s.sqlite", history_days=2)
+    await poller.load()
+    takeover = int(now(sim))
+    assert poller.snapshot.counting_since == takeover - 2 * 86400
+    assert not poller.snapshot.counters_shown  # the history is not counted yet
+    assert await poller.poll_all_once()
+    assert poller.snapshot.counters_shown
+    truth = sim.truth(takeover - 2 * 86400, takeover)["totals"]
+    assert truth["sessions_started"] > 100 and truth["visits"] > 100  # history, not just now
+    assert_matches_truth(poller, sim)
+    state = store.load()
+    assert state is not None and state.takeover == takeover * 1_000_000
+    assert state.baseline is not None and state.baseline.counters == poller.model.counters
+    await stop(client, store)
+    # A restart shows the counters at once: they were whole when committed.
+    client, poller, store = make_poller(connect, tmp_path / "s.sqlite", history_days=2)
+    await poller.load()
+    assert poller.snapshot.counters_shown
+    assert poller.snapshot.counting_since == takeover - 2 * 86400  # the origin stays
+    await stop(client, store)
+
+
+async def test_counters_stay_hidden_until_every_stream_has_been_walked_once(
+    connect: Connect, tmp_path: Path
+) -> None:
+    # Partial counts would be scraped, then the whole ones: a counter seen to go up by the
+    # history at once, or (after a back-fill of that history) to go down.
+    client, poller, store = make_poller(connect, tmp_path / "s.sqlite", history_days=1)
+    await poller.load()
+    assert await poller.poll_once("metadata")
+    families = {f.name: f for f in SnapshotCollector(lambda: poller.snapshot).collect()}
+    assert families["connect_usage_shiny_sessions"].samples == []
+    assert families["connect_usage_excluded_events"].samples == []
+    assert families["connect_usage_content_info"].samples  # labels are not counters
+    assert await poller.poll_once("shiny")
+    assert not poller.snapshot.counters_shown
+    assert await poller.poll_once("visits")
+    assert poller.snapshot.counters_shown
+    await stop(client, store)
+
+
+async def test_every_item_has_its_counters_at_zero_from_the_first_scrape_that_knows_it(
+    connect: Connect, tmp_path: Path
+) -> None:
+    sim = connect.sim
+    client, poller, store = await start(connect, tmp_path / "s.sqlite")
+    series: dict[str, set[str]] = {}
+    for family in SnapshotCollector(lambda: poller.snapshot).collect():
+        series[family.name] = {s.labels.get("content_guid", "") for s in family.samples}
+    listed = [c for c in sim.world.content if c.deleted_us is None]
+    shiny = {c.guid for c in listed if c.is_shiny}
+    others = {c.guid for c in listed if not c.is_shiny}
+    assert shiny and others
+    for name in (
+        "connect_usage_shiny_sessions",
+        "connect_usage_shiny_sessions_abandoned",
+        "connect_usage_shiny_session_duration_seconds",
+        "connect_usage_shiny_sessions_active",
+    ):
+        assert shiny <= series[name], name
+        assert not others & series[name], name
+    assert others <= series["connect_usage_content_visits"]
+    assert not shiny & series["connect_usage_content_visits"]
+    await stop(client, store)

@@ -13,6 +13,7 @@ from exporter.model import (
     LEGACY_SPACE,
     OPEN,
     US,
+    Baseline,
     ModelState,
     Rules,
     UsageModel,
@@ -259,11 +260,15 @@ def _schema_2_file(path: Path) -> None:
 
 
 def _expected_migrated() -> ModelState:
+    counters = {("shiny_sessions", "a"): 2, ("content_visits", "d"): 1}
+    durations = {"a": ([0] * 4 + [1] + [0] * 11, 60 * US)}
     return ModelState(
         counting_since=T0,
+        takeover=T0,  # earlier exporters counted from their first start and showed it at once
+        baseline=Baseline(counters=dict(counters), durations=dict(durations)),
         marks={"shiny": T0 + 50 * US, "visits": T0},
-        counters={("shiny_sessions", "a"): 2, ("content_visits", "d"): 1},
-        durations={"a": ([0] * 4 + [1] + [0] * 11, 60 * US)},
+        counters=counters,
+        durations=durations,
         keys={
             "shiny": {
                 ("a", "u1", T0 + 1 * US): (CLOSED, T0 + 61 * US),
