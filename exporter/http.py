@@ -13,6 +13,7 @@ from __future__ import annotations
 import gzip
 import html
 import logging
+import re
 import threading
 import zlib
 from collections.abc import Callable, Iterable, Sequence
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
-from prometheus_client.exposition import choose_encoder, generate_latest, gzip_accepted
+from prometheus_client.exposition import choose_encoder, generate_latest
 from prometheus_client.openmetrics import exposition as om
 from prometheus_client.registry import CollectorRegistry
 
@@ -66,6 +67,36 @@ def _landing_page() -> bytes:
         '<li><a href="/readyz">/readyz</a> (readiness)</li>\n'
         "</ul></body></html>\n"
     ).encode()
+
+
+_QVALUE = re.compile(r"0(\.[0-9]{0,3})?|1(\.0{0,3})?")
+
+
+def gzip_wanted(accept_encoding: str) -> bool:
+    """Whether an `Accept-Encoding` header takes gzip, its q-values honoured (RFC 9110 12.5.3).
+
+    `gzip` (or its alias `x-gzip`) with q > 0 takes it, `gzip;q=0` refuses it, and `*` speaks for
+    gzip when gzip is not named. A malformed q-value refuses: plain text is always understood.
+    """
+    named: float | None = None
+    anything: float | None = None
+    for item in accept_encoding.split(","):
+        coding, *params = (part.strip() for part in item.split(";"))
+        coding = coding.lower()
+        if coding not in ("gzip", "x-gzip", "*"):
+            continue
+        q = 1.0
+        for param in params:
+            key, _, value = param.partition("=")
+            if key.strip().lower() == "q":
+                value = value.strip()
+                q = float(value) if _QVALUE.fullmatch(value) else 0.0
+        if coding == "*":
+            anything = q if anything is None else max(anything, q)
+        else:
+            named = q if named is None else max(named, q)
+    chosen = named if named is not None else anything
+    return chosen is not None and chosen > 0
 
 
 def _fast_kind(encoder: Callable[..., bytes]) -> str | None:
@@ -115,7 +146,7 @@ class MetricsEndpoint:
     def __call__(self, environ: WSGIEnvironment) -> tuple[list[tuple[str, str]], list[bytes]]:
         """Headers and body chunks of one scrape."""
         encoder, content_type = choose_encoder(environ.get("HTTP_ACCEPT", ""))
-        gzipped = gzip_accepted(environ.get("HTTP_ACCEPT_ENCODING", ""))
+        gzipped = gzip_wanted(environ.get("HTTP_ACCEPT_ENCODING", ""))
         params = parse_qs(environ.get("QUERY_STRING", ""))
         kind = _fast_kind(encoder)
         headers = [("Content-Type", content_type)]

@@ -377,3 +377,37 @@ def test_a_request_line_without_a_version_gets_a_400_with_headers(
     assert head.split(b"\r\n")[0] == b"HTTP/1.1 400 Bad Request"
     assert b"Connection: close" in head.split(b"\r\n")
     assert body == b"bad request\n"
+
+
+@pytest.mark.parametrize(
+    ("accept_encoding", "gzipped"),
+    [
+        ("gzip", True),
+        ("GZIP", True),
+        ("deflate, gzip;q=0.5", True),
+        ("gzip;q=0.001", True),
+        ("x-gzip", True),
+        ("*", True),
+        ("gzip;q=0", False),
+        ("gzip; q=0.000", False),
+        ("gzip;q=0, *", False),
+        ("*;q=0", False),
+        ("identity", False),
+        ("deflate, br", False),
+        ("gzip;q=2", False),  # not a q-value: plain text is always understood
+        ("", False),
+    ],
+)
+def test_gzip_only_when_the_client_gives_it_a_nonzero_q(
+    accept_encoding: str, gzipped: bool
+) -> None:
+    snapshot = handcrafted()
+    endpoint = MetricsEndpoint(build_registry(lambda: snapshot))
+    headers, chunks = endpoint(_environ(encoding=accept_encoding))
+    body = b"".join(chunks)
+    if gzipped:
+        assert dict(headers)["Content-Encoding"] == "gzip"
+        body = gzip.decompress(body)
+    else:
+        assert "Content-Encoding" not in dict(headers)
+    assert body.startswith(_usage_only(snapshot))
