@@ -142,6 +142,46 @@ def test_bad_settings_exit_2_with_one_line(
     assert "Traceback" not in proc.stderr
 
 
+def _one_line_exit_2(args: list[str], env: dict[str, str]) -> str:
+    """Run the command; it must exit 2 with exactly one line on stderr and no traceback."""
+    proc = subprocess.run([*EXE, *args], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("CONNECT_EXPORTER_OVERLAP", "inf"),
+        ("CONNECT_EXPORTER_OVERLAP", "1e300"),
+        ("CONNECT_EXPORTER_MAX_SESSION_AGE", "inf"),
+        ("CONNECT_EXPORTER_MAX_REQUESTS_PER_SECOND", "inf"),
+        ("CONNECT_EXPORTER_POLL_INTERVAL", "nan"),
+        ("CONNECT_EXPORTER_REQUEST_TIMEOUT", "1e300"),
+        ("CONNECT_EXPORTER_MAX_RESPONSE_BYTES", "9" * 5000),
+        ("CONNECT_EXPORTER_LISTEN_ADDRESS", "256.1.1.1:9741"),
+        ("CONNECT_EXPORTER_CA_FILE", "NOT_PEM"),
+        ("CONNECT_API_KEY", "key\u00e9"),
+    ],
+)
+def test_run_once_with_a_bad_value_exits_2_naming_the_setting(
+    tmp_path: Path, name: str, value: str
+) -> None:
+    if value == "NOT_PEM":
+        value = str(tmp_path / "ca.txt")
+        Path(value).write_text("not a certificate\n")
+    env = env_for(
+        "http://127.0.0.1:9", "a-key", CONNECT_EXPORTER_STATE_PATH=str(tmp_path / "s.sqlite")
+    )
+    env[name] = value
+    line = _one_line_exit_2(["run", "--once"], env)
+    assert line.startswith(f"connect-usage-exporter: invalid setting {name}")
+    assert not (tmp_path / "s.sqlite").exists()
+
+
 def test_run_once_writes_the_exposition_atomically(
     live_connect: tuple[Simulator, str], tmp_path: Path
 ) -> None:
