@@ -16,7 +16,6 @@ import argparse
 import contextlib
 import math
 import os
-import re
 import signal
 import sqlite3
 import subprocess
@@ -33,6 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.model import CLOSED
 from exporter.simulator import SimConfig, SimServer, Simulator
+from tests.support import log_lines, metrics_url_from_log
 
 FAR_FUTURE = 1e11
 DAY = 86400.0
@@ -372,16 +372,7 @@ def exporter_service(
     with log_path.open("wb") as log_file:
         proc = subprocess.Popen(args, env=env, stdout=log_file, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 60
-        metrics_url = None
-        while metrics_url is None:
-            found = re.search(r"serving metrics on (http://\S+)", log_path.read_text())
-            if found:
-                metrics_url = found.group(1)
-            elif proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("the exporter did not start:\n" + log_path.read_text()[-2000:])
-            else:
-                time.sleep(0.1)
+        metrics_url = metrics_url_from_log(proc, log_path)
         yield proc, metrics_url, log_path
     finally:
         if proc.poll() is None:
@@ -529,9 +520,11 @@ def run_soak(cfg: SoakConfig, say: Callable[[str], None] = print) -> SoakResult:
         proc.send_signal(signal.SIGTERM)
         result.exit_code = proc.wait(timeout=30)
         result.stale_keys_end = stale_keys(state, int(cfg.overlap_seconds * 1e6))
-        result.log_errors = sum(" ERROR " in line for line in log.read_text().splitlines())
+        result.log_errors = sum(" ERROR " in line for line in log_lines(log, complete=False))
         sys.stderr.flush()
-        result.sim_hangups = sim_errors.read_text().count("Traceback")
+        result.sim_hangups = sum(
+            "Traceback" in line for line in log_lines(sim_errors, complete=False)
+        )
     return result
 
 
