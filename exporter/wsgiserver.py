@@ -73,7 +73,7 @@ class ServerLimits:
     """How much of the process and of time one client may take."""
 
     max_connections: int = 1024
-    backlog: int = 4096  # Linux caps it at net.core.somaxconn (4096 by default since 5.4)
+    backlog: int = 1024
     workers: int = 4
     handshake_timeout: float = 10.0
     request_timeout: float = 10.0
@@ -217,6 +217,11 @@ class WSGIServer:
         """Sockets held right now (read from another thread: a snapshot)."""
         return len(self._held)
 
+    @property
+    def idle_connections(self) -> int:
+        """Held sockets that may be closed to make room (a snapshot, like `connections`)."""
+        return len(self._idle)
+
     def start(self) -> None:
         """Bind and listen (raising OSError if that fails), then serve from a daemon thread."""
         if self._listener is not None:
@@ -290,9 +295,10 @@ class WSGIServer:
     async def _accept(self) -> None:
         """Accept while there is room, or an idle connection to close for the newcomer.
 
-        The listening socket is watched only then, and the accept follows the check with no
-        await between them, so held sockets never pass the cap (but for the instant a closed
-        one waits for the loop to release it); other clients wait in the listen backlog.
+        The accept follows that check with no await between them, so held sockets never pass
+        the cap (but for the instant a closed one waits for the loop to release it); other
+        clients wait in the listen backlog. The listening socket is watched only while there is
+        nothing to accept: a queue of connections is taken one after another.
         """
         assert self._listener is not None and self._loop is not None and self._room is not None
         loop, listener = self._loop, self._listener
@@ -300,12 +306,10 @@ class WSGIServer:
             while len(self._held) >= self.cap and not self._idle:
                 self._room.clear()
                 await self._room.wait()
-            await _readable(loop, listener)
-            if len(self._held) >= self.cap and not self._idle:
-                continue  # the last idle connection took a request meanwhile
             try:
                 sock, peer = listener.accept()
             except (BlockingIOError, InterruptedError):
+                await _readable(loop, listener)  # nothing waiting: watch the socket until then
                 continue
             except OSError as exc:
                 if exc.errno in _RESOURCE_ERRNOS:
@@ -356,14 +360,14 @@ class WSGIServer:
         assert self._room is not None
         self._room.set()
 
-    def idle(self, conn: _Connection) -> None:
+    def mark_idle(self, conn: _Connection) -> None:
         self._idle.pop(conn, None)
         if conn in self._held:
             self._idle[conn] = None
             assert self._room is not None
             self._room.set()
 
-    def busy(self, conn: _Connection) -> None:
+    def mark_busy(self, conn: _Connection) -> None:
         self._idle.pop(conn, None)
 
     async def reply(self, environ: WSGIEnvironment) -> _Reply:
@@ -528,7 +532,7 @@ class _Connection(asyncio.Protocol):
             return
         if isinstance(event, h11.Request):
             self._disarm()
-            self.server.busy(self)
+            self.server.mark_busy(self)
             self.transport.pause_reading()
             self.responding = asyncio.get_running_loop().create_task(self._respond(event))
             return
@@ -617,7 +621,7 @@ class _Connection(asyncio.Protocol):
             self._close()
             return
         self.http.start_next_cycle()
-        self.server.idle(self)
+        self.server.mark_idle(self)
         self._arm(self.server.limits.request_timeout)
         self.transport.resume_reading()
         self._next_request()  # a request pipelined behind the last one is already buffered
@@ -627,7 +631,7 @@ class _Connection(asyncio.Protocol):
         if self.transport is None or self._lost:
             return
         self.responding = None
-        self.server.idle(self)
+        self.server.mark_idle(self)
         self._arm(self.server.limits.request_timeout)
         self.transport.close()
 
