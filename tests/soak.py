@@ -32,7 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.model import CLOSED
 from exporter.simulator import SimConfig, SimServer, Simulator
-from tests.support import log_lines, metrics_url_from_log
+from tests.support import log_lines, metrics_url_from_log, terminate
 
 FAR_FUTURE = 1e11
 DAY = 86400.0
@@ -375,13 +375,7 @@ def exporter_service(
         metrics_url = metrics_url_from_log(proc, log_path)
         yield proc, metrics_url, log_path
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        terminate(proc)
 
 
 def wait_ready(metrics_url: str, timeout: float) -> None:
@@ -502,7 +496,7 @@ def run_soak(cfg: SoakConfig, say: Callable[[str], None] = print) -> SoakResult:
         sim.clock.advance(stop_at - sim.clock.now())
         result.sim_days = (stop_at - t_sim0) / DAY
         say(f"clock stopped after {result.sim_days:.1f} simulated days; catching up")
-        result.caught_up, series = _catch_up(metrics, stop_at, cfg.catchup_timeout)
+        result.caught_up, series = catch_up(metrics, stop_at, cfg.catchup_timeout)
         result.real_seconds = time.monotonic() - t_real0
         sample()
         result.rss_peak_mb = rss_mb(proc.pid, "VmHWM")
@@ -528,7 +522,7 @@ def run_soak(cfg: SoakConfig, say: Callable[[str], None] = print) -> SoakResult:
     return result
 
 
-def _catch_up(metrics: str, stop_at: float, timeout: float) -> tuple[bool, Series]:
+def catch_up(metrics: str, stop_at: float, timeout: float) -> tuple[bool, Series]:
     """Wait for both high-water marks past ``stop_at - 2`` and then two more good walks each.
 
     The mark can pass mid-walk (it follows the last record read), so only a walk that began

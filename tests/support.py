@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import re
 import selectors
+import signal
 import socket
 import subprocess
 import threading
@@ -17,6 +18,7 @@ from types import TracebackType
 from typing import Any
 
 import anyio
+import httpx
 
 from exporter.client import ConnectClient
 from exporter.model import US, UsageModel
@@ -238,3 +240,33 @@ def metrics_url_from_log(proc: subprocess.Popen[Any], log: Path, timeout: float 
             tail = "\n".join(log_lines(log, complete=False))[-2000:]
             raise RuntimeError("the exporter did not start:\n" + tail)
         time.sleep(0.1)
+
+
+def terminate(proc: subprocess.Popen[Any], timeout: float = 30) -> None:
+    """SIGTERM (the service's clean stop), then SIGKILL if it has not exited within `timeout`."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def scrape_until(url: str, check: Callable[[str], None], within: float = 60) -> str:
+    """Scrape `url` until `check(body)` stops raising AssertionError; returns that body.
+
+    For what the service does in its own time (a poll that brings the counters to the truth);
+    the last AssertionError is raised if it has not happened `within` seconds.
+    """
+    deadline = time.monotonic() + within
+    while True:
+        body = httpx.get(url, timeout=10).text
+        try:
+            check(body)
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+        else:
+            return body

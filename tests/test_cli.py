@@ -28,6 +28,8 @@ from tests.support import (
     IdleClients,
     log_lines,
     metrics_url_from_log,
+    scrape_until,
+    terminate,
 )
 
 EXE = [sys.executable, "-m", "exporter"]
@@ -444,15 +446,9 @@ def test_idle_clients_under_a_low_open_file_limit_never_fail_a_poll(tmp_path: Pa
                     assert time.monotonic() < deadline, "the idle clients never got through"
                     time.sleep(0.05)
                 sim.clock.advance(3600)  # an hour of traffic for the polls to read
-                deadline = time.monotonic() + 90
-                while True:
-                    text = httpx.get(metrics, timeout=10).text
-                    try:
-                        assert_exposition_matches_truth(text, sim)
-                        break
-                    except AssertionError:
-                        assert time.monotonic() < deadline, "the counters never reached the truth"
-                        time.sleep(0.2)
+                text = scrape_until(
+                    metrics, lambda body: assert_exposition_matches_truth(body, sim)
+                )
                 assert httpx.get(metrics.replace("/metrics", "/healthz"), timeout=10).text == "ok\n"
                 assert _open_files(proc.pid) < limit
             m = parse(text)
@@ -461,7 +457,7 @@ def test_idle_clients_under_a_low_open_file_limit_never_fail_a_poll(tmp_path: Pa
             assert statuses == {"200"}
             assert m["connect_usage_up"][()] == 1.0
         finally:
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(timeout=30) == 0
+            terminate(proc)
+        assert proc.returncode == 0
     errors = [line for line in log_lines(log) if " ERROR " in line or "Too many open" in line]
     assert errors == []

@@ -189,31 +189,24 @@ def test_a_key_given_twice_or_an_unsendable_header_is_refused(
     assert problem in str(info.value)
 
 
-def test_service_exits_2_naming_a_user_listed_twice(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    monkeypatch.setenv("CONNECT_API_KEY", "k")
-    twice = _write(tmp_path, f"basic_auth_users:\n  alice: '{HASH}'\n  alice: '{HASH}'\n")
-    settings = load_settings(
-        {
-            "server": "http://127.0.0.1:9",
-            "state_path": str(tmp_path / "state.sqlite"),
-            "listen_address": "127.0.0.1:0",
-            "web_config_file": str(twice),
-        }
-    )
-    assert anyio.run(serve, settings) == 2
-    assert capsys.readouterr().err == (
-        "connect-usage-exporter: invalid setting CONNECT_EXPORTER_WEB_CONFIG_FILE "
-        f"{twice}: basic_auth_users.alice: is given twice; give each key once\n"
-    )
-
-
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("basic_auth_users:\n  alice: nope\n",
+         "basic_auth_users.alice: must be a bcrypt hash ($2a$, $2b$ or $2y$, 60 characters)"),
+        (f"basic_auth_users:\n  alice: '{HASH}'\n  alice: '{HASH}'\n",
+         "basic_auth_users.alice: is given twice; give each key once"),
+    ],
+)  # fmt: skip
 def test_service_exits_2_on_a_bad_web_config(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    text: str,
+    problem: str,
 ) -> None:
     monkeypatch.setenv("CONNECT_API_KEY", "k")
-    bad = _write(tmp_path, "basic_auth_users:\n  alice: nope\n")
+    bad = _write(tmp_path, text)
     settings = load_settings(
         {
             "server": "http://127.0.0.1:9",
@@ -224,11 +217,8 @@ def test_service_exits_2_on_a_bad_web_config(
     )
     assert anyio.run(serve, settings) == 2
     err = capsys.readouterr().err
-    assert err == (
-        "connect-usage-exporter: invalid setting CONNECT_EXPORTER_WEB_CONFIG_FILE "
-        f"{bad}: basic_auth_users.alice: must be a bcrypt hash ($2a$, $2b$ or $2y$, "
-        "60 characters)\n"
-    )
+    prefix = "connect-usage-exporter: invalid setting CONNECT_EXPORTER_WEB_CONFIG_FILE"
+    assert err == f"{prefix} {bad}: {problem}\n"
 
 
 # --- basic auth -------------------------------------------------------------------------------

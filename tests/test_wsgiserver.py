@@ -32,6 +32,17 @@ def hello(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterab
     return [HELLO]
 
 
+def blocking_app(release: threading.Event) -> Callable[..., Iterable[bytes]]:
+    """`hello`, except that `/block` holds its worker thread until `release` is set."""
+
+    def blocking(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if environ["PATH_INFO"] == "/block":
+            release.wait(WAIT)
+        return hello(environ, start_response)
+
+    return blocking
+
+
 @contextmanager
 def serving(
     app: Callable[..., Iterable[bytes]] = hello,
@@ -223,17 +234,13 @@ def test_idle_connections_beyond_the_cap_close_the_longest_idle() -> None:
 
 def test_with_every_connection_busy_a_new_one_waits_in_the_backlog() -> None:
     release = threading.Event()
-
-    def blocking(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
-        if environ["PATH_INFO"] == "/block":
-            release.wait(WAIT)
-        return hello(environ, start_response)  # type: ignore[return-value]
+    blocking = blocking_app(release)
 
     with serving(blocking, max_connections=2, workers=2) as server:
         busy = [dial(server) for _ in range(2)]
         for sock in busy:
             sock.sendall(get("/block"))
-        eventually(lambda: server.connections == 2 and not server._idle)
+        eventually(lambda: server.connections == 2 and server.idle_connections == 0)
         with dial(server) as waiting:  # the kernel completes the connect; nobody accepts it yet
             waiting.sendall(get("/healthz"))
             waiting.settimeout(0.3)
@@ -250,11 +257,7 @@ def test_with_every_connection_busy_a_new_one_waits_in_the_backlog() -> None:
 
 def test_probes_are_answered_while_every_worker_is_busy() -> None:
     release = threading.Event()
-
-    def blocking(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
-        if environ["PATH_INFO"] == "/block":
-            release.wait(WAIT)
-        return hello(environ, start_response)  # type: ignore[return-value]
+    blocking = blocking_app(release)
 
     with serving(blocking, workers=1) as server, dial(server) as busy, dial(server) as probe:
         busy.sendall(get("/block"))
