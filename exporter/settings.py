@@ -27,8 +27,9 @@ DEFAULT_EXCLUDE_USER_AGENTS = ("ContentHealthMonitor/",)
 # Upper bounds: far above any sensible value, low enough that every figure derived from a
 # setting (microsecond marks, sleeps, buffers) stays an ordinary number.
 DAY = 86400.0
-MAX_INTERVAL = DAY  # poll and metadata intervals, the overlap
-MAX_SESSION_AGE = 30 * DAY
+MAX_INTERVAL = DAY  # poll and metadata intervals
+MAX_OVERLAP = 7 * DAY
+MAX_SESSION_AGE = 1e9  # about 31 years: in effect "never close a session by its age"
 MAX_REQUEST_TIMEOUT = 3600.0
 MAX_RESPONSE_BYTES = 1024**3
 MAX_REQUESTS_PER_SECOND = 10_000.0
@@ -117,7 +118,7 @@ class Settings(BaseSettings):
     api_key: SecretStr = Field(validation_alias="CONNECT_API_KEY")
     poll_interval: float = Field(default=60.0, gt=0, le=MAX_INTERVAL, allow_inf_nan=False)
     metadata_interval: float = Field(default=600.0, gt=0, le=MAX_INTERVAL, allow_inf_nan=False)
-    overlap: float = Field(default=300.0, ge=0, le=MAX_INTERVAL, allow_inf_nan=False)
+    overlap: float = Field(default=300.0, ge=0, le=MAX_OVERLAP, allow_inf_nan=False)
     max_session_age: float = Field(default=86400.0, gt=0, le=MAX_SESSION_AGE, allow_inf_nan=False)
     state_path: Path = Path("connect-usage-exporter.sqlite")
     listen_address: str = f"0.0.0.0:{DEFAULT_PORT}"

@@ -97,8 +97,8 @@ def test_every_numeric_setting_has_an_upper_bound_and_no_infinity() -> None:
         ("max_session_age", "inf", "Input should be a finite number"),
         ("max_requests_per_second", "inf", "Input should be a finite number"),
         ("poll_interval", "nan", "Input should be a finite number"),
-        ("overlap", "1e300", "Input should be less than or equal to 86400"),
-        ("max_session_age", "1e300", "Input should be less than or equal to 2592000"),
+        ("overlap", "1e300", "Input should be less than or equal to 604800"),
+        ("max_session_age", "1e300", "Input should be less than or equal to 1000000000"),
         ("request_timeout", "1e300", "Input should be less than or equal to 3600"),
         ("max_response_bytes", "9" * 30, "Input should be less than or equal to 1073741824"),
         ("listen_address", "256.1.1.1:9741", "'256.1.1.1' is not an IPv4 address"),
@@ -136,9 +136,9 @@ def test_a_ca_file_that_is_pem_loads(pki: Path) -> None:
 
 def test_bounds_themselves_are_accepted() -> None:
     for field, value in [
-        ("overlap", "86400"),
+        ("overlap", "604800"),
         ("overlap", "0"),
-        ("max_session_age", "2592000"),
+        ("max_session_age", "1e9"),
         ("request_timeout", "3600"),
         ("max_response_bytes", str(1024**3)),
         ("max_requests_per_second", "10000"),
