@@ -64,7 +64,8 @@ TLS_SHUTDOWN_TIMEOUT = 5.0
 _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _RESOURCE_PAUSE = 0.5
 _CAP_WARNING_EVERY = 60.0
-# A complete first line must be `METHOD target HTTP/x.y`; h11 would wait for a blank line first.
+# A whole first line must be `METHOD target HTTP/x.y`: h11 would wait for the blank line that
+# ends the head before refusing one without a version (HTTP/0.9), which may never come.
 _REQUEST_LINE = re.compile(rb"[!-~]+ [!-~]+ HTTP/[0-9]\.[0-9]\r?\n")
 
 
@@ -194,6 +195,7 @@ class WSGIServer:
         self.server_header = server_header.encode("latin-1")
         self.cap = self.limits.max_connections
         self._listener: socket.socket | None = None
+        self._bound_port: int | None = None
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping: asyncio.Event | None = None
@@ -208,9 +210,8 @@ class WSGIServer:
 
     @property
     def port(self) -> int:
-        if self._listener is None:
-            return self.requested_port
-        return int(self._listener.getsockname()[1])
+        """The bound port (the real one when 0 was asked for); the requested one before start."""
+        return self.requested_port if self._bound_port is None else self._bound_port
 
     @property
     def connections(self) -> int:
@@ -227,6 +228,7 @@ class WSGIServer:
         if self._listener is not None:
             raise RuntimeError("server already started")
         self._listener = self._bind()
+        self._bound_port = int(self._listener.getsockname()[1])
         self.cap = connection_cap(self.limits.max_connections)
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=self.limits.workers, thread_name_prefix="exporter-http"
@@ -288,9 +290,10 @@ class WSGIServer:
             accepting.cancel()
             for conn in list(self._held):
                 conn.drop()
-            with contextlib.suppress(asyncio.CancelledError):
-                await accepting
-            await asyncio.sleep(0)  # let the dropped connections' callbacks run
+            others = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+            for task in others:  # accepting, and any connection's opening or response
+                task.cancel()
+            await asyncio.gather(*others, return_exceptions=True)
 
     async def _accept(self) -> None:
         """Accept while there is room, or an idle connection to close for the newcomer.
@@ -464,6 +467,8 @@ class _Connection(asyncio.Protocol):
         self._writable: asyncio.Future[None] | None = None
         self._paused = False
         self._lost = False
+        self._closing = False  # answered for the last time: what else arrives is ignored
+        self._line_checked = False  # the first line of the first request has been looked at
 
     # --- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -473,15 +478,20 @@ class _Connection(asyncio.Protocol):
         self._arm(self.server.limits.request_timeout)
 
     def data_received(self, data: bytes) -> None:
+        if self._closing:
+            return
         self.http.receive_data(data)
         if self.responding is None:
             self._next_request()
 
     def eof_received(self) -> bool:
-        self.http.receive_data(b"")
-        if self.responding is None:
-            self._next_request()
-        return True  # a half-closed client still gets its response; closing is ours to do
+        if not self._closing:
+            self.http.receive_data(b"")
+            if self.responding is None:
+                self._next_request()
+        # Over plain TCP a half-closed client still gets its response (closing is ours to do);
+        # TLS has no half-close, and asyncio would warn about a True here.
+        return self.server.ssl_context is None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
@@ -527,8 +537,12 @@ class _Connection(asyncio.Protocol):
             self._refuse(exc.error_status_hint)
             return
         if event is h11.NEED_DATA:
-            if self.http.their_state is h11.IDLE and not _first_line_ok(self.http.trailing_data[0]):
-                self._refuse(400)
+            if not self._line_checked and self.http.their_state is h11.IDLE:
+                first = _first_line(self.http.trailing_data[0])
+                if first is not None:
+                    self._line_checked = True
+                    if not _REQUEST_LINE.fullmatch(first):
+                        self._refuse(400)
             return
         if isinstance(event, h11.Request):
             self._disarm()
@@ -630,14 +644,15 @@ class _Connection(asyncio.Protocol):
         """Close after flushing; a client that never takes the rest is dropped at the deadline."""
         if self.transport is None or self._lost:
             return
+        self._closing = True
         self.responding = None
         self.server.mark_idle(self)
         self._arm(self.server.limits.request_timeout)
         self.transport.close()
 
 
-def _first_line_ok(buffered: bytes) -> bool:
-    """False once a whole first line is in and is not `METHOD target HTTP/x.y` (e.g. HTTP/0.9)."""
+def _first_line(buffered: bytes) -> bytes | None:
+    """The first line of a request (blank lines before it skipped), once it is whole."""
     data = bytes(buffered).lstrip(b"\r\n")
     end = data.find(b"\n")
-    return end == -1 or _REQUEST_LINE.fullmatch(data[: end + 1]) is not None
+    return None if end == -1 else data[: end + 1]

@@ -153,6 +153,15 @@ def test_pipelined_requests_are_answered_in_order() -> None:
         assert [read_response(sock)[2] for _ in range(3)] == [b"/one", b"/two", b"/three"]
 
 
+def test_a_client_that_half_closes_after_its_request_still_gets_the_answer() -> None:
+    with serving() as server, dial(server) as sock:
+        sock.sendall(get("/", "Connection: close\r\n"))
+        sock.shutdown(socket.SHUT_WR)
+        answer = closed_by_server(sock)
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert answer.endswith(b"\r\n\r\n" + HELLO)
+
+
 def test_an_idle_connection_is_closed_at_the_request_timeout() -> None:
     with serving(request_timeout=0.3) as server:
         with dial(server) as silent:
