@@ -231,8 +231,8 @@ def test_idle_connections_beyond_the_cap_close_the_longest_idle() -> None:
             eventually(lambda: all(closed_by_server(s) == b"" for s in idle[:6]))
             assert [still_open(s) for s in idle[6:]] == [True] * 4
             assert server.connections == 4
-            with dial(server) as fresh:  # takes the place of the longest idle left
-                fresh.sendall(get())
+            with dial(server) as fresh:  # a probe takes the place of the longest idle left
+                fresh.sendall(get("/healthz"))
                 assert read_response(fresh)[2] == HELLO
             assert closed_by_server(idle[6]) == b""
             assert [still_open(s) for s in idle[7:]] == [True] * 3
