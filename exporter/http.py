@@ -1,11 +1,11 @@
 """The exporter's HTTP face: `/metrics`, `/healthz`, `/readyz` and a landing page.
 
-A stdlib WSGI server with one daemon thread per request, the same shape as prometheus_client's own
-`ThreadingWSGIServer`. A scrape only reads the current snapshot reference, so it never waits for
-the poller; the snapshot's text is rendered once per snapshot and served from a cache
-(`MetricsEndpoint`). An optional web config (`exporter.webconfig`) adds TLS and HTTP basic auth.
-Unlike exporter-toolkit, auth spares the probes `/healthz` and `/readyz`: they say only "ok" or
-why not ready, and Kubernetes probes carry no credentials.
+A WSGI application served by `exporter.wsgiserver` (asyncio and h11: bounded connections, every
+client on a deadline), from a thread of its own. A scrape only reads the current snapshot
+reference, so it never waits for the poller; the snapshot's text is rendered once per snapshot
+and served from a cache (`MetricsEndpoint`). An optional web config (`exporter.webconfig`) adds
+TLS and HTTP basic auth. Unlike exporter-toolkit, auth spares the probes `/healthz` and
+`/readyz`: they say only "ok" or why not ready, and Kubernetes probes carry no credentials.
 """
 
 from __future__ import annotations
@@ -13,18 +13,15 @@ from __future__ import annotations
 import gzip
 import html
 import logging
-import socket
-import ssl
+import re
 import threading
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from socketserver import ThreadingMixIn
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client.exposition import choose_encoder, generate_latest, gzip_accepted
+from prometheus_client.exposition import choose_encoder, generate_latest
 from prometheus_client.openmetrics import exposition as om
 from prometheus_client.registry import CollectorRegistry
 
@@ -33,6 +30,7 @@ from exporter.collector import OPENMETRICS, TEXT, ExporterRegistry, SnapshotRend
 from exporter.settings import parse_listen_address
 from exporter.snapshot import Snapshot
 from exporter.webconfig import BasicAuth, WebConfig
+from exporter.wsgiserver import ServerLimits, WSGIServer
 
 if TYPE_CHECKING:
     from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
@@ -42,6 +40,9 @@ __all__ = ["ExporterHTTPServer", "MetricsEndpoint", "make_app", "parse_listen_ad
 log = logging.getLogger(__name__)
 
 Readiness = Callable[[], tuple[bool, str]]
+
+# Names the program, not the Python underneath (wsgiref's default names the CPython version).
+SERVER_HEADER = f"connect-usage-exporter/{__version__}"
 
 _TEXT = "text/plain; charset=utf-8"
 _ALLOWED = "GET, HEAD"
@@ -66,6 +67,36 @@ def _landing_page() -> bytes:
         '<li><a href="/readyz">/readyz</a> (readiness)</li>\n'
         "</ul></body></html>\n"
     ).encode()
+
+
+_QVALUE = re.compile(r"0(\.[0-9]{0,3})?|1(\.0{0,3})?")
+
+
+def gzip_wanted(accept_encoding: str) -> bool:
+    """Whether an `Accept-Encoding` header takes gzip, its q-values honoured (RFC 9110 12.5.3).
+
+    `gzip` (or its alias `x-gzip`) with q > 0 takes it, `gzip;q=0` refuses it, and `*` speaks for
+    gzip when gzip is not named. A malformed q-value refuses: plain text is always understood.
+    """
+    named: float | None = None
+    anything: float | None = None
+    for item in accept_encoding.split(","):
+        coding, *params = (part.strip() for part in item.split(";"))
+        coding = coding.lower()
+        if coding not in ("gzip", "x-gzip", "*"):
+            continue
+        q = 1.0
+        for param in params:
+            key, _, value = param.partition("=")
+            if key.strip().lower() == "q":
+                value = value.strip()
+                q = float(value) if _QVALUE.fullmatch(value) else 0.0
+        if coding == "*":
+            anything = q if anything is None else max(anything, q)
+        else:
+            named = q if named is None else max(named, q)
+    chosen = named if named is not None else anything
+    return chosen is not None and chosen > 0
 
 
 def _fast_kind(encoder: Callable[..., bytes]) -> str | None:
@@ -115,7 +146,7 @@ class MetricsEndpoint:
     def __call__(self, environ: WSGIEnvironment) -> tuple[list[tuple[str, str]], list[bytes]]:
         """Headers and body chunks of one scrape."""
         encoder, content_type = choose_encoder(environ.get("HTTP_ACCEPT", ""))
-        gzipped = gzip_accepted(environ.get("HTTP_ACCEPT_ENCODING", ""))
+        gzipped = gzip_wanted(environ.get("HTTP_ACCEPT_ENCODING", ""))
         params = parse_qs(environ.get("QUERY_STRING", ""))
         kind = _fast_kind(encoder)
         headers = [("Content-Type", content_type)]
@@ -252,59 +283,13 @@ def _reply(
     return [] if head else [body]
 
 
-class _QuietHandler(WSGIRequestHandler):
-    """No access log at INFO: Prometheus scrapes every few seconds."""
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("%s - " + format, self.address_string(), *args)
-
-
-# A client that connects and then says nothing cannot hold a thread longer than this.
-HANDSHAKE_TIMEOUT = 10.0
-
-
-class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
-    """Thread per request; daemon threads so a hung client cannot block shutdown.
-
-    With TLS the listening socket is wrapped without handshaking on accept: the handshake runs in
-    the request's own thread, so a slow or broken client can neither stall the accept loop nor
-    (with a failed handshake) reach the handler or kill the serving thread.
-    """
-
-    daemon_threads = True
-
-    def finish_request(self, request: Any, client_address: Any) -> None:
-        if isinstance(request, ssl.SSLSocket):
-            try:
-                request.settimeout(HANDSHAKE_TIMEOUT)
-                request.do_handshake()
-                request.settimeout(None)
-            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-                log.debug("TLS handshake with %s failed: %s", client_address, exc)
-                return
-        super().finish_request(request, client_address)
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        """A client that goes away mid-response is routine; anything else is logged once."""
-        log.debug("request from %s failed", client_address, exc_info=True)
-
-
-def _server_class(host: str, port: int) -> type[_ThreadingWSGIServer]:
-    """A server class bound to the address family of `host` (IPv4, IPv6 or a name)."""
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    family = infos[0][0]
-
-    class Server(_ThreadingWSGIServer):
-        address_family = family
-
-    return Server
-
-
 class ExporterHTTPServer:
-    """The HTTP(S) endpoint in a background daemon thread.
+    """The HTTP(S) endpoint, served by `exporter.wsgiserver.WSGIServer` from a thread of its own.
 
-    `web_config` (from `exporter.webconfig.load_web_config`) adds TLS, basic auth on every path,
-    and extra response headers; None serves plain HTTP to anyone, as before.
+    `web_config` (from `exporter.webconfig.load_web_config`) adds TLS, basic auth on every path
+    but the probes, and extra response headers; None serves plain HTTP to anyone. `limits` bound
+    connections and time per client (`ServerLimits`' defaults when None). The probes are answered
+    on the server's event loop, so they never wait behind scrapes or bcrypt checks.
     """
 
     def __init__(
@@ -315,21 +300,27 @@ class ExporterHTTPServer:
         port: int,
         readiness: Readiness,
         web_config: WebConfig | None = None,
+        limits: ServerLimits | None = None,
     ) -> None:
         config = web_config or WebConfig()
         self._ssl = config.ssl_context()
-        self._app = make_app(registry, readiness, auth=config.basic_auth(), headers=config.headers)
+        app = make_app(registry, readiness, auth=config.basic_auth(), headers=config.headers)
         self._host = host
-        self._requested_port = port
-        self._server: _ThreadingWSGIServer | None = None
-        self._thread: threading.Thread | None = None
+        self._server = WSGIServer(
+            app,
+            host=host,
+            port=port,
+            ssl_context=self._ssl,
+            limits=limits,
+            inline_paths=_PROBES,
+            server_header=SERVER_HEADER,
+        )
+        self._started = False
 
     @property
     def port(self) -> int:
         """The bound port (the real one when 0 was asked for); the requested one before start."""
-        if self._server is None:
-            return self._requested_port
-        return int(self._server.server_address[1])
+        return self._server.port
 
     @property
     def host(self) -> str:
@@ -340,39 +331,27 @@ class ExporterHTTPServer:
         """`https` when serving TLS, else `http`."""
         return "http" if self._ssl is None else "https"
 
+    @property
+    def connection_cap(self) -> int:
+        """The most connections held at once (known once started)."""
+        return self._server.cap
+
     def start(self) -> None:
-        """Bind and serve in a daemon thread; raises OSError if the address is taken."""
-        if self._server is not None:
+        """Bind and serve in a daemon thread; raises OSError if the address cannot be bound."""
+        if self._started:
             raise RuntimeError("server already started")
-        server = make_server(
-            self._host,
-            self._requested_port,
-            self._app,
-            server_class=_server_class(self._host, self._requested_port),
-            handler_class=_QuietHandler,
-        )
-        if self._ssl is not None:
-            server.socket = self._ssl.wrap_socket(
-                server.socket, server_side=True, do_handshake_on_connect=False
-            )
-        self._server = server
-        # A short poll interval keeps stop() quick; the idle cost is negligible.
-        self._thread = threading.Thread(
-            target=server.serve_forever, args=(0.1,), name="exporter-http", daemon=True
-        )
-        self._thread.start()
+        self._server.start()
+        self._started = True
         log.info(
             "serving metrics",
-            extra={"host": self._host, "port": self.port, "scheme": self.scheme},
+            extra={
+                "host": self._host,
+                "port": self.port,
+                "scheme": self.scheme,
+                "max_connections": self._server.cap,
+            },
         )
 
     def stop(self) -> None:
-        """Stop accepting requests and release the port; safe to call twice."""
-        server, self._server = self._server, None
-        if server is None:
-            return
-        server.shutdown()
-        server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
+        """Stop accepting requests, close every connection and release the port; idempotent."""
+        self._server.stop()

@@ -19,10 +19,11 @@ from exporter.http import ExporterHTTPServer
 from exporter.logs import configure_logging
 from exporter.model import US, Rules, UsageModel
 from exporter.poller import Poller
-from exporter.settings import Settings
+from exporter.settings import Settings, setting_error
 from exporter.store import SqliteStore, StateError, Store
 from exporter.streams import STREAMS
 from exporter.webconfig import WebConfigError, load_web_config
+from exporter.wsgiserver import raise_open_file_limit
 
 log = logging.getLogger("exporter.service")
 
@@ -120,10 +121,22 @@ async def serve(settings: Settings, *, on_listening: Callable[[str], None] | Non
         store.close()
         print(f"{PROG}: invalid setting {exc}", file=sys.stderr)
         return EXIT_SETTINGS
+    # Descriptors for the poller's connections and the state file must never run out because of
+    # clients of the HTTP port: the limit is raised, and the server holds at most a share of it.
+    before, limit = raise_open_file_limit()
     http = ExporterHTTPServer(
         registry, host=host, port=port, readiness=poller.readiness, web_config=web_config
     )
-    http.start()
+    try:
+        http.start()
+    except OSError as exc:  # in use, not an address of this host, a name that does not resolve
+        store.close()
+        reason = exc.strerror or str(exc)
+        where = settings.listen_address.strip()
+        error = setting_error("listen_address", f"cannot listen on {where}: {reason}")
+        return fail(str(error), EXIT_SETTINGS)
+    if limit != before:
+        log.info("open-file limit raised from %d to %d", before, limit)
     # A wildcard bind is reachable on loopback; show the address a person can open.
     shown = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(host, f"[{host}]" if ":" in host else host)
     url = f"{http.scheme}://{shown}:{http.port}/metrics"

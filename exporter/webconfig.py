@@ -64,6 +64,8 @@ _TLS_KEYS = frozenset(
 _HTTP_KEYS = frozenset({"headers", "http2"})
 _BCRYPT = re.compile(r"^\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}$")
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+# What a header value may hold on the wire: tab, visible ASCII and space, Latin-1's upper half.
+_HEADER_VALUE = re.compile(r"[\t\x20-\x7e\xa0-\xff]*")
 # Headers the server sets itself; a config that overrode them would break the protocol or auth.
 _RESERVED_HEADERS = frozenset(
     {
@@ -162,9 +164,12 @@ def load_web_config(path: Path | None) -> WebConfig | None:
     except (OSError, UnicodeDecodeError) as exc:
         raise fail("", f"cannot read: {_reason(exc)}") from None
     try:
-        raw = yaml.safe_load(text)
+        raw, node = _load_yaml(text)
     except yaml.YAMLError as exc:
         raise fail("", f"not valid YAML: {str(exc).splitlines()[0]}") from None
+    twice = _key_given_twice(node)
+    if twice is not None:  # Go's strict YAML refuses it too; PyYAML would keep the last silently
+        raise fail(twice, "is given twice; give each key once")
     if raw is None:
         raw = {}
     top = _mapping(raw, "", fail, _TOP_KEYS)
@@ -173,13 +178,73 @@ def load_web_config(path: Path | None) -> WebConfig | None:
         path=path,
         tls=_tls(top.get("tls_server_config"), base, fail),
         users=_users(top.get("basic_auth_users"), fail),
-        headers=_headers(top.get("http_server_config"), fail),
+        headers=_headers(
+            top.get("http_server_config"),
+            fail,
+            _scalar_texts(node, ("http_server_config", "headers")),
+        ),
     )
     config.ssl_context()
     return config
 
 
 _Fail = Any  # Callable[[str, str], WebConfigError]; Any keeps the helpers' signatures short
+
+
+def _load_yaml(text: str) -> tuple[Any, yaml.Node | None]:
+    """The document as PyYAML builds it, and its node tree (which keeps every key as written)."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        return (None if node is None else loader.construct_document(node)), node
+    finally:
+        loader.dispose()
+
+
+def _key_given_twice(node: yaml.Node | None) -> str | None:
+    """The dotted path of the first key given twice in one mapping, if any."""
+    seen_nodes: set[int] = set()
+
+    def walk(node: yaml.Node, path: str) -> str | None:
+        if id(node) in seen_nodes:  # an alias met again
+            return None
+        seen_nodes.add(id(node))
+        children: list[tuple[str, yaml.Node]] = []
+        if isinstance(node, yaml.MappingNode):
+            keys: set[str] = set()
+            for key, value in node.value:
+                name = str(key.value) if isinstance(key, yaml.ScalarNode) else "?"
+                where = f"{path}.{name}" if path else name
+                if name in keys:
+                    return where
+                keys.add(name)
+                children.append((where, value))
+        elif isinstance(node, yaml.SequenceNode):
+            children = [(path, item) for item in node.value]
+        for where, child in children:
+            found = walk(child, where)
+            if found is not None:
+                return found
+        return None
+
+    return None if node is None else walk(node, "")
+
+
+def _scalar_texts(node: yaml.Node | None, path: tuple[str, ...]) -> dict[str, str]:
+    """The scalars of the mapping at `path`, as written (`yes`, `1.50`, `0x10` stay text)."""
+    for name in path:
+        if not isinstance(node, yaml.MappingNode):
+            return {}
+        node = next((v for k, v in node.value if getattr(k, "value", None) == name), None)
+    if not isinstance(node, yaml.MappingNode):
+        return {}
+    return {
+        str(key.value): str(value.value)
+        for key, value in node.value
+        if isinstance(key, yaml.ScalarNode)
+        and isinstance(value, yaml.ScalarNode)
+        and value.tag != "tag:yaml.org,2002:null"
+    }
 
 
 def _mapping(
@@ -256,7 +321,9 @@ def _users(value: object, fail: _Fail) -> dict[str, bytes]:
     return out
 
 
-def _headers(value: object, fail: _Fail) -> tuple[tuple[str, str], ...]:
+def _headers(value: object, fail: _Fail, written: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    """`http_server_config.headers`; a value YAML reads as a boolean, number or date is taken as
+    the text written (`yes`, `on`, `1.50`), as exporter-toolkit's Go YAML does for a string."""
     if value is None:
         return ()
     key = "http_server_config"
@@ -267,15 +334,16 @@ def _headers(value: object, fail: _Fail) -> tuple[tuple[str, str], ...]:
         return ()
     headers = _mapping(http["headers"], f"{key}.headers", fail, None)
     out = []
-    for name, text in headers.items():
+    for name, given in headers.items():
         where = f"{key}.headers.{name}"
         if not _HEADER_NAME.match(name):
             raise fail(where, "not a valid header name")
         if name.lower() in _RESERVED_HEADERS:
             raise fail(where, "is set by the server and cannot be configured")
-        if not isinstance(text, str) or "\r" in text or "\n" in text:
-            raise fail(where, "must be a one-line string")
-        out.append((name, text))
+        text = given if isinstance(given, str) else written.get(name)
+        if text is None or not _HEADER_VALUE.fullmatch(text.strip()):
+            raise fail(where, "must be one line of text (Latin-1, no control characters)")
+        out.append((name, text.strip()))
     return tuple(out)
 
 

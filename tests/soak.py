@@ -16,7 +16,6 @@ import argparse
 import contextlib
 import math
 import os
-import re
 import signal
 import sqlite3
 import subprocess
@@ -34,6 +33,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from exporter.model import CLOSED, SPACES, ModelState
 from exporter.simulator import SimConfig, SimServer, Simulator
 from exporter.store import SqliteStore
+from tests.support import log_lines, metrics_url_from_log, terminate
 
 FAR_FUTURE = 1e11
 DAY = 86400.0
@@ -385,25 +385,10 @@ def exporter_service(
     with log_path.open("wb") as log_file:
         proc = subprocess.Popen(args, env=env, stdout=log_file, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 60
-        metrics_url = None
-        while metrics_url is None:
-            found = re.search(r"serving metrics on (http://\S+)", log_path.read_text())
-            if found:
-                metrics_url = found.group(1)
-            elif proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("the exporter did not start:\n" + log_path.read_text()[-2000:])
-            else:
-                time.sleep(0.1)
+        metrics_url = metrics_url_from_log(proc, log_path)
         yield proc, metrics_url, log_path
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        terminate(proc)
 
 
 def wait_ready(metrics_url: str, timeout: float) -> None:
@@ -524,7 +509,7 @@ def run_soak(cfg: SoakConfig, say: Callable[[str], None] = print) -> SoakResult:
         sim.clock.advance(stop_at - sim.clock.now())
         result.sim_days = (stop_at - t_sim0) / DAY
         say(f"clock stopped after {result.sim_days:.1f} simulated days; catching up")
-        result.caught_up, series = _catch_up(metrics, stop_at, cfg.catchup_timeout)
+        result.caught_up, series = catch_up(metrics, stop_at, cfg.catchup_timeout)
         result.real_seconds = time.monotonic() - t_real0
         sample()
         result.rss_peak_mb = rss_mb(proc.pid, "VmHWM")
@@ -542,13 +527,15 @@ def run_soak(cfg: SoakConfig, say: Callable[[str], None] = print) -> SoakResult:
         proc.send_signal(signal.SIGTERM)
         result.exit_code = proc.wait(timeout=30)
         result.stale_keys_end = stale_keys(state, int(cfg.overlap_seconds * 1e6))
-        result.log_errors = sum(" ERROR " in line for line in log.read_text().splitlines())
+        result.log_errors = sum(" ERROR " in line for line in log_lines(log, complete=False))
         sys.stderr.flush()
-        result.sim_hangups = sim_errors.read_text().count("Traceback")
+        result.sim_hangups = sum(
+            "Traceback" in line for line in log_lines(sim_errors, complete=False)
+        )
     return result
 
 
-def _catch_up(metrics: str, stop_at: float, timeout: float) -> tuple[bool, Series]:
+def catch_up(metrics: str, stop_at: float, timeout: float) -> tuple[bool, Series]:
     """Wait for both high-water marks past ``stop_at - 2`` and then two more good walks each.
 
     The mark can pass mid-walk (it follows the last record read), so only a walk that began

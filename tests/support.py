@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import errno
+import re
+import selectors
+import signal
+import socket
+import subprocess
+import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import anyio
+import httpx
 
 from exporter.client import ConnectClient
 from exporter.health import Health
@@ -145,3 +155,126 @@ async def eventually(check: Callable[[], bool], within: float = 30.0) -> None:
     with anyio.fail_after(within):
         while not check():  # noqa: ASYNC110  # the state is another task's, no event to wait on
             await anyio.sleep(0.01)
+
+
+class IdleClients:
+    """`count` connections to a port that never send a byte, reopened as the server closes them.
+
+    An attacker's idea of holding a server's connections: a background thread keeps `count`
+    sockets connected (or connecting: the server may leave them in its listen backlog) until the
+    `with` block ends, opening at most `per_second` a second so that a server with a short listen
+    backlog accepts them rather than leaving them to SYN cookies. `closed` counts the
+    connections the server closed.
+    """
+
+    def __init__(self, host: str, port: int, count: int, *, per_second: float = 2000) -> None:
+        self.address = (host, port)
+        self.count = count
+        self.per_second = per_second
+        self.closed = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._hold, name="idle-clients", daemon=True)
+
+    def __enter__(self) -> IdleClients:
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def _open(self, selector: selectors.BaseSelector) -> None:
+        sock = socket.socket()
+        sock.setblocking(False)
+        code = sock.connect_ex(self.address)
+        if code not in (0, errno.EINPROGRESS):
+            sock.close()
+            return
+        selector.register(sock, selectors.EVENT_READ)
+
+    def _hold(self) -> None:
+        tick = 0.01
+        burst = max(1, round(self.per_second * tick))
+        with selectors.DefaultSelector() as selector:
+            try:
+                while not self._stop.is_set():
+                    for _ in range(min(self.count - len(selector.get_map()), burst)):
+                        self._open(selector)
+                    for key, _ in selector.select(timeout=tick):
+                        sock: socket.socket = key.fileobj  # type: ignore[assignment]
+                        try:
+                            data = sock.recv(4096)
+                        except OSError:
+                            data = b""
+                        if not data:  # closed by the server (or refused): reopen it
+                            selector.unregister(sock)
+                            sock.close()
+                            self.closed += 1
+            finally:
+                for key in list(selector.get_map().values()):
+                    key.fileobj.close()  # type: ignore[union-attr]
+
+
+def log_lines(path: Path, *, complete: bool = True) -> list[str]:
+    """The lines of a log that another process may still be writing.
+
+    Read as bytes, and what is not UTF-8 becomes U+FFFD instead of an error: the service's stdout
+    and stderr share the file, their writes can split a character, and a read can end inside one.
+    With `complete`, a last line without its newline (still being written) is left for the next
+    read, so a pattern never matches half a line (a URL cut short).
+    """
+    data = path.read_bytes()
+    if complete:
+        data = data[: data.rfind(b"\n") + 1]
+    return data.decode("utf-8", errors="replace").splitlines()
+
+
+METRICS_URL = re.compile(r"serving metrics on (http://\S+)")
+
+
+def metrics_url_from_log(proc: subprocess.Popen[Any], log: Path, timeout: float = 60) -> str:
+    """The /metrics URL the service logs once it listens (its log going to the file `log`)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [m.group(1) for m in map(METRICS_URL.search, log_lines(log)) if m]
+        if found:
+            return found[0]
+        if proc.poll() is not None or time.monotonic() > deadline:
+            tail = "\n".join(log_lines(log, complete=False))[-2000:]
+            raise RuntimeError("the exporter did not start:\n" + tail)
+        time.sleep(0.1)
+
+
+def terminate(proc: subprocess.Popen[Any], timeout: float = 30) -> None:
+    """SIGTERM (the service's clean stop), then SIGKILL if it has not exited within `timeout`."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def scrape_until(url: str, check: Callable[[str], None], within: float = 60) -> str:
+    """Scrape `url` until `check(body)` stops raising AssertionError; returns that body.
+
+    For what the service does in its own time (a poll that brings the counters to the truth);
+    the last AssertionError is raised if it has not happened `within` seconds.
+    """
+    deadline = time.monotonic() + within
+    while True:
+        body = httpx.get(url, timeout=10).text
+        try:
+            check(body)
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+        else:
+            return body

@@ -10,6 +10,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,7 +22,15 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.simulator import SimConfig, SimServer, Simulator
-from tests.support import FAR_FUTURE, TUESDAY_AFTERNOON
+from tests.support import (
+    FAR_FUTURE,
+    TUESDAY_AFTERNOON,
+    IdleClients,
+    log_lines,
+    metrics_url_from_log,
+    scrape_until,
+    terminate,
+)
 
 EXE = [sys.executable, "-m", "exporter"]
 
@@ -140,6 +149,76 @@ def test_bad_settings_exit_2_with_one_line(
     assert len(lines) == 1, proc.stderr
     assert needle in lines[0]
     assert "Traceback" not in proc.stderr
+
+
+def _one_line_exit_2(args: list[str], env: dict[str, str]) -> str:
+    """Run the command; it must exit 2 with exactly one line on stderr and no traceback."""
+    proc = subprocess.run([*EXE, *args], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("CONNECT_EXPORTER_OVERLAP", "inf"),
+        ("CONNECT_EXPORTER_OVERLAP", "1e300"),
+        ("CONNECT_EXPORTER_MAX_SESSION_AGE", "inf"),
+        ("CONNECT_EXPORTER_MAX_REQUESTS_PER_SECOND", "inf"),
+        ("CONNECT_EXPORTER_POLL_INTERVAL", "nan"),
+        ("CONNECT_EXPORTER_REQUEST_TIMEOUT", "1e300"),
+        ("CONNECT_EXPORTER_MAX_RESPONSE_BYTES", "9" * 5000),
+        ("CONNECT_EXPORTER_LISTEN_ADDRESS", "256.1.1.1:9741"),
+        ("CONNECT_EXPORTER_CA_FILE", "NOT_PEM"),
+        ("CONNECT_API_KEY", "key\u00e9"),
+    ],
+)
+def test_run_once_with_a_bad_value_exits_2_naming_the_setting(
+    tmp_path: Path, name: str, value: str
+) -> None:
+    if value == "NOT_PEM":
+        value = str(tmp_path / "ca.txt")
+        Path(value).write_text("not a certificate\n")
+    env = env_for(
+        "http://127.0.0.1:9", "a-key", CONNECT_EXPORTER_STATE_PATH=str(tmp_path / "s.sqlite")
+    )
+    env[name] = value
+    line = _one_line_exit_2(["run", "--once"], env)
+    assert line.startswith(f"connect-usage-exporter: invalid setting {name}")
+    assert not (tmp_path / "s.sqlite").exists()
+
+
+@pytest.mark.parametrize(
+    ("address", "reason"),
+    [
+        ("IN_USE", "Address already in use"),
+        ("192.0.2.1:9741", "Cannot assign requested address"),  # TEST-NET-1: never this host
+        ("nosuchhost.invalid:9741", "cannot listen on nosuchhost.invalid:9741: "),
+    ],
+)
+def test_an_address_the_service_cannot_listen_on_exits_2_naming_the_setting(
+    tmp_path: Path, address: str, reason: str
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        if address == "IN_USE":
+            address = f"127.0.0.1:{taken.getsockname()[1]}"
+        env = env_for(
+            "http://127.0.0.1:9",
+            "a-key",
+            CONNECT_EXPORTER_STATE_PATH=str(tmp_path / "s.sqlite"),
+            CONNECT_EXPORTER_LISTEN_ADDRESS=address,
+        )
+        line = _one_line_exit_2(["run"], env)
+    assert line.startswith(
+        "connect-usage-exporter: invalid setting CONNECT_EXPORTER_LISTEN_ADDRESS "
+        f"(--listen-address): cannot listen on {address}: "
+    )
+    assert reason in line
 
 
 def test_run_once_writes_the_exposition_atomically(
@@ -319,3 +398,66 @@ def test_demo_shows_usage_within_seconds(tmp_path: Path) -> None:
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=15) == 0
+
+
+def _open_files(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+@pytest.mark.slow
+def test_idle_clients_under_a_low_open_file_limit_never_fail_a_poll(tmp_path: Path) -> None:
+    """With 256 descriptors (soft = hard, so none can be added) and 600 idle clients that
+    reconnect as soon as they are closed, every poll of Connect succeeds, the probes and
+    scrapes answer, and the counters equal the truth."""
+    limit = 256
+    # The limit is set in the child itself (a preexec_fn is unsafe beside the simulator's threads).
+    launch = (
+        "import resource, runpy, sys; "
+        f"resource.setrlimit(resource.RLIMIT_NOFILE, ({limit}, {limit})); "
+        "runpy.run_module('exporter', run_name='__main__', alter_sys=True)"
+    )
+    sim = Simulator(
+        SimConfig(seed=5, content=20, users=60, history_days=1, sessions_per_day=600),
+        now=TUESDAY_AFTERNOON,
+        paused=True,
+    )
+    with SimServer(sim) as server:
+        env = env_for(
+            server.url, sim.keys["admin"], CONNECT_EXPORTER_STATE_PATH=str(tmp_path / "s.sqlite")
+        )
+        args = ["--listen-address", "127.0.0.1:0", "--poll-interval", "0.3"]
+        log = tmp_path / "exporter.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-c", launch, "run", *args, "--metadata-interval", "1"],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        try:
+            metrics = metrics_url_from_log(proc, log)
+            wait_ready(metrics)
+            port = int(metrics.rsplit(":", 1)[1].split("/")[0])
+            with IdleClients("127.0.0.1", port, 600) as idle:
+                # Until the attack bites: the exporter has closed as many idle clients as there
+                # are (it holds its share of descriptors and makes room), or it is out of them.
+                deadline = time.monotonic() + 60
+                while idle.closed < 600 and _open_files(proc.pid) < limit - 8:
+                    assert time.monotonic() < deadline, "the idle clients never got through"
+                    time.sleep(0.05)
+                sim.clock.advance(3600)  # an hour of traffic for the polls to read
+                text = scrape_until(
+                    metrics, lambda body: assert_exposition_matches_truth(body, sim)
+                )
+                assert httpx.get(metrics.replace("/metrics", "/healthz"), timeout=10).text == "ok\n"
+                assert _open_files(proc.pid) < limit
+            m = parse(text)
+            assert set(m["connect_usage_poll_errors_total"].values()) == {0.0}
+            statuses = {dict(k)["status"] for k in m["connect_usage_api_requests_total"]}
+            assert statuses == {"200"}
+            assert m["connect_usage_up"][()] == 1.0
+        finally:
+            terminate(proc)
+        assert proc.returncode == 0
+    errors = [line for line in log_lines(log) if " ERROR " in line or "Too many open" in line]
+    assert errors == []

@@ -30,7 +30,7 @@ from exporter.model import DURATION_BUCKETS
 from exporter.simulator import SimConfig, SimServer, Simulator
 from exporter.simulator.store import NO_END
 from exporter.store import SqliteStore
-from tests.support import FAR_FUTURE, TUESDAY_AFTERNOON
+from tests.support import FAR_FUTURE, TUESDAY_AFTERNOON, scrape_until
 from tests.test_cli import (
     EXE,
     assert_exposition_matches_truth,
@@ -292,16 +292,7 @@ def test_a_full_disk_is_reported_served_through_and_recovered_exactly(
             assert all(n <= truth["visits"].get(g, 0) for g, n in served.items()), served
             os.remove(filler)  # space returns: the next polls commit everything
             sim.truth(0, FAR_FUTURE)
-            deadline = time.monotonic() + 60
-            while True:
-                body = httpx.get(metrics, timeout=5).text
-                try:
-                    assert_every_counter_and_histogram_exact(body, sim)
-                    break
-                except AssertionError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.2)
+            body = scrape_until(metrics, lambda m: assert_every_counter_and_histogram_exact(m, sim))
         finally:
             proc.send_signal(signal.SIGTERM)
             output, _ = proc.communicate(timeout=30)

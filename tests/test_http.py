@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import socket
 from collections.abc import Iterator
 from functools import partial
 
@@ -368,3 +369,63 @@ def test_head_of_gzip_metrics_has_the_gets_length(base_url: str) -> None:
     # The gzip tail (runtime metrics) varies by a few bytes between scrapes, not the whole body.
     assert abs(int(head.headers["content-length"]) - len(raw)) < 200
     assert head.content == b""
+
+
+# --- what a client sees of the server ---------------------------------------------------------
+
+
+def test_the_server_header_names_the_exporter_not_python(base_url: str) -> None:
+    for path in ("/healthz", "/metrics", "/nope"):
+        server = httpx.get(f"{base_url}{path}").headers["server"]
+        assert server == f"connect-usage-exporter/{__version__}"
+
+
+@pytest.mark.parametrize("request_line", [b"GET /metrics\r\n", b"GET /metrics\r\n\r\n"])
+def test_a_request_line_without_a_version_gets_a_400_with_headers(
+    base_url: str, request_line: bytes
+) -> None:
+    """An HTTP/0.9 request would be answered with a bare body, no status line or headers."""
+    port = int(base_url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+        sock.sendall(request_line)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.split(b"\r\n")[0] == b"HTTP/1.1 400 Bad Request"
+    assert b"Connection: close" in head.split(b"\r\n")
+    assert body == b"bad request\n"
+
+
+@pytest.mark.parametrize(
+    ("accept_encoding", "gzipped"),
+    [
+        ("gzip", True),
+        ("GZIP", True),
+        ("deflate, gzip;q=0.5", True),
+        ("gzip;q=0.001", True),
+        ("x-gzip", True),
+        ("*", True),
+        ("gzip;q=0", False),
+        ("gzip; q=0.000", False),
+        ("gzip;q=0, *", False),
+        ("*;q=0", False),
+        ("identity", False),
+        ("deflate, br", False),
+        ("gzip;q=2", False),  # not a q-value: plain text is always understood
+        ("", False),
+    ],
+)
+def test_gzip_only_when_the_client_gives_it_a_nonzero_q(
+    accept_encoding: str, gzipped: bool
+) -> None:
+    snapshot = handcrafted()
+    endpoint = MetricsEndpoint(build_registry(lambda: snapshot, Health(("shiny", "visits"))))
+    headers, chunks = endpoint(_environ(encoding=accept_encoding))
+    body = b"".join(chunks)
+    if gzipped:
+        assert dict(headers)["Content-Encoding"] == "gzip"
+        body = gzip.decompress(body)
+    else:
+        assert "Content-Encoding" not in dict(headers)
+    assert body.startswith(_usage_only(snapshot))

@@ -6,9 +6,12 @@ CI: the real service, a fast clock, faults on and off, exact totals, and bounded
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from tests.soak import FAULTS, Series, SoakConfig, compare_with_truth, run_soak
+from tests.support import METRICS_URL, log_lines
 
 
 @pytest.mark.slow
@@ -69,3 +72,27 @@ def test_compare_names_each_lost_or_doubled_series() -> None:
     assert [(m.metric, m.content_guid, m.exporter, m.truth) for m in mismatches] == [
         ("content_visits_total", "b", 3.0, 2.0)
     ]
+
+
+def test_the_log_is_read_whole_whatever_bytes_two_streams_left_in_it(tmp_path: Path) -> None:
+    """The soak reads the service's log while it is written: a character split between stdout's
+    and stderr's writes, and a last line still being written, once raised UnicodeDecodeError."""
+    log = tmp_path / "exporter.log"
+    log.write_bytes(
+        b"2025-11-25T14:00:00Z INFO exporter.service: serving metrics on "
+        b"http://127.0.0.1:40123/metrics (polling http://127.0.0.1:1)\n"
+        b"2025-11-25T14:00:01Z ERROR exporter.poller: poll of shiny failed: caf\xc3"
+        b"2025-11-25T14:00:01Z WARNING exporter.client: retry\n"
+        b"\xc3\xa9\n"
+        b"2025-11-25T14:00:02Z ERROR exporter.poller: poll of visits failed\n"
+        b"2025-11-25T14:00:03Z INFO exporter.service: serving metrics on http://127.0.0.1:9"
+    )
+    lines = log_lines(log)
+    assert len(lines) == 4  # the unfinished last line waits for the next read
+    assert [m.group(1) for m in map(METRICS_URL.search, lines) if m] == [
+        "http://127.0.0.1:40123/metrics"
+    ]
+    assert sum(" ERROR " in line for line in lines) == 2
+    assert "\N{REPLACEMENT CHARACTER}" in lines[1]
+    assert lines[2] == "é"
+    assert log_lines(log, complete=False)[-1].endswith("http://127.0.0.1:9")

@@ -134,11 +134,80 @@ def test_bad_config_is_refused_naming_file_and_key(pki: Path, text: str, message
     assert message in str(info.value)
 
 
+def test_header_values_yaml_reads_as_booleans_or_numbers_are_taken_as_written(pki: Path) -> None:
+    """exporter-toolkit's Go YAML keeps these scalars as the strings written; PyYAML would make
+    `yes` True and `1.50` 1.5."""
+    text = (
+        "http_server_config:\n  headers:\n"
+        "    X-Yes: yes\n    X-On: on\n    X-True: true\n    X-Number: 1.50\n"
+        "    X-Hex: 0x10\n    X-Date: 2025-11-25\n    X-Quoted: 'no'\n    X-Spaced: '  a b  '\n"
+    )
+    config = load_web_config(_write(pki, text))
+    assert config is not None
+    assert dict(config.headers) == {
+        "X-Yes": "yes",
+        "X-On": "on",
+        "X-True": "true",
+        "X-Number": "1.50",
+        "X-Hex": "0x10",
+        "X-Date": "2025-11-25",
+        "X-Quoted": "no",
+        "X-Spaced": "a b",  # trimmed, as Go's net/http sends it
+    }
+
+
+def test_header_values_are_sent_as_configured(serve_with: object) -> None:
+    url = serve_with("http_server_config:\n  headers:\n    X-Robots-Tag: none\n    X-On: on\n")  # type: ignore[operator]
+    r = httpx.get(f"{url}/healthz")
+    assert (r.headers["x-robots-tag"], r.headers["x-on"]) == ("none", "on")
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "problem"),
+    [
+        (f"basic_auth_users:\n  alice: '{HASH}'\n  bob: '{HASH}'\n  alice: '{HASH}'\n",
+         "basic_auth_users.alice", "is given twice; give each key once"),
+        ("http_server_config:\n  headers:\n    X-A: a\n    X-A: b\n",
+         "http_server_config.headers.X-A", "is given twice"),
+        (_tls_yaml("  cert_file: other.crt\n"), "tls_server_config.cert_file", "is given twice"),
+        ("http_server_config:\n  headers:\n    X-A: ~\n",
+         "http_server_config.headers.X-A", "must be one line of text"),
+        ("http_server_config:\n  headers:\n    X-A: [1, 2]\n",
+         "http_server_config.headers.X-A", "must be one line of text"),
+        ('http_server_config:\n  headers:\n    X-A: "a\\x01b"\n',
+         "http_server_config.headers.X-A", "no control characters"),
+        ('http_server_config:\n  headers:\n    X-A: "\\u2603"\n',
+         "http_server_config.headers.X-A", "Latin-1"),
+    ],
+)  # fmt: skip
+def test_a_key_given_twice_or_an_unsendable_header_is_refused(
+    pki: Path, text: str, key: str, problem: str
+) -> None:
+    path = _write(pki, text, "bad.yml")
+    with pytest.raises(WebConfigError) as info:
+        load_web_config(path)
+    assert str(info.value).startswith(f"CONNECT_EXPORTER_WEB_CONFIG_FILE {path}: {key}: ")
+    assert problem in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("basic_auth_users:\n  alice: nope\n",
+         "basic_auth_users.alice: must be a bcrypt hash ($2a$, $2b$ or $2y$, 60 characters)"),
+        (f"basic_auth_users:\n  alice: '{HASH}'\n  alice: '{HASH}'\n",
+         "basic_auth_users.alice: is given twice; give each key once"),
+    ],
+)  # fmt: skip
 def test_service_exits_2_on_a_bad_web_config(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    text: str,
+    problem: str,
 ) -> None:
     monkeypatch.setenv("CONNECT_API_KEY", "k")
-    bad = _write(tmp_path, "basic_auth_users:\n  alice: nope\n")
+    bad = _write(tmp_path, text)
     settings = load_settings(
         {
             "server": "http://127.0.0.1:9",
@@ -149,11 +218,8 @@ def test_service_exits_2_on_a_bad_web_config(
     )
     assert anyio.run(serve, settings) == 2
     err = capsys.readouterr().err
-    assert err == (
-        "connect-usage-exporter: invalid setting CONNECT_EXPORTER_WEB_CONFIG_FILE "
-        f"{bad}: basic_auth_users.alice: must be a bcrypt hash ($2a$, $2b$ or $2y$, "
-        "60 characters)\n"
-    )
+    prefix = "connect-usage-exporter: invalid setting CONNECT_EXPORTER_WEB_CONFIG_FILE"
+    assert err == f"{prefix} {bad}: {problem}\n"
 
 
 # --- basic auth -------------------------------------------------------------------------------
