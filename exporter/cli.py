@@ -83,6 +83,35 @@ def _parser() -> argparse.ArgumentParser:
         help="the simulated clock's starting instant, RFC 3339 or epoch seconds (default: now)",
     )
 
+    backfill = commands.add_parser(
+        "backfill",
+        help="write the usage history before the first start as OpenMetrics for promtool",
+    )
+    _add_setting_flags(backfill)
+    backfill.add_argument("--output", type=Path, required=True, metavar="FILE")
+    backfill.add_argument(
+        "--step",
+        type=int,
+        default=60,
+        metavar="SECONDS",
+        help="how finely changes are dated (10 to 3600; default 60)",
+    )
+    backfill.add_argument(
+        "--job", default="connect-usage-exporter", help="the scrape job's name (its job label)"
+    )
+    backfill.add_argument(
+        "--instance",
+        required=True,
+        help="the exporter's instance label as Prometheus scrapes it, e.g. exporter:9741",
+    )
+    backfill.add_argument(
+        "--label",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="another target label the scrape adds (repeat for each)",
+    )
+
     commands.add_parser("simulate", help="start the Connect simulator alone", add_help=False)
     return parser
 
@@ -107,10 +136,21 @@ def main(argv: list[str] | None = None) -> int:
         from exporter.demo import run_demo
 
         return run_demo(args, _overrides(args))
-    from exporter.service import fail, run_service
+    from exporter.service import fail, run_backfill_command, run_service
 
     try:
         settings = load_settings(_overrides(args))
     except SettingsError as exc:
         return fail(str(exc), EXIT_SETTINGS)
+    if args.command == "backfill":
+        if not 10 <= args.step <= 3600:
+            return fail(f"invalid --step {args.step}: from 10 to 3600 seconds", EXIT_SETTINGS)
+        return run_backfill_command(
+            settings,
+            output=args.output,
+            step=args.step,
+            job=args.job,
+            instance=args.instance,
+            labels=args.label,
+        )
     return run_service(settings, once=args.once, output=args.output)

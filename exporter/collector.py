@@ -103,7 +103,7 @@ class _Families:
         return self._families
 
 
-def _header(family: Family, kind: str) -> str:
+def family_header(family: Family, kind: str) -> str:
     """`# HELP`/`# TYPE` lines of a family, written by prometheus_client itself."""
     only = _Families([_empty(family)])
     if kind == TEXT:
@@ -111,7 +111,7 @@ def _header(family: Family, kind: str) -> str:
     return _om_latest(only).decode().removesuffix("# EOF\n")
 
 
-def _escape(value: str) -> str:
+def escape_label_value(value: str) -> str:
     """A label value as both encoders escape it."""
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
@@ -119,7 +119,7 @@ def _escape(value: str) -> str:
 _SMALL: tuple[str, ...] = tuple(f"{i}.0" for i in range(1024))
 
 
-def _value(value: float) -> str:
+def sample_value(value: float) -> str:
     """`floatToGoString`, with a shortcut for the small non-negative integers most samples are.
 
     An int below 10**6 prints as `"<int>.0"` (Go switches to an exponent at 10**6).
@@ -143,7 +143,7 @@ class SnapshotRenderer:
 
     def __init__(self) -> None:
         self._headers = {
-            kind: tuple(_header(f, kind) for f in FAMILIES) for kind in (TEXT, OPENMETRICS)
+            kind: tuple(family_header(f, kind) for f in FAMILIES) for kind in (TEXT, OPENMETRICS)
         }
         self._labels: dict[tuple[tuple[str, ...], tuple[str, ...]], str] = {}
 
@@ -163,7 +163,7 @@ class SnapshotRenderer:
         text = self._labels.get(key)
         if text is None:
             pairs = sorted(zip(names, values, strict=True))
-            text = self._labels[key] = ",".join(f'{k}="{_escape(v)}"' for k, v in pairs)
+            text = self._labels[key] = ",".join(f'{k}="{escape_label_value(v)}"' for k, v in pairs)
         return text
 
     def _body(self, family: Family, snap: Snapshot) -> str:
@@ -172,9 +172,12 @@ class SnapshotRenderer:
         if family.type != "histogram":
             name = family.name
             if not names:
-                return "".join(f"{name} {_value(v)}\n" for _labels, v in family.samples(snap))
+                return "".join(f"{name} {sample_value(v)}\n" for _labels, v in family.samples(snap))
             return "".join(
-                [f"{name}{{{label_text(names, k)}}} {_value(v)}\n" for k, v in family.samples(snap)]
+                [
+                    f"{name}{{{label_text(names, k)}}} {sample_value(v)}\n"
+                    for k, v in family.samples(snap)
+                ]
             )
         le = _le(family.buckets)
         out: list[str] = []
@@ -201,13 +204,13 @@ class SnapshotRenderer:
         prefix = f"{name}_bucket{{{head}," if head else f"{name}_bucket{{"
         suffix = f",{tail}}} " if tail else "} "
         lines = [
-            f'{prefix}le="{bound}"{suffix}{_value(total)}\n'
+            f'{prefix}le="{bound}"{suffix}{sample_value(total)}\n'
             for bound, total in zip(le, cumulative)  # noqa: B905 - lengths checked
         ]
         plain = self._label_text(names, labels)
         braces = f"{{{plain}}}" if plain else ""
-        lines.append(f"{name}_count{braces} {_value(cumulative[-1])}\n")
-        lines.append(f"{name}_sum{braces} {_value(value.sum)}\n")
+        lines.append(f"{name}_count{braces} {sample_value(cumulative[-1])}\n")
+        lines.append(f"{name}_sum{braces} {sample_value(value.sum)}\n")
         return "".join(lines)
 
 

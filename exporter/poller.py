@@ -14,7 +14,6 @@ cancelled walk commits what it applied.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import time
@@ -32,7 +31,6 @@ from exporter.health import METADATA, Health
 from exporter.metadata import read_metadata
 from exporter.model import US, USER_WINDOWS, UsageModel, WalkTally
 from exporter.planner import SLICE_MIN_SPAN_US, Plan, Slice
-from exporter.records import MalformedRecord
 from exporter.snapshot import (
     DELETED_APP_MODE,
     DELETED_NAME,
@@ -71,13 +69,6 @@ def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
         if not isinstance(error, anyio.get_cancelled_exc_class()):
             return error
     return group
-
-
-def _raw_identity(error: MalformedRecord) -> bytes:
-    raw = getattr(error, "raw", None)
-    if raw is None:
-        return str(error).encode()
-    return json.dumps(raw, sort_keys=True, default=str).encode()
 
 
 class Poller:
@@ -526,7 +517,7 @@ class _Walk:
                         if page.malformed:
                             model.count_malformed(
                                 stream.name,
-                                [_raw_identity(m) for m in page.malformed],
+                                [m.identity() for m in page.malformed],
                                 anchor,
                                 walk,
                                 key_time_us=walk_now_us,

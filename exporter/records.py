@@ -8,6 +8,7 @@ ignored and fields added by newer servers become `None` when missing.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -53,6 +54,12 @@ class MalformedRecord(ValueError):
     def __reduce__(self) -> tuple[Any, ...]:
         # ValueError pickles args only; keep the three attributes across processes.
         return (type(self), (self.endpoint, self.field, self.reason))
+
+    def identity(self) -> bytes:
+        """What tells this record from another: the record itself when known, as JSON."""
+        if self.raw is None:
+            return str(self).encode()
+        return json.dumps(self.raw, sort_keys=True, default=str).encode()
 
 
 class ShinySession(NamedTuple):

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import signal
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -54,11 +56,8 @@ def _verify(settings: Settings) -> bool | str:
     return str(settings.ca_file) if settings.ca_file else True
 
 
-def build(settings: Settings, store: Store) -> tuple[ConnectClient, Poller, ExporterRegistry]:
-    """The client, the poller over `store`, and the registry that serves them."""
-    tune_gc()
-    health = Health(stream.name for stream in STREAMS)
-    client = ConnectClient(
+def make_client(settings: Settings, health: Health) -> ConnectClient:
+    return ConnectClient(
         settings.server,
         settings.api_key.get_secret_value(),
         timeout=settings.request_timeout,
@@ -69,16 +68,26 @@ def build(settings: Settings, store: Store) -> tuple[ConnectClient, Poller, Expo
         max_response_bytes=settings.max_response_bytes,
         max_requests_per_second=settings.max_requests_per_second,
     )
-    rules = Rules(
+
+
+def make_rules(settings: Settings) -> Rules:
+    return Rules(
         overlap_us=int(settings.overlap * US),
         max_session_age_us=int(settings.max_session_age * US),
         exclude_user_agents=settings.exclude_user_agents,
         track_user_hours=settings.top_users > 0,
         history_us=int(settings.history_days * 86400 * US),
     )
+
+
+def build(settings: Settings, store: Store) -> tuple[ConnectClient, Poller, ExporterRegistry]:
+    """The client, the poller over `store`, and the registry that serves them."""
+    tune_gc()
+    health = Health(stream.name for stream in STREAMS)
+    client = make_client(settings, health)
     poller = Poller(
         client,
-        UsageModel(rules),
+        UsageModel(make_rules(settings)),
         store,
         poll_interval=settings.poll_interval,
         metadata_interval=settings.metadata_interval,
@@ -221,3 +230,75 @@ def run_service(
         return fail(f"cannot read Connect: {exc}", 1)
     except KeyboardInterrupt:
         return 0
+
+
+def run_backfill_command(
+    settings: Settings,
+    *,
+    output: Path,
+    step: int,
+    job: str,
+    instance: str,
+    labels: list[str],
+) -> int:
+    """`backfill`: the history before the takeover as OpenMetrics; one line when it fails."""
+    from exporter.backfill import BackfillError, Written, run_backfill, target_labels
+
+    setup_logging(settings)
+    state = None
+    try:
+        if settings.state_path.exists():
+            store = SqliteStore(settings.state_path, read_only=True)
+            try:
+                state = store.load()
+            finally:
+                store.close()
+        target = target_labels(job, instance, labels)
+    except StateError as exc:
+        return fail(str(exc), EXIT_STATE)
+    except BackfillError as exc:
+        return fail(str(exc), EXIT_SETTINGS)
+    client = make_client(settings, Health(stream.name for stream in STREAMS))
+
+    async def go() -> Written:
+        async with client:
+            return await run_backfill(
+                client,
+                make_rules(settings),
+                state,
+                output=output,
+                step=step,
+                target=target,
+                history_days=settings.history_days,
+                progress=sys.stderr.isatty(),
+            )
+
+    tune_gc()
+    try:
+        written = anyio.run(go)
+    except BackfillError as exc:
+        return fail(f"{exc}; nothing written", EXIT_SETTINGS)
+    except ConnectError as exc:
+        return fail(f"cannot read Connect: {exc}; nothing written", 1)
+    except KeyboardInterrupt:
+        return fail("interrupted: nothing written", 130)
+    history = written.history
+    if written.first - step * US > history.origin:
+        print(
+            f"Connect's oldest record is from {_iso(written.first / US)}, after the origin "
+            f"{_iso(history.origin / US)}: the history starts there",
+            file=sys.stderr,
+        )
+    hours = math.ceil((written.last - written.first) / US / 3600) + 2
+    print(
+        f"wrote {written.samples:,} samples of {written.events:,} events from "
+        f"{_iso(written.first / US)} to {_iso(written.last / US)} to {output}\n"
+        f"load it: promtool tsdb create-blocks-from openmetrics --max-block-duration={hours}h "
+        f"{output} <prometheus data directory>",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _iso(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))

@@ -10,7 +10,7 @@ import base64
 import binascii
 import bisect
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -425,14 +425,17 @@ class Simulator:
             return "[" + ",".join(x[2] for x in items) + "]"
 
     # -- ground truth -----------------------------------------------------------------------
-    def truth(self, start: float, end: float) -> dict[str, Any]:
+    def truth(self, start: float, end: float, *, buckets: Sequence[float] = ()) -> dict[str, Any]:
         """What an exact exporter must have counted for ``[start, end)`` (epoch seconds).
 
         Only events visible as of the clock count. Sessions: started / ended in range (an end
         counts once the clock has passed it); ``session_seconds`` sums ``(ended - started)/1e6``
         in stream order, ``session_microseconds`` the exact integers; ``sessions_running`` is as
-        of now. Visits by ``time``; synthetic ones (``ContentHealthMonitor/``) apart and left
-        out of ``visits`` and of distinct users. Distinct users: known users with a visit in
+        of now, ``sessions_running_at_end`` as of ``end`` (started before it, not ended before
+        it); with ``buckets`` (upper bounds in seconds), ``sessions_ended_le`` counts the ended
+        ones per item at or below each bound, then in all (``+Inf``). Visits by ``time``;
+        synthetic ones (``ContentHealthMonitor/``) apart and left out of ``visits`` and of
+        distinct users. Distinct users: known users with a visit in
         range or a session whose ``[started, ended or ∞)`` meets the range.
         """
         f_us, t_us = seconds_to_us(start), seconds_to_us(end)
@@ -444,6 +447,9 @@ class Simulator:
             seconds: dict[str, float] = {}
             micros: dict[str, int] = {}
             running: dict[str, int] = {}
+            running_at_end: dict[str, int] = {}
+            bounds = [seconds_to_us(b) for b in buckets]
+            ended_le: dict[str, list[int]] = {}
             visits: dict[str, int] = {}
             synthetic: dict[str, int] = {}
             users: set[int] = set()
@@ -465,9 +471,17 @@ class Simulator:
                         seconds[g] = seconds.get(g, 0.0) + dur / US
                         micros[g] = micros.get(g, 0) + dur
                         total_seconds += dur / US
+                        if bounds:
+                            le = ended_le.setdefault(g, [0] * (len(bounds) + 1))
+                            for b in range(bisect.bisect_left(bounds, dur), len(bounds) + 1):
+                                le[b] += 1
+                    if st < t_us <= en:
+                        running_at_end[g] = running_at_end.get(g, 0) + 1
                     meets = st < t_us and en > f_us
                 else:
                     running[g] = running.get(g, 0) + 1
+                    if st < t_us:
+                        running_at_end[g] = running_at_end.get(g, 0) + 1
                     meets = st < t_us
                 if meets and u >= 0:
                     users.add(u)
@@ -495,6 +509,8 @@ class Simulator:
                 "session_seconds": seconds,
                 "session_microseconds": micros,
                 "sessions_running": running,
+                "sessions_running_at_end": running_at_end,
+                "sessions_ended_le": ended_le,
                 "visits": visits,
                 "synthetic_visits": synthetic,
                 "distinct_users": len(users),

@@ -1,0 +1,388 @@
+"""The back-fill: every step of the written history equals the simulator's truth at that step,
+the seam with the live exporter has no jump, and bad input loses nothing."""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from exporter.backfill import (
+    HEARTBEAT,
+    KEEP,
+    BackfillError,
+    Range,
+    TrailingWindows,
+    Written,
+    output_file,
+    run_backfill,
+    target_labels,
+)
+from exporter.client import ConnectClient
+from exporter.model import (
+    CONTENT_WINDOWS,
+    DURATION_BUCKETS,
+    US,
+    USER_WINDOWS,
+    WINDOW_SECONDS,
+    Rules,
+)
+from exporter.simulator import SimConfig, SimServer, Simulator
+from exporter.snapshot import SHINY_APP_MODES
+from exporter.store import SqliteStore
+from tests.support import TUESDAY_AFTERNOON, Connect, make_poller
+
+pytestmark = pytest.mark.anyio
+
+P = "connect_usage_"
+LE = [*(f"{b:g}" if b != int(b) else f"{b:.1f}" for b in DURATION_BUCKETS), "+Inf"]
+SeriesKey = tuple[str, frozenset[tuple[str, str]]]
+
+_LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)\{(.*)\} (\S+) (\d+)$")
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+
+@pytest.fixture
+def busy() -> Iterator[Connect]:
+    """Four days of a busy small server, its clock paused at a Tuesday afternoon."""
+    sim = Simulator(
+        SimConfig(
+            seed=11,
+            content=12,
+            users=40,
+            history_days=4,
+            sessions_per_day=300,
+            visits_per_day=700,
+            max_session_seconds=5 * 3600,
+        ),
+        now=TUESDAY_AFTERNOON,
+        paused=True,
+    )
+    server = SimServer(sim)
+    url = server.start()
+    try:
+        yield Connect(sim, url)
+    finally:
+        server.stop()
+
+
+def rules() -> Rules:
+    return Rules(
+        overlap_us=0,
+        max_session_age_us=int(1e9 * US),
+        exclude_user_agents=("ContentHealthMonitor/",),
+    )
+
+
+async def first_start(connect: Connect, state_path: Path, days: float) -> dict[str, float]:
+    """The live exporter's first start (its state file); what it shows for each usage series."""
+    client, poller, store = make_poller(connect, state_path, history_days=days)
+    await poller.load()
+    assert await poller.poll_all_once()
+    snap = poller.snapshot
+    assert snap.counters_shown
+    usage = snap.usage
+    shown: dict[str, float] = {}
+    for guid, n in usage.shiny_sessions_total.items():
+        shown[f"sessions/{guid}"] = n
+    for guid, n in usage.content_visits_total.items():
+        shown[f"visits/{guid}"] = n
+    for guid, h in usage.shiny_session_duration.items():
+        shown[f"count/{guid}"] = h.count
+        shown[f"sum/{guid}"] = h.sum
+    await client.aclose()
+    store.close()
+    return shown
+
+
+async def backfill(
+    connect: Connect, state_path: Path | None, out: Path, *, step: int = 60, days: float = 1
+) -> Written:
+    state = None
+    if state_path is not None:
+        store = SqliteStore(state_path, read_only=True)
+        state = store.load()
+        store.close()
+    client = ConnectClient(
+        connect.url, connect.sim.keys["admin"], timeout=5, backoff_base=0.01, backoff_max=0.05
+    )
+    async with client:
+        return await run_backfill(
+            client,
+            rules(),
+            state,
+            output=out,
+            step=step,
+            target=target_labels("connect-usage-exporter", "exporter:9741", []),
+            history_days=days,
+            progress=False,
+        )
+
+
+def parse(path: Path) -> dict[SeriesKey, list[tuple[int, float]]]:
+    """Each series (name, labels without the target's) and its (time, value) samples."""
+    text = path.read_text(encoding="utf-8")
+    assert text.endswith("# EOF\n")
+    series: dict[SeriesKey, list[tuple[int, float]]] = {}
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        match = _LINE.match(line)
+        assert match, line
+        name, labels, value, when = match.groups()
+        pairs = dict(_LABEL.findall(labels))
+        assert pairs.pop("job") == "connect-usage-exporter" and pairs.pop("instance")
+        series.setdefault((name, frozenset(pairs.items())), []).append((int(when), float(value)))
+    return series
+
+
+def key(name: str, **labels: str) -> SeriesKey:
+    return (P + name, frozenset(labels.items()))
+
+
+def value_at(samples: list[tuple[int, float]], when: int) -> float | None:
+    """The series' value at `when`: its latest sample at or before it (at any age)."""
+    found = None
+    for t, v in samples:
+        if t > when:
+            break
+        found = v
+    return found
+
+
+def expected_at(sim: Simulator, origin: float, step: float) -> dict[SeriesKey, float]:
+    """What every usage series must show at a step: the truth of the events before it."""
+    truth = sim.truth(origin, step, buckets=DURATION_BUCKETS)
+    want: dict[SeriesKey, float] = {}
+    for guid, n in truth["sessions_started"].items():
+        want[key("shiny_sessions_total", content_guid=guid)] = n
+    for guid, n in truth["visits"].items():
+        want[key("content_visits_total", content_guid=guid)] = n
+    for guid, n in truth["sessions_running_at_end"].items():
+        want[key("shiny_sessions_active", content_guid=guid)] = n
+    for guid, counts in truth["sessions_ended_le"].items():
+        for le, n in zip(LE, counts, strict=True):
+            want[key("shiny_session_duration_seconds_bucket", content_guid=guid, le=le)] = n
+        want[key("shiny_session_duration_seconds_count", content_guid=guid)] = counts[-1]
+    for guid, us in truth["session_microseconds"].items():
+        want[key("shiny_session_duration_seconds_sum", content_guid=guid)] = us / US
+    want[key("excluded_events_total", stream="visits", reason="synthetic")] = sum(
+        truth["synthetic_visits"].values()
+    )
+    for window in USER_WINDOWS:
+        windowed = sim.truth(step - WINDOW_SECONDS[window], step)
+        want[key("active_users", window=window)] = windowed["distinct_users"]
+        if window in CONTENT_WINDOWS:
+            for guid, n in windowed["content_distinct_users"].items():
+                want[key("content_active_users", content_guid=guid, window=window)] = n
+    return want
+
+
+async def test_every_step_shows_the_truth_and_the_last_one_what_the_service_took_over_with(
+    busy: Connect, tmp_path: Path
+) -> None:
+    sim = busy.sim
+    shown = await first_start(busy, tmp_path / "state.sqlite", days=1)
+    written = await backfill(busy, tmp_path / "state.sqlite", tmp_path / "history.om")
+    takeover = int(TUESDAY_AFTERNOON)
+    origin = takeover - 86400
+    assert (written.history.origin, written.history.takeover) == (origin * US, takeover * US)
+    assert (written.first, written.last) == (origin * US, takeover * US)
+    series = parse(tmp_path / "history.om")
+    steps = range(origin, takeover + 1, 60)
+    assert sim.truth(origin, takeover)["totals"]["sessions_started"] > 200
+    # The usage series the truth has at some step: checked at every 17th step and the last.
+    for step in [*steps[::17], steps[-1]]:
+        want = expected_at(sim, origin, step)
+        for name_labels, samples in series.items():
+            if name_labels in want or name_labels[0].endswith(("_total", "_bucket", "_count")):
+                got = value_at(samples, step) or 0  # a series not begun yet (a deleted item)
+                assert got == want.get(name_labels, 0), (step - origin, name_labels)
+        missing = [k for k, v in want.items() if v and k not in series]
+        assert not missing, (step - origin, missing[:3])
+    # No jump at the seam: the last step shows what the service's first scrape shows.
+    for label, value in shown.items():
+        family, guid = label.split("/")
+        name = {
+            "sessions": "shiny_sessions_total",
+            "visits": "content_visits_total",
+            "count": "shiny_session_duration_seconds_count",
+            "sum": "shiny_session_duration_seconds_sum",
+        }[family]
+        samples = series[key(name, content_guid=guid)]
+        assert samples[-1] == (takeover, value), label
+
+
+async def test_samples_are_where_prometheus_looks_for_them(busy: Connect, tmp_path: Path) -> None:
+    """Every series is sampled at every step it changes and then within Prometheus's lookback
+    while its item is active; a change after a quiet stretch has the old value a step before
+    (so increase() sees it); every item starts at the first step and all end at the last."""
+    await first_start(busy, tmp_path / "state.sqlite", days=1)
+    await backfill(busy, tmp_path / "state.sqlite", tmp_path / "history.om")
+    takeover = int(TUESDAY_AFTERNOON)
+    origin = takeover - 86400
+    series = parse(tmp_path / "history.om")
+    listed = {c.guid: c.app_mode for c in busy.sim.world.content if c.deleted_us is None}
+    shiny = {
+        f"{P}shiny_{n}" for n in ("sessions_total", "sessions_active", "sessions_abandoned_total")
+    }
+    shiny.update(f"{P}shiny_session_duration_seconds_{n}" for n in ("bucket", "count", "sum"))
+    for (name, labels), samples in series.items():
+        times = [t for t, _v in samples]
+        assert times == sorted(set(times)), name
+        assert all(origin <= t <= takeover and t % 60 == 0 for t in times)
+        assert times[-1] == takeover, name  # no gap at the seam
+        changed = times[0]
+        for (t0, v0), (t1, v1) in itertools.pairwise(samples):
+            if v0 != v1:
+                changed = t1
+                if name != P + "content_last_activity_timestamp_seconds":
+                    assert t1 - t0 == 60, (name, labels, t0 - origin)
+            elif t1 - t0 > HEARTBEAT:  # quiet: not sampled since at least KEEP after a change
+                assert t0 + HEARTBEAT - changed > KEEP, (name, labels, t0 - origin)
+        mode = listed.get(dict(labels).get("content_guid", ""))
+        if mode and name != P + "content_last_activity_timestamp_seconds":
+            # The series the service shows at 0 for the item are there from the first sample.
+            if name in shiny:
+                initialised = mode in SHINY_APP_MODES
+            elif name == P + "content_visits_total":
+                initialised = mode not in SHINY_APP_MODES
+            else:  # content_active_users, content_info
+                initialised = True
+            assert times[0] == origin or not initialised, (name, labels)
+    for window in USER_WINDOWS:  # server-wide: sampled throughout
+        times = [t for t, _v in series[key("active_users", window=window)]]
+        assert max(b - a for a, b in itertools.pairwise(times)) <= HEARTBEAT
+    assert len(series[key("counting_since_timestamp_seconds")]) >= 86400 / HEARTBEAT
+    assert {v for _t, v in series[key("counting_since_timestamp_seconds")]} == {origin}
+
+
+async def test_before_any_first_start_the_history_ends_at_connects_now(
+    busy: Connect, tmp_path: Path
+) -> None:
+    busy.sim.clock.advance(30)  # Connect's now, not on a step: the last sample is before it
+    written = await backfill(busy, None, tmp_path / "history.om", days=0.5)
+    now = int(TUESDAY_AFTERNOON) + 30
+    assert written.history == Range((now - 43200) * US, now * US, None)
+    series = parse(tmp_path / "history.om")
+    last = max(t for samples in series.values() for t, _v in samples)
+    assert last == now - 30
+    want = expected_at(busy.sim, now - 43200, last)
+    for name_labels, v in want.items():
+        assert value_at(series.get(name_labels, []), last) == v or v == 0, name_labels
+
+
+async def test_an_origin_before_connects_oldest_record_starts_the_history_there(
+    busy: Connect, tmp_path: Path
+) -> None:
+    written = await backfill(busy, None, tmp_path / "history.om", days=30)
+    oldest = int(TUESDAY_AFTERNOON) - 4 * 86400  # the simulator's history
+    assert written.history.origin == (int(TUESDAY_AFTERNOON) - 30 * 86400) * US
+    assert oldest * US <= written.first <= (oldest + 3600) * US
+    series = parse(tmp_path / "history.om")
+    assert min(t for samples in series.values() for t, _v in samples) == written.first // US
+    total = sum(
+        samples[-1][1]
+        for (name, _l), samples in series.items()
+        if name == P + "shiny_sessions_total"
+    )
+    assert total == busy.sim.truth(0, TUESDAY_AFTERNOON)["totals"]["sessions_started"]
+
+
+async def test_a_state_file_of_another_server_is_refused(busy: Connect, tmp_path: Path) -> None:
+    await first_start(busy, tmp_path / "state.sqlite", days=1)
+    other = Connect(busy.sim, busy.url.replace("127.0.0.1", "localhost"))
+    with pytest.raises(BackfillError, match=r"the state file counts http://127\.0\.0\.1"):
+        await backfill(other, tmp_path / "state.sqlite", tmp_path / "history.om")
+    assert not [p for p in tmp_path.iterdir() if "history" in p.name]  # noqa: ASYNC240
+
+
+def test_a_failure_inside_leaves_neither_the_file_nor_a_temporary_one(tmp_path: Path) -> None:
+    target = tmp_path / "history.om"
+    target.write_text("an older back-fill\n")
+    with pytest.raises(KeyboardInterrupt), output_file(target) as out:
+        out.write("half of it")
+        raise KeyboardInterrupt
+    assert [p.name for p in tmp_path.iterdir()] == ["history.om"]
+    assert target.read_text() == "an older back-fill\n"  # untouched
+    with output_file(target) as out:
+        out.write("# EOF\n")
+    assert target.read_text() == "# EOF\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["history.om"]
+
+
+def test_an_unwritable_output_fails_at_once(tmp_path: Path) -> None:
+    missing = tmp_path / "missing" / "history.om"
+    with (
+        pytest.raises(BackfillError, match=r"cannot write .*missing/history\.om"),
+        output_file(missing),
+    ):
+        pytest.fail("the block must not run")
+
+
+@pytest.mark.parametrize(
+    ("labels", "error"),
+    [
+        (["env"], "expected NAME=VALUE"),
+        (["1env=prod"], "expected NAME=VALUE"),
+        (["__name__=x"], "expected NAME=VALUE"),
+        (["job=x"], "job is already a label"),
+        (["content_guid=x"], "content_guid is already a label"),
+    ],
+)
+def test_target_labels_are_checked(labels: list[str], error: str) -> None:
+    with pytest.raises(BackfillError, match=error):
+        target_labels("j", "i:1", labels)
+
+
+def test_target_labels_take_any_value() -> None:
+    assert target_labels("j", "i:1", ['env=a,b="c"', "team="]) == [
+        ("env", 'a,b="c"'),
+        ("instance", "i:1"),
+        ("job", "j"),
+        ("team", ""),
+    ]
+
+
+# --- the trailing windows against a brute-force count ------------------------------------------
+
+_EVENT = st.one_of(
+    st.tuples(st.just("seen"), st.integers(0, 5), st.integers(0, 7200)),
+    st.tuples(st.just("open"), st.integers(0, 5), st.just(0)),
+    st.tuples(st.just("close"), st.integers(0, 5), st.just(0)),
+    st.tuples(st.just("tick"), st.just(0), st.integers(0, 50_000)),
+)
+
+
+@given(st.lists(_EVENT, max_size=80))
+def test_windows_count_what_a_brute_force_count_does(events: list[tuple[str, int, int]]) -> None:
+    """Users seen in a trailing window, or held by an open session, as the replay's now moves
+    on (times in seconds; the model's map holds each user's latest time)."""
+    last: dict[Any, int] = {}
+    counted = TrailingWindows(USER_WINDOWS, last, lambda _u: "")
+    now, opened = 100_000, dict.fromkeys(range(6), 0)
+    for kind, user, amount in events:
+        if kind == "tick":
+            now += amount
+        elif kind == "seen":
+            last[user] = max(last.get(user, 0), (now - amount) * US)
+            counted.seen(user, last[user])
+        elif kind == "open":
+            opened[user] += 1
+            counted.opened(user)
+        elif opened[user]:
+            opened[user] -= 1
+            counted.closed(user)
+        counted.expire(now * US)
+        for window in USER_WINDOWS:
+            since = (now - WINDOW_SECONDS[window]) * US
+            inside = {u for u, t in last.items() if t >= since} | {
+                u for u, n in opened.items() if n
+            }
+            assert counted.counts[window].get("", 0) == len(inside), (window, now)
