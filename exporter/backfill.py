@@ -65,7 +65,7 @@ from exporter.model import (
     WalkTally,
 )
 from exporter.records import ShinySession, Visit
-from exporter.snapshot import ContentInfo, counts_sessions, counts_visits
+from exporter.snapshot import DELETED, ContentInfo, counts_sessions, counts_visits
 
 log = logging.getLogger("exporter.backfill")
 
@@ -539,9 +539,7 @@ class Replay:
         w.set(("sum", content), DURATIONS, (content,), _number(total / US), i, suffix="_sum")
 
     def _info(self, content: str, i: int) -> None:
-        info = self.content.get(content)
-        if info is None:
-            return
+        info = self.content.get(content, DELETED)  # usage of an item gone from Connect
         values = (content, info.name, info.title, info.app_mode, info.access_type, info.owner)
         self.writer.set(("info", content), CONTENT_INFO, values, "1", i)
 
@@ -757,6 +755,8 @@ async def history_range(client: ConnectClient, state: ModelState | None, days: f
 def output_file(path: Path) -> Iterator[IO[str]]:
     """A temporary file beside `path`, renamed onto it when the block ends without an error;
     removed otherwise, so nothing half-written is ever where promtool would read it."""
+    if path.is_dir():
+        raise BackfillError(f"cannot write {path}: it is a directory")
     try:
         handle = tempfile.NamedTemporaryFile(  # noqa: SIM115  # renamed or removed below
             "w",
@@ -771,7 +771,10 @@ def output_file(path: Path) -> Iterator[IO[str]]:
     try:
         with handle:
             yield handle
-        os.replace(handle.name, path)
+        try:
+            os.replace(handle.name, path)
+        except OSError as exc:
+            raise BackfillError(f"cannot write {path}: {exc.strerror or exc}") from None
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(handle.name)

@@ -31,13 +31,7 @@ from exporter.health import METADATA, Health
 from exporter.metadata import read_metadata
 from exporter.model import US, USER_WINDOWS, UsageModel, WalkTally
 from exporter.planner import SLICE_MIN_SPAN_US, Plan, Slice
-from exporter.snapshot import (
-    DELETED_APP_MODE,
-    DELETED_NAME,
-    ContentInfo,
-    MetadataView,
-    Snapshot,
-)
+from exporter.snapshot import DELETED, ContentInfo, MetadataView, Snapshot
 from exporter.store import Store
 from exporter.streams import STREAMS, Stream
 
@@ -54,7 +48,6 @@ COMMIT_EVERY = 0.5
 # Pages a reader may hold ahead of the apply before it waits: bounds the read-ahead of a walk
 # that is not sliced, and of a slice whose first page could not tell it was too large.
 SLICE_BUFFER_PAGES = 64
-DELETED = ContentInfo(DELETED_NAME, DELETED_NAME, DELETED_APP_MODE, "", "")
 
 
 def _when(seconds: float) -> str:

@@ -37,6 +37,9 @@ class ContentInfo:
     owner: str
 
 
+DELETED = ContentInfo(DELETED_NAME, DELETED_NAME, DELETED_APP_MODE, "", "")  # gone from Connect
+
+
 @dataclass(frozen=True, slots=True)
 class MetadataView:
     """What the slower refresh knows about content, users and permissions."""

@@ -195,11 +195,12 @@ def new_dashboard(uid: str, title: str, description: str, *, content: bool = Fal
 
 
 def usage_overview() -> db.Dashboard:
-    sessions_rate = dedup(f"instance_content_guid:connect_usage_shiny_sessions:rate5m{{{SEL}}}")
-    visits_rate = dedup(f"instance_content_guid:connect_usage_content_visits:rate5m{{{SEL}}}")
-    buckets = "instance_le:connect_usage_shiny_session_duration_seconds_bucket:rate5m"
+    sessions_rate = dedup(f"rate(connect_usage_shiny_sessions_total{{{SEL}}}[$__rate_interval])")
+    visits_rate = dedup(f"rate(connect_usage_content_visits_total{{{SEL}}}[$__rate_interval])")
+    buckets = f"connect_usage_shiny_session_duration_seconds_bucket{{{SEL}}}"
     visits_7d = f"sum({dedup(f'increase(connect_usage_content_visits_total{{{SEL}}}[7d])')})"
     visits_7d_before = visits_7d.replace("[7d]", "[7d] offset 1w")
+    visits_last_week = visits_rate.replace("[$__rate_interval]", "[$__rate_interval] offset 1w")
     sessions_7d = f"sum({dedup(f'increase(connect_usage_shiny_sessions_total{{{SEL}}}[7d])')})"
     sessions_7d_before = sessions_7d.replace("[7d]", "[7d] offset 1w")
     return (
@@ -288,7 +289,7 @@ def usage_overview() -> db.Dashboard:
                     *(
                         (
                             f"histogram_quantile({q}, sum by (le) "
-                            f"({dedup(f'{buckets}{{{SEL}}}')}))",
+                            f"({dedup(f'rate({buckets}[$__rate_interval])')}))",
                             f"p{round(q * 100)}",
                         )
                         for q in QUANTILES
@@ -353,15 +354,8 @@ def usage_overview() -> db.Dashboard:
             ts(
                 "Visits per hour: this week and last week",
                 queries(
-                    (
-                        'sum(job:connect_usage_content_visits:rate5m{job=~"$job"}) * 3600',
-                        "this week",
-                    ),
-                    (
-                        'sum(job:connect_usage_content_visits:rate5m{job=~"$job"} offset 1w)'
-                        " * 3600",
-                        "a week earlier",
-                    ),
+                    (f"sum({visits_rate}) * 3600", "this week"),
+                    (f"sum({visits_last_week}) * 3600", "a week earlier"),
                 ),
             )
         )
@@ -440,7 +434,7 @@ def content_detail() -> db.Dashboard:
                     (
                         "sum("
                         + dedup(
-                            f"instance_content_guid:connect_usage_shiny_sessions:rate5m{{{sel}}}"
+                            f"rate(connect_usage_shiny_sessions_total{{{sel}}}[$__rate_interval])"
                         )
                         + ") * 3600",
                         "Shiny sessions started",
@@ -448,7 +442,7 @@ def content_detail() -> db.Dashboard:
                     (
                         "sum("
                         + dedup(
-                            f"instance_content_guid:connect_usage_content_visits:rate5m{{{sel}}}"
+                            f"rate(connect_usage_content_visits_total{{{sel}}}[$__rate_interval])"
                         )
                         + ") * 3600",
                         "visits",
@@ -674,7 +668,7 @@ def panel_queries(data: dict[str, Any]) -> list[tuple[str, str]]:
     ]
 
 
-GRAFANA_DEFAULTS = {"__rate_interval": "1m", "__interval": "15s", "__range": "1h"}
+GRAFANA_DEFAULTS = {"__rate_interval": "4m", "__interval": "1m", "__range": "1h"}
 
 
 def substitute(expr: str, values: dict[str, str]) -> str:

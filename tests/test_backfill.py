@@ -4,14 +4,20 @@ the seam with the live exporter has no jump, and bad input loses nothing."""
 from __future__ import annotations
 
 import itertools
+import os
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+import yaml
 from hypothesis import given
 from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.backfill import (
     HEARTBEAT,
@@ -36,7 +42,16 @@ from exporter.model import (
 from exporter.simulator import SimConfig, SimServer, Simulator
 from exporter.snapshot import SHINY_APP_MODES
 from exporter.store import SqliteStore
-from tests.support import TUESDAY_AFTERNOON, Connect, make_poller
+from tests.prometheus import (
+    StampedTarget,
+    executable,
+    free_port,
+    instant,
+    prometheus,
+    wait_for,
+)
+from tests.support import TUESDAY_AFTERNOON, Connect, make_poller, scrape_until, terminate
+from tests.test_prometheus_e2e import load_generator
 
 pytestmark = pytest.mark.anyio
 
@@ -386,3 +401,356 @@ def test_windows_count_what_a_brute_force_count_does(events: list[tuple[str, int
                 u for u, n in opened.items() if n
             }
             assert counted.counts[window].get("", 0) == len(inside), (window, now)
+
+
+# --- end to end: the command line, promtool and a real Prometheus ------------------------------
+
+HISTORY_DAYS = 15  # two weeks and a day: the week-over-week panels have both weeks
+LE_300 = LE[DURATION_BUCKETS.index(300.0)]
+DASHBOARD_VALUES = {
+    "job": "connect-usage-exporter",
+    "instance": ".+",
+    "datasource": "prometheus",
+    "__range": "7d",
+}
+
+
+def _exposition(text: str) -> dict[str, dict[frozenset[tuple[str, str]], float]]:
+    out: dict[str, dict[frozenset[tuple[str, str]], float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out.setdefault(sample.name, {})[frozenset(sample.labels.items())] = sample.value
+    return out
+
+
+def _checked(sim: Simulator, origin: int, at: int) -> dict[str, dict[str, float]]:
+    """The four figures the test reads from Prometheus, as the truth has them at a step."""
+    truth = sim.truth(origin, at, buckets=DURATION_BUCKETS)
+    le_index = LE.index(LE_300)
+    return {
+        "sessions": dict(truth["sessions_started"]),
+        "visits": dict(truth["visits"]),
+        "le300": {g: c[le_index] for g, c in truth["sessions_ended_le"].items()},
+        "users7d": {"": sim.truth(at - 7 * 86400, at)["distinct_users"]},
+    }
+
+
+_QUERIES = {
+    "sessions": P + "shiny_sessions_total",
+    "visits": P + "content_visits_total",
+    "le300": f'{P}shiny_session_duration_seconds_bucket{{le="{LE_300}"}}',
+    "users7d": f'{P}active_users{{window="7d"}}',
+}
+
+
+def _prometheus_has(api: str, expr: str, at: float) -> dict[str, float]:
+    result = instant(api, expr, at)["result"]
+    return {r["metric"].get("content_guid", ""): float(r["value"][1]) for r in result}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_prometheus_shows_the_truth_across_the_back_fill_and_the_live_period(
+    tmp_path: Path,
+) -> None:
+    """The user's way: a first start, `backfill`, promtool's blocks in a Prometheus that then
+    scrapes the live exporter; at 24 instants of the history and 6 of the live period,
+    Prometheus answers what the simulator's truth says."""
+    sim = Simulator(
+        SimConfig(
+            seed=3,
+            content=12,
+            users=40,
+            history_days=HISTORY_DAYS + 1,
+            sessions_per_day=150,
+            visits_per_day=400,
+            max_session_seconds=4 * 3600,
+            quiet_content=1,
+        ),
+        now=TUESDAY_AFTERNOON,
+        paused=True,
+    )
+    (quiet,) = [c.guid for c in sim.world.content if c.weight == 0.0]
+    takeover = int(TUESDAY_AFTERNOON)
+    origin = takeover - HISTORY_DAYS * 86400
+    server = SimServer(sim)
+    url = server.start()
+    target = StampedTarget()
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONNECT_")}
+    env.update(
+        CONNECT_SERVER=url,
+        CONNECT_API_KEY=sim.keys["admin"],
+        CONNECT_EXPORTER_STATE_PATH=str(tmp_path / "state.sqlite"),
+        CONNECT_EXPORTER_HISTORY_DAYS=str(HISTORY_DAYS),
+        CONNECT_EXPORTER_MAX_SESSION_AGE=str(1e9),
+        CONNECT_EXPORTER_POLL_INTERVAL="0.5",
+        CONNECT_EXPORTER_LISTEN_ADDRESS=f"127.0.0.1:{port}",
+    )
+    service = subprocess.Popen(
+        [sys.executable, "-m", "exporter", "run"],
+        env=env,
+        stderr=(tmp_path / "service.log").open("w"),
+    )
+    metrics = f"http://127.0.0.1:{port}/metrics"
+    try:
+
+        def exact_at(at: int) -> Any:
+            want = _checked(sim, origin, at)
+
+            def check(body: str) -> None:
+                got = _exposition(body)
+                # Connect's now as the exporter knows it: its Date header (whole seconds),
+                # plus the exporter's own time since; the clock is paused at `at`.
+                assert 0 <= got[P + "windows_evaluated_timestamp_seconds"][frozenset()] - at < 1
+                for name, expr in _QUERIES.items():
+                    family = expr.split("{")[0]
+                    shown = {
+                        dict(labels).get("content_guid", ""): value
+                        for labels, value in got.get(family, {}).items()
+                        if name != "le300" or dict(labels)["le"] == LE_300
+                        if name != "users7d" or dict(labels)["window"] == "7d"
+                    }
+                    assert {g: v for g, v in shown.items() if v} == want[name], name
+
+            return check
+
+        # 1. The first start: the service counts the history since the origin.
+        wait_for("the exporter to listen", lambda: _get(metrics), 60)
+        scrape_until(metrics, exact_at(takeover), within=120)
+        # 2. The back-fill, then promtool's blocks in the Prometheus data directory.
+        history = [origin + 5 + i * (HISTORY_DAYS * 86400 - 10) // 23 for i in range(24)]
+        truth = {at: _checked(sim, origin, at // 60 * 60) for at in history}
+        out = tmp_path / "history.om"
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "exporter",
+                "backfill",
+                "--output",
+                str(out),
+                "--instance",
+                target.address,
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr
+        load = done.stderr.splitlines()[-1].removeprefix("load it: ")
+        assert load.endswith(f"{out} <prometheus data directory>"), load
+        load = load.removesuffix(" <prometheus data directory>").split()
+        assert load[:4] == ["promtool", "tsdb", "create-blocks-from", "openmetrics"]
+        data = tmp_path / "data"
+        blocks = subprocess.run(
+            [executable("promtool"), *load[1:], str(data)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert blocks.returncode == 0, blocks.stdout + blocks.stderr
+        # 3. Prometheus with those blocks scrapes the live exporter, dated in Connect's time.
+        config = {
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            # Samples dated by Connect's clock are a year behind the machine's, where
+            # Prometheus's own series are written: they arrive "out of order".
+            "storage": {"tsdb": {"out_of_order_time_window": "3650d"}},
+            "scrape_configs": [
+                {
+                    "job_name": "connect-usage-exporter",
+                    "static_configs": [{"targets": [target.address]}],
+                }
+            ],
+        }
+        with prometheus(config, tmp_path, "--storage.tsdb.retention.time=100y") as api:
+            live: list[int] = []
+            for minute in range(1, 7):
+                sim.clock.advance(60)
+                at = takeover + 60 * minute
+                if minute == 3:  # the quiet app's first session, ended a few seconds ago
+                    sim.add_shiny_session(quiet, None, at - 30, at - 10)
+                body = scrape_until(metrics, exact_at(at), within=60)
+                truth[at] = _checked(sim, origin, at)
+                target.show(body, at)
+                wait_for(
+                    f"the scrape dated {at}",
+                    lambda a=at: (
+                        _prometheus_has(api, f"timestamp({P}counting_since_timestamp_seconds)", a)
+                        == {"": a}
+                    ),
+                    30,
+                    interval=0.2,
+                )
+                live.append(at)
+            # 4. At every instant, Prometheus answers the truth: the series it has there
+            # (an item quiet for hours has no sample in the lookback), and every item's latest
+            # value over the whole history.
+            for at in [*history, *(t + 17 for t in live)]:
+                for name, expr in _QUERIES.items():
+                    want = truth[at if at in truth else at - 17][name]
+                    shown = _prometheus_has(api, expr, at)
+                    assert shown, (name, at - takeover)
+                    assert shown == {g: want.get(g, 0) for g in shown}, (name, at - takeover)
+                    whole = f"last_over_time({expr}[{HISTORY_DAYS + 1}d])"
+                    latest = _prometheus_has(api, whole, at)
+                    assert {g: v for g, v in latest.items() if v} == want, (name, at - takeover)
+            # 5. The quiet app's first session: increase() over the seam counts it, once.
+            last = live[-1]
+            first_session = _prometheus_has(
+                api,
+                f'increase({P}shiny_sessions_total{{content_guid="{quiet}"}}[{last - takeover}s])',
+                last,
+            )
+            assert first_session == {quiet: 1.0}
+            # 6. Every dashboard query has data on day one, week-over-week ones included: the
+            # content detail's for an app or a document (an app has no visits, a document no
+            # sessions). Prometheus's own `up` is dated by the machine's clock: asked at its now.
+            gen = load_generator()
+            apps = {"content": next(iter(truth[last]["sessions"]))}
+            documents = {"content": next(iter(truth[last]["visits"]))}
+            empty = []
+            for name, make in gen.DASHBOARDS.items():
+                for title, expr in gen.panel_queries(gen.to_dict(make())):
+                    at = None if expr.startswith("up{") else last
+                    if not any(
+                        instant(api, gen.substitute(expr, DASHBOARD_VALUES | item), at)["result"]
+                        for item in (apps, documents)
+                    ):
+                        empty.append(f"{name} / {title}: {expr}")
+            assert not empty, empty
+    finally:
+        terminate(service)
+        target.close()
+        server.stop()
+
+
+def _get(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+# --- the usage-drop alerts over back-filled history --------------------------------------------
+
+RULES = Path(__file__).resolve().parent.parent / "prometheus" / "rules.yml"
+DROP_ALERTS = ("ConnectUsageContentUsageDrop", "ConnectUsageServerUsageDrop")
+
+
+def _rule_test_series(path: Path, origin: int, end: int, step: int) -> list[dict[str, str]]:
+    """The back-filled visits, origin and names as promtool's input series: a value at every
+    step from the origin (time 0 for promtool, and the origin's value 0), `_` where none."""
+    wanted = {P + n for n in ("content_visits_total", "counting_since_timestamp_seconds")}
+    wanted.add(P + "content_info")
+    out = []
+    for (name, labels), samples in parse(path).items():
+        if name not in wanted:
+            continue
+        values = ["_"] * ((end - origin) // step + 1)
+        for t, v in samples:
+            values[(t - origin) // step] = f"{v - origin if 'counting_since' in name else v:g}"
+        text = ", ".join(
+            f'{k}="{v}"'
+            for k, v in sorted([*labels, ("job", "connect-usage-exporter"), ("instance", "x:1")])
+        )
+        out.append({"series": f"{name}{{{text}}}", "values": " ".join(values)})
+    return out
+
+
+async def _drop_test_input(tmp_path: Path, *, drop_at: float | None) -> list[dict[str, str]]:
+    sim = Simulator(
+        SimConfig(
+            seed=21,
+            content=12,
+            users=150,
+            history_days=16,
+            sessions_per_day=100,
+            visits_per_day=8000,
+            drop_at=drop_at,
+        ),
+        now=TUESDAY_AFTERNOON,
+        paused=True,
+    )
+    server = SimServer(sim)
+    try:
+        await backfill(Connect(sim, server.start()), None, tmp_path / "h.om", step=300, days=15)
+    finally:
+        server.stop()
+    end = int(TUESDAY_AFTERNOON)
+    return _rule_test_series(tmp_path / "h.om", end - 15 * 86400, end, 300)
+
+
+def _promtool_test(tmp_path: Path, tests: list[dict[str, Any]]) -> None:
+    path = tmp_path / "drop_test.yml"
+    path.write_text(
+        yaml.safe_dump({"rule_files": [str(RULES)], "evaluation_interval": "5m", "tests": tests})
+    )
+    result = subprocess.run(
+        [executable("promtool"), "test", "rules", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+async def test_usage_drop_alerts_over_back_filled_history_fire_on_a_drop_not_on_the_week(
+    tmp_path: Path,
+) -> None:
+    """Two weeks of a simulated server's history, back-filled, read by promtool's rule tests:
+    the weekly rhythm (quiet nights and weekends) never fires a usage-drop alert; traffic
+    stopping on a Tuesday morning fires the server-wide one within two hours."""
+    normal = await _drop_test_input(tmp_path, drop_at=None)
+    eight_days = 8 * 86400
+    silent = [
+        {"eval_time": f"{t}s", "alertname": alert, "exp_alerts": []}
+        for t in range(eight_days, 15 * 86400 + 1, 3 * 3600)
+        for alert in DROP_ALERTS
+    ]
+    drop = int(TUESDAY_AFTERNOON) - 3 * 3600  # 11:00 UTC
+    dropped = await _drop_test_input(tmp_path, drop_at=drop)
+    at_drop = 15 * 86400 - 3 * 3600  # promtool's time of the drop: the origin is 0
+    fired = {
+        "exp_labels": {"severity": "warning", "job": "connect-usage-exporter"},
+        "exp_annotations": {
+            "summary": "Connect usage dropped by more than half week over week "
+            "(job connect-usage-exporter)",
+            "description": "Connect had 0 content visits in the last hour, less than half of "
+            "the same hour one week ago (at least 100 visits then).",
+            "runbook_url": "https://github.com/connect-usage-exporter/connect-usage-exporter/"
+            "blob/main/docs/runbooks/ConnectUsageServerUsageDrop.md",
+        },
+    }
+    server_alert = DROP_ALERTS[1]
+    _promtool_test(
+        tmp_path,
+        [
+            {
+                "name": "the weekly rhythm",
+                "interval": "5m",
+                "input_series": normal,
+                "alert_rule_test": silent,
+            },
+            {
+                "name": "traffic stops",
+                "interval": "5m",
+                "input_series": dropped,
+                "alert_rule_test": [
+                    {
+                        "eval_time": f"{at_drop - 3600}s",
+                        "alertname": server_alert,
+                        "exp_alerts": [],
+                    },
+                    {
+                        "eval_time": f"{at_drop + 6300}s",
+                        "alertname": server_alert,
+                        "exp_alerts": [fired],
+                    },
+                ],
+            },
+        ],
+    )

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import random
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -22,9 +21,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.simulator import SimConfig, SimServer, Simulator
+from tests.prometheus import executable
 from tests.support import (
     FAR_FUTURE,
     TUESDAY_AFTERNOON,
+    Connect,
     IdleClients,
     log_lines,
     metrics_url_from_log,
@@ -240,11 +241,7 @@ def test_run_once_writes_the_exposition_atomically(
     assert m["connect_usage_up"][()] == 1.0
     assert sim.keys["admin"] not in text + proc.stderr
     assert [p.name for p in out.parent.iterdir()] == ["connect.prom"]  # no temp file left behind
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        if os.environ.get("CI"):
-            pytest.fail("promtool is missing on CI")
-        pytest.skip("promtool not installed")
+    promtool = executable("promtool")
     check = subprocess.run(
         [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60
     )
@@ -461,3 +458,108 @@ def test_idle_clients_under_a_low_open_file_limit_never_fail_a_poll(tmp_path: Pa
         assert proc.returncode == 0
     errors = [line for line in log_lines(log) if " ERROR " in line or "Too many open" in line]
     assert errors == []
+
+
+# --- backfill --------------------------------------------------------------------------------
+
+
+def _backfill_env(connect: Connect, tmp_path: Path, **extra: str) -> dict[str, str]:
+    settings = {
+        "CONNECT_EXPORTER_STATE_PATH": str(tmp_path / "s.sqlite"),
+        "CONNECT_EXPORTER_HISTORY_DAYS": "1",
+    }
+    return env_for(connect.url, connect.sim.keys["admin"], **{**settings, **extra})
+
+
+def test_backfill_after_a_first_start_writes_the_history_and_says_how_to_load_it(
+    connect: Connect, tmp_path: Path
+) -> None:
+    env = _backfill_env(connect, tmp_path)
+    first = subprocess.run([*EXE, "run", "--once"], env=env, capture_output=True, timeout=120)
+    assert first.returncode == 0, first.stderr
+    out = tmp_path / "out" / "history.om"
+    out.parent.mkdir()
+    proc = subprocess.run(
+        [*EXE, "backfill", "--output", str(out), "--instance", "exporter:9741"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert re.fullmatch(
+        r"wrote [\d,]+ samples of [\d,]+ events from 2025-11-24T14:00:00Z to "
+        r"2025-11-25T14:00:00Z to .*history\.om",
+        lines[0],
+    ), lines
+    assert lines[1] == (
+        "load it: promtool tsdb create-blocks-from openmetrics --max-block-duration=26h "
+        f"{out} <prometheus data directory>"
+    )
+    text = out.read_text()
+    assert text.endswith("# EOF\n") and 'instance="exporter:9741"' in text
+    assert connect.sim.keys["admin"] not in text + proc.stderr
+    assert [p.name for p in out.parent.iterdir()] == ["history.om"]
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--output", "/nonexistent/dir/history.om"], "cannot write /nonexistent/dir/history.om"),
+        (["--output", "."], "cannot write ."),
+        (["--output", "h.om", "--step", "5"], "invalid --step 5: from 10 to 3600 seconds"),
+        (["--output", "h.om", "--label", "job=x"], "invalid --label 'job=x'"),
+    ],
+)
+def test_backfill_bad_input_fails_with_one_line_and_writes_nothing(
+    connect: Connect, tmp_path: Path, args: list[str], needle: str
+) -> None:
+    env = _backfill_env(connect, tmp_path)
+    proc = subprocess.run(
+        [*EXE, "backfill", "--instance", "x:1", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    (line,) = proc.stderr.splitlines()
+    assert line.startswith("connect-usage-exporter: ") and needle in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_backfill_with_the_state_of_another_server_says_which(
+    connect: Connect, tmp_path: Path
+) -> None:
+    env = _backfill_env(connect, tmp_path)
+    assert subprocess.run([*EXE, "run", "--once"], env=env, timeout=120).returncode == 0
+    env["CONNECT_SERVER"] = connect.url.replace("127.0.0.1", "localhost")
+    line = _one_line_exit_2(
+        ["backfill", "--output", str(tmp_path / "h.om"), "--instance", "x"], env
+    )
+    assert f"the state file counts {connect.url}, not {env['CONNECT_SERVER']}" in line
+    assert not (tmp_path / "h.om").exists()
+
+
+@pytest.mark.slow
+def test_backfill_interrupted_leaves_no_file_behind(connect: Connect, tmp_path: Path) -> None:
+    connect.sim.faults.configure({"latency": 0.2})  # a page every 0.2 s: long enough to stop
+    out = tmp_path / "history.om"
+    proc = subprocess.Popen(
+        [*EXE, "backfill", "--output", str(out), "--instance", "x:1", "--step", "10"],
+        env=_backfill_env(connect, tmp_path, CONNECT_EXPORTER_HISTORY_DAYS="3"),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while not [p for p in tmp_path.iterdir() if p.stat().st_size > 0]:
+        assert time.monotonic() < deadline and proc.poll() is None, "no temporary file written"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.splitlines() == ["connect-usage-exporter: interrupted: nothing written"]
+    assert list(tmp_path.iterdir()) == []

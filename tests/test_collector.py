@@ -4,7 +4,6 @@ series, promtool lint, and the renderer byte-identical to prometheus_client."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from exporter.snapshot import (
     MetadataView,
     Snapshot,
 )
+from tests.prometheus import executable
 from tests.snapshots import populated_snapshot
 
 STREAMS = ("shiny", "visits")
@@ -211,12 +211,7 @@ def test_build_registry_adds_health_and_process_metrics() -> None:
 
 
 def _promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail("promtool not found on PATH (required when CI is set)")
-        pytest.skip("promtool not installed")
-    return path
+    return executable("promtool")
 
 
 @pytest.mark.parametrize("snapshot", [handcrafted(), Snapshot()], ids=["full", "empty"])

@@ -13,12 +13,8 @@ data (so every selector and join in them matches real series).
 from __future__ import annotations
 
 import importlib.util
-import json
-import os
 import queue
 import re
-import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -29,11 +25,11 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
-from typing import Any
 
 import pytest
 import yaml
 
+from tests.prometheus import executable, free_port, http_json, instant, stop, wait_for
 from tests.support import TUESDAY_AFTERNOON
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,52 +49,6 @@ def load_generator() -> ModuleType:
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def http_json(url: str, data: Any = None, timeout: float = 10) -> Any:
-    body = None if data is None else json.dumps(data).encode()
-    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        return json.loads(response.read())
-
-
-def wait_for(what: str, check: Any, timeout: float, interval: float = 0.5) -> Any:
-    deadline = time.monotonic() + timeout
-    last_error: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            result = check()
-            if result:
-                return result
-        except Exception as exc:
-            last_error = exc
-        time.sleep(interval)
-    pytest.fail(f"timed out waiting for {what} (last error: {last_error})")
-
-
-def find_executable(name: str) -> str:
-    path = shutil.which(name) or (f"/usr/bin/{name}" if Path(f"/usr/bin/{name}").exists() else None)
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"{name} not found (CI must install Debian's prometheus)")
-        pytest.skip(f"{name} not installed")
-    return path
-
-
-def stop(process: subprocess.Popen[Any]) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
 
 
 class Demo:
@@ -204,7 +154,7 @@ def prometheus(
     demo: tuple[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[str, str]]:
     """Prometheus scraping the demo every second with the rules; yields (API base, content guid)."""
-    binary = find_executable("prometheus")
+    binary = executable("prometheus")
     metrics_url, simulator_url = demo
     tmp = tmp_path_factory.mktemp("prometheus")
     config = yaml.safe_load(PROMETHEUS_CONFIG.read_text(encoding="utf-8"))
@@ -252,17 +202,6 @@ def prometheus(
         yield api, guid
     finally:
         stop(process)
-
-
-def instant(api: str, expr: str) -> dict[str, Any]:
-    url = f"{api}/query?" + urllib.parse.urlencode({"query": expr})
-    try:
-        body = http_json(url)
-    except urllib.error.HTTPError as exc:
-        body = json.loads(exc.read() or b"{}")
-        raise AssertionError(f"{expr}\n-> {exc.code} {body.get('error')}") from exc
-    assert body["status"] == "success", (expr, body)
-    return body["data"]
 
 
 def rule_expressions() -> list[tuple[str, str]]:

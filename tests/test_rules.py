@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.prometheus import executable
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "prometheus" / "rules.yml"
@@ -29,12 +29,7 @@ REQUIRED_ALERTS = {
 
 
 def promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail("promtool not found (CI must install Debian's prometheus)")
-        pytest.skip("promtool not installed")
-    return path
+    return executable("promtool")
 
 
 def alerts() -> list[dict]:

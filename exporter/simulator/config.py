@@ -23,6 +23,9 @@ class SimConfig:
     synthetic_share: float = 0.05
     anonymous_share: float = 0.1
     deleted_content: int = 1  # items that have usage history but are gone from v1/content
+    quiet_content: int = 0  # Shiny apps deployed but never opened (no generated traffic)
+    drop_at: float | None = None  # epoch seconds from which traffic falls to `drop_share`
+    drop_share: float = 0.0  # of the usual traffic, after `drop_at` (an outage, a lost SSO)
     stuck_share: float = 0.001  # sessions whose end is never recorded (stay "running")
     bucket_seconds: int = 3600  # generation granularity; each bucket has its own RNG
     max_session_seconds: float = 12 * 3600  # cap for generated durations (the log-normal tail)

@@ -120,6 +120,8 @@ class TrafficGenerator:
         rng = random.Random(f"traffic:{cfg.seed}:{b}")
         start = b * self.bucket_us
         scale = rhythm(start + self.bucket_us // 2) * cfg.bucket_seconds / 86400
+        if cfg.drop_at is not None and start >= cfg.drop_at * US:
+            scale *= cfg.drop_share
         content = self.world.content
         shiny_rows: list[ShinyRow] = []
         if self.shiny:

@@ -314,6 +314,12 @@ class World:
         # A few items were deleted part-way through the history; their usage stays.
         for c in self.content[2 : 2 + max(0, deleted)]:
             c.deleted_us = now_us - int(rng.uniform(0.2, 0.8) * history_us)
+        # Apps nobody has opened: no traffic is ever generated for them (no draw of the RNG
+        # changes, so the rest of the world stays the same).
+        listed_apps = [c for c in self.content[1:] if c.is_shiny and c.deleted_us is None]
+        quiet = min(self.config.quiet_content, len(listed_apps))
+        for c in listed_apps[len(listed_apps) - quiet :] if quiet else ():
+            c.weight = 0.0
         visit_items = [c for c in self.content if not c.is_shiny and c.deleted_us is None]
         for c in rng.sample(visit_items, k=max(1, len(visit_items) // 10)):
             c.monitored = True
