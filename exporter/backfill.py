@@ -8,11 +8,15 @@ takeover (the service's first start, read from its state file), as OpenMetrics f
 (`--job`, `--instance`, `--label`), so back-filled and live samples form one series each.
 
 What is written (see README, "History from day one"):
-- at every step, the server-wide series (active users per window, excluded events, the origin);
-- for a content item's series, a sample at every step where its value changed and otherwise
-  one every `HEARTBEAT` seconds (Prometheus's lookback, so an instant query at any time of it
-  finds its value), for `KEEP` seconds after its last change; then nothing until it changes
-  again. Every item on the server has its series at the first sample.
+- every series at each step where its value changed; after a quiet stretch, its old value at
+  the step before as well, so `increase()` and `rate()` see the change within one step;
+- while a series is live (for `KEEP` after its last change, or while a session of its item is
+  open), a sample on a grid of `HEARTBEAT` seconds (Prometheus's lookback, so an instant query
+  at any time finds it, and a range holds enough samples for `rate()` to extrapolate little);
+  then nothing until it changes again. A series at 0 is off the grid: Prometheus reads an
+  absent series as nothing, and a sum or a rate as 0;
+- the server-wide series (active users, excluded events, the origin) on the grid throughout;
+- every item on the server at the first sample, every series at the last (the takeover);
 - counters never above what the service first showed (its baseline): events written late,
   after the takeover, are the service's to count, never twice.
 """
@@ -69,8 +73,8 @@ from exporter.snapshot import DELETED, ContentInfo, counts_sessions, counts_visi
 
 log = logging.getLogger("exporter.backfill")
 
-HEARTBEAT = 240  # seconds: within Prometheus's 5-minute lookback
-KEEP = 7200  # seconds a series is sampled after its last change (promtool's block)
+HEARTBEAT = 300  # seconds: Prometheus's lookback; samples on a grid this far apart are always seen
+KEEP = 3600  # seconds a series stays on the grid after its last change: the alerts' hour
 PREFIX = "connect_usage_"
 _LE = (*map(floatToGoString, DURATION_BUCKETS), "+Inf")
 R = TypeVar("R")
@@ -222,11 +226,13 @@ class _Series:
     value: str
     written: int = -1  # the step of its last sample
     live_until: int = -1  # the last step it is sampled at without a change
+    steady: bool = False  # server-wide: on the grid throughout, at 0 too
 
 
 @dataclass
 class _Writer:
-    """Samples as OpenMetrics lines, each series at its changes and heartbeats.
+    """Samples as OpenMetrics lines: each series at its changes, and on a grid of `HEARTBEAT`
+    seconds while it is live (for `KEEP` after its last change or touch).
 
     A series that changes after a quiet stretch gets its old value at the step before the
     change as well, so `increase()` and `rate()` over a range see the whole step.
@@ -236,13 +242,14 @@ class _Writer:
     target: Sequence[tuple[str, str]]  # job, instance and any extra labels
     step_s: int
     series: dict[Any, _Series] = field(default_factory=dict)
-    due: dict[int, list[Any]] = field(default_factory=dict)  # step -> series to heartbeat
+    live: dict[Any, _Series] = field(default_factory=dict)  # sampled on the grid
     pending: list[_Series] = field(default_factory=list)  # written at this step
     before: list[str] = field(default_factory=list)  # old values, dated the step before
     lines: int = 0
 
     def __post_init__(self) -> None:
-        self.heartbeat = max(1, HEARTBEAT // self.step_s)
+        self.heartbeat = max(1, HEARTBEAT // self.step_s)  # steps between grid samples
+        self.grid = self.heartbeat * self.step_s
         self.keep = max(1, KEEP // self.step_s)
 
     def head(self, name: str, labels: Sequence[tuple[str, str]]) -> str:
@@ -260,47 +267,64 @@ class _Writer:
         *,
         suffix: str = "",
         extra: Sequence[tuple[str, str]] = (),
+        steady: bool = False,
     ) -> None:
         """The series' value at step `i`: written now if it changed (or is new)."""
         s = self.series.get(key)
         if s is None:
             labels = [*zip(family.labels, values, strict=True), *extra]
-            s = self.series[key] = _Series(self.head(family.name + suffix, labels), value)
-            if family.type != "gauge" and value != "0" and i > 0:
+            head = self.head(family.name + suffix, labels)
+            s = self.series[key] = _Series(head, value, steady=steady)
+            if value == "0" and not steady:
+                self._write(s, i)  # at 0: shown once (see `touch`)
+                return
+            if family.type != "gauge" and i > 0:
                 self.before.append(s.head + "0")  # a count from the origin was 0 before
-            self._write(key, s, i)
         elif s.value != value:
             if s.written < i - 1:
                 self.before.append(s.head + s.value)
             s.value = value
-            self._write(key, s, i)
-        s.live_until = max(s.live_until, i + self.keep)
+        else:
+            self.touch(key, i)
+            return
+        self._write(s, i)
+        s.live_until = i + self.keep
+        self.live[key] = s
 
     def touch(self, key: Any, i: int) -> None:
-        """Keep a series sampled as if it had changed at step `i`."""
+        """Keep a series sampled as if it had changed at step `i`; one at 0 is left off the
+        grid (a sum or a rate reads an absent series as 0; nothing needs its heartbeat)."""
         s = self.series.get(key)
-        if s is not None and s.live_until < i + self.keep:
+        if s is None or (s.value == "0" and not s.steady):
+            return
+        if s.live_until < i + self.keep:
             s.live_until = i + self.keep
+            self.live[key] = s
             if s.written < i - self.heartbeat:
-                self._write(key, s, i)
+                self._write(s, i)  # seen from now on, not only from the next grid step
 
-    def _write(self, key: Any, s: _Series, i: int) -> None:
-        if s.written == i:
-            return  # already in this step's lines, which take its latest value
-        s.written = i
-        self.pending.append(s)
-        self.due.setdefault(i + self.heartbeat, []).append(key)
+    def _write(self, s: _Series, i: int) -> None:
+        if s.written != i:  # else already in this step's lines, which take its latest value
+            s.written = i
+            self.pending.append(s)
 
-    def heartbeats(self, i: int) -> None:
-        for key in self.due.pop(i, ()):
-            s = self.series[key]
-            if s.written + self.heartbeat <= i <= s.live_until:
-                self._write(key, s, i)
+    def heartbeats(self, i: int, when_s: int) -> None:
+        """At a grid step, every live series; the others leave the grid."""
+        if when_s % self.grid:
+            return
+        gone = []
+        for key, s in self.live.items():
+            if s.live_until < i or (s.value == "0" and not s.steady):
+                gone.append(key)
+            else:
+                self._write(s, i)
+        for key in gone:
+            del self.live[key]
 
     def everything(self, i: int) -> None:
         """Every series at step `i` (the last one: the live exporter takes over from here)."""
-        for key, s in self.series.items():
-            self._write(key, s, i)
+        for s in self.series.values():
+            self._write(s, i)
 
     def flush(self, when_s: int) -> None:
         earlier = f" {when_s - self.step_s}\n"
@@ -424,9 +448,11 @@ class Replay:
         touched = {label for (name, label) in delta.counters if name != EXCLUDED}
         touched.update(delta.durations, delta.content_last)
         for content in {*delta.content_last, *self.open}:
-            if content not in delta.content_last and i % w.heartbeat and not last:
-                continue  # "now" for an item with a session open: refreshed at heartbeats
-            touched.add(content)  # an open session keeps its item's series sampled
+            if content not in delta.content_last and (now // US) % w.grid and not last:
+                continue  # "now" for an item with a session open: refreshed on the grid
+            touched.add(content)
+            if self.open.get(content):
+                w.touch(("active", content), i)  # sessions open: the gauge stays visible
             latest = now if self.open.get(content) else model.content_last.get(content)
             if latest is not None:
                 w.set(("last", content), LAST_ACTIVITY, (content,), _number(latest / US), i)
@@ -436,14 +462,14 @@ class Replay:
         self.users.take()
         for window in USER_WINDOWS:
             count = self.users.counts[window].get("", 0)
-            w.set(("au", window), ACTIVE_USERS, (window,), str(count), i)
-        w.set(("origin",), COUNTING_SINCE, (), _number(self.history.origin / US), i)
+            w.set(("au", window), ACTIVE_USERS, (window,), str(count), i, steady=True)
+        w.set(("origin",), COUNTING_SINCE, (), _number(self.history.origin / US), i, steady=True)
         for content in touched:
             self._live(content, i)
         for stream in self.streams:  # the server-wide series stay sampled throughout
             for reason in EXCLUDE_REASONS:
                 w.touch(("excluded", f"{stream}/{reason}"), i)
-        w.heartbeats(i)  # after the changes, which come with the value before them if due
+        w.heartbeats(i, now // US)  # after the changes, which come with their old values
         if last:
             w.everything(i)
         self.step_index += 1
@@ -520,7 +546,7 @@ class Replay:
         value = self._clamp(name, label, value)
         if name == EXCLUDED:
             values = tuple(label.split("/", 1))
-            self.writer.set(("excluded", label), EXCLUDED_TOTAL, values, str(value), i)
+            self.writer.set(("excluded", label), EXCLUDED_TOTAL, values, str(value), i, steady=True)
         else:
             self.writer.set((name, label), COUNTER_FAMILY[name], (label,), str(value), i)
 
@@ -544,30 +570,14 @@ class Replay:
         self.writer.set(("info", content), CONTENT_INFO, values, "1", i)
 
     def _live(self, content: str, i: int) -> None:
-        """An item that changed keeps all its series (and its names) sampled for a while."""
+        """An item that changed keeps its names sampled while its changed series are."""
         w = self.writer
-        for key in _series_of(content):
-            w.touch(key, i)
         if ("cau", content, CONTENT_WINDOWS[0]) not in w.series:
             self._content_users(content, i)
         if ("info", content) not in w.series:
             self._info(content, i)
         else:
             w.touch(("info", content), i)
-
-
-def _series_of(content: str) -> Iterator[Any]:
-    yield (SESSIONS, content)
-    yield (VISITS, content)
-    yield (ABANDONED_SESSIONS, content)
-    yield ("active", content)
-    yield ("last", content)
-    for le in _LE:
-        yield ("bucket", content, le)
-    yield ("count", content)
-    yield ("sum", content)
-    for window in CONTENT_WINDOWS:
-        yield ("cau", content, window)
 
 
 # --- reading the history ---------------------------------------------------------------------
