@@ -761,6 +761,15 @@ async def history_range(client: ConnectClient, state: ModelState | None, days: f
     return Range(takeover - int(days * 86400 * US), takeover, None)
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it (Linux), else the common 022."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    return 0o022
+
+
 @contextlib.contextmanager
 def output_file(path: Path) -> Iterator[IO[str]]:
     """A temporary file beside `path`, renamed onto it when the block ends without an error;
@@ -780,6 +789,9 @@ def output_file(path: Path) -> Iterator[IO[str]]:
         raise BackfillError(f"cannot write {path}: {exc.strerror or exc}") from None
     try:
         with handle:
+            os.chmod(
+                handle.fileno(), 0o666 & ~_umask()
+            )  # as `open` would: promtool may be another user
             yield handle
         try:
             os.replace(handle.name, path)

@@ -82,6 +82,16 @@ def _parser() -> argparse.ArgumentParser:
         metavar="TIME",
         help="the simulated clock's starting instant, RFC 3339 or epoch seconds (default: now)",
     )
+    demo.add_argument(
+        "--backfill",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="once the first start has counted the history, write it to FILE as `backfill` "
+        "does (kept if FILE exists)",
+    )
+    demo.add_argument("--backfill-job", default="connect-usage-exporter", metavar="JOB")
+    demo.add_argument("--backfill-instance", default="exporter:9741", metavar="INSTANCE")
 
     backfill = commands.add_parser(
         "backfill",

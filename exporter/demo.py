@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
-from exporter.service import EXIT_SETTINGS, fail, run_service
-from exporter.settings import SettingsError, load_settings
+from exporter.service import EXIT_SETTINGS, fail, run_backfill_command, run_service
+from exporter.settings import Settings, SettingsError, load_settings
 from exporter.simulator import SimConfig, SimServer, Simulator
 from exporter.simulator.timefmt import parse_instant
+from exporter.store import SqliteStore, StateError
 
 DEMO_POLL_INTERVAL = 5.0  # seconds: live traffic shows up on /metrics within seconds
 DEMO_METADATA_INTERVAL = 60.0
@@ -62,9 +64,57 @@ def run_demo(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         print(f"Exporter landing page: {metrics_url.removesuffix('metrics')}", flush=True)
         print("Press Ctrl-C to stop.", flush=True)
 
+    stop = threading.Event()
+    if args.backfill is not None:
+        threading.Thread(
+            target=_backfill_once_counted,
+            args=(settings, args, stop),
+            name="demo-backfill",
+            daemon=True,
+        ).start()
     try:
         return run_service(settings, on_listening=listening)
     finally:
+        stop.set()
         server.stop()
         if state_dir is not None:
             state_dir.cleanup()
+
+
+def _counted(settings: Settings) -> bool:
+    """Whether the service's first start has counted the history (its counters are shown)."""
+    if not settings.state_path.exists():
+        return False
+    try:
+        store = SqliteStore(settings.state_path, read_only=True)
+        try:
+            state = store.load()
+            return state is not None and state.baseline is not None
+        finally:
+            store.close()
+    except StateError:
+        return False  # not yet created: the service is still setting it up
+
+
+def _backfill_once_counted(
+    settings: Settings, args: argparse.Namespace, stop: threading.Event
+) -> None:
+    """`--backfill FILE`: once the first start has counted the history, write it to FILE for
+    promtool, as `backfill` would (docker compose loads it into its Prometheus). A FILE already
+    there was written by an earlier start: kept as it is."""
+    output: Path = args.backfill
+    if output.exists():
+        print(f"Back-fill: {output} is there already", flush=True)
+        return
+    while not _counted(settings):
+        if stop.wait(1.0):
+            return
+    print(f"Back-filling the history to {output}…", flush=True)
+    run_backfill_command(
+        settings,
+        output=output,
+        step=60,
+        job=args.backfill_job,
+        instance=args.backfill_instance,
+        labels=[],
+    )

@@ -397,6 +397,91 @@ def test_demo_shows_usage_within_seconds(tmp_path: Path) -> None:
         assert proc.wait(timeout=15) == 0
 
 
+def _demo(tmp_path: Path, *extra: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [
+            *EXE,
+            "demo",
+            "--listen-address",
+            "127.0.0.1:0",
+            "--state-path",
+            str(tmp_path / "d.sqlite"),
+            "--sim-history-days",
+            "3",
+            "--history-days",
+            "2",
+            "--start",
+            str(TUESDAY_AFTERNOON),
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _lines_until(proc: subprocess.Popen[str], pattern: str, within: float) -> list[str]:
+    assert proc.stdout is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line.rstrip("\n"))
+        if re.search(pattern, line):
+            return lines
+    raise AssertionError(f"no {pattern!r} in the demo's output:\n" + "\n".join(lines))
+
+
+@pytest.mark.slow
+def test_demo_backfills_itself_once_the_history_is_counted(tmp_path: Path) -> None:
+    """`demo --backfill FILE` (docker compose's first start) writes the history for promtool
+    once the first start has counted it, readable by another user; a later start keeps it."""
+    history = tmp_path / "history.om"
+    old_umask = os.umask(0o022)
+    try:
+        proc = _demo(tmp_path, "--backfill", str(history), "--backfill-instance", "exporter:9741")
+    finally:
+        os.umask(old_umask)
+    try:
+        _lines_until(proc, r"load it: promtool tsdb create-blocks-from openmetrics", 180)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=15) == 0
+    assert history.stat().st_mode & 0o777 == 0o644
+    text = history.read_text()
+    assert text.endswith("# EOF\n")
+    sessions = [
+        line.split()
+        for line in text.splitlines()
+        if line.startswith("connect_usage_shiny_sessions_total{")
+    ]
+    assert sessions
+    assert all('instance="exporter:9741",job="connect-usage-exporter"' in s[0] for s in sessions)
+    assert max(float(s[1]) for s in sessions) > 0
+    blocks = subprocess.run(
+        [
+            *(executable("promtool"), "tsdb", "create-blocks-from", "openmetrics"),
+            *("--max-block-duration=54h", str(history), str(tmp_path / "data")),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert blocks.returncode == 0, blocks.stdout + blocks.stderr
+    assert any((tmp_path / "data").glob("*/meta.json"))
+    # A restart (docker compose up again) keeps the history it wrote.
+    history.write_text("kept\n")
+    proc = _demo(tmp_path, "--backfill", str(history))
+    try:
+        _lines_until(proc, rf"Back-fill: {re.escape(str(history))} is there already", 90)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=15) == 0
+    assert history.read_text() == "kept\n"
+
+
 def _open_files(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 

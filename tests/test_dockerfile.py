@@ -126,3 +126,67 @@ def test_compose_runs_the_demo_with_the_tested_files() -> None:
         (ROOT / "grafana" / "provisioning" / "datasources" / "prometheus.yml").read_text()
     )
     assert datasources["datasources"][0]["url"] == "http://prometheus:9090"
+
+
+def _flags(command: list[str]) -> dict[str, str]:
+    return dict(arg.removeprefix("--").split("=", 1) for arg in command if "=" in arg)
+
+
+def test_compose_backfills_the_history_where_its_prometheus_loads_it() -> None:
+    """The exporter writes its history into its volume, labelled as the scrape labels it; the
+    loader reads it from there into Prometheus's data volume; retention keeps it."""
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text(encoding="utf-8"))
+    services = compose["services"]
+    flags = _flags(services["exporter"]["command"])
+    state_volume, state_dir = services["exporter"]["volumes"][0].split(":")[:2]
+    assert flags["backfill"].startswith(state_dir + "/")
+    assert flags["clock-speed"] == "1"  # Connect's time and the scrapes' line up
+    prometheus = yaml.safe_load((ROOT / "prometheus" / "prometheus.yml").read_text())
+    (job,) = prometheus["scrape_configs"]
+    assert flags["backfill-job"] == job["job_name"]
+    assert [flags["backfill-instance"]] == job["static_configs"][0]["targets"]
+    loader = services["prometheus-backfill"]
+    mounts = dict(v.split(":")[:2] for v in loader["volumes"])
+    script = loader["command"][0]
+    history = flags["backfill"].replace(state_dir, mounts[state_volume], 1)
+    assert history in script
+    (data,) = (v.split(":")[1] for v in services["prometheus"]["volumes"] if "prometheus-data" in v)
+    assert mounts["prometheus-data"] == data
+    retention = next(a for a in services["prometheus"]["command"] if "retention.time" in a)
+    assert int(retention.split("=")[1].removesuffix("d")) >= 45  # 30 days of history and more
+
+
+@pytest.mark.skipif(shutil.which("sh") is None, reason="no sh")
+def test_compose_loader_makes_blocks_once(tmp_path: Path) -> None:
+    """The loader's script, run for real (its paths moved to temporary directories, promtool
+    the real one): it waits for the history, makes blocks once, and says so the next time."""
+    from tests.prometheus import executable
+
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text(encoding="utf-8"))
+    script = compose["services"]["prometheus-backfill"]["command"][0]
+    exporter, data, bin_dir = tmp_path / "exporter", tmp_path / "prometheus", tmp_path / "bin"
+    for d in (exporter, data, bin_dir):
+        d.mkdir()
+    (bin_dir / "promtool").symlink_to(executable("promtool"))
+    script = script.replace("/exporter/", f"{exporter}/").replace("/prometheus", str(data))
+    (exporter / "history.om").write_text(
+        "# TYPE connect_usage_shiny_sessions counter\n"
+        'connect_usage_shiny_sessions_total{content_guid="a",instance="exporter:9741",'
+        'job="connect-usage-exporter"} 0 1750000000\n'
+        'connect_usage_shiny_sessions_total{content_guid="a",instance="exporter:9741",'
+        'job="connect-usage-exporter"} 1 1750000060\n'
+        "# EOF\n"
+    )
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    first = subprocess.run(
+        ["sh", "-c", script], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert first.returncode == 0, first.stdout + first.stderr
+    blocks = [p for p in data.iterdir() if (p / "meta.json").exists()]
+    assert len(blocks) == 1
+    assert json.loads((blocks[0] / "meta.json").read_text())["stats"]["numSamples"] == 2
+    again = subprocess.run(
+        ["sh", "-c", script], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert again.returncode == 0 and "history loaded already" in again.stdout
+    assert [p for p in data.iterdir() if (p / "meta.json").exists()] == blocks
