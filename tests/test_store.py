@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
 import sqlite3
 from pathlib import Path
 
@@ -162,6 +164,82 @@ def test_corrupt_file_names_the_file_and_the_way_out(tmp_path: Path) -> None:
         SqliteStore(path)
     assert str(path) in str(info.value)
     assert "Move the file away" in str(info.value)
+
+
+def written(path: Path) -> Path:
+    """A state file with counts in it, closed as a stopped exporter leaves it."""
+    store = SqliteStore(path)
+    store.commit(populated().take_delta())
+    store.close()
+    return path
+
+
+def test_a_zero_byte_file_is_refused_not_taken_for_a_first_start(tmp_path: Path) -> None:
+    # `truncate -s 0` on the state file: it was opened as new, and every counter restarted at
+    # zero with only an INFO line to show for it.
+    path = written(tmp_path / "state.sqlite")
+    os.truncate(path, 0)
+    with pytest.raises(StateError) as info:
+        SqliteStore(path)
+    message = str(info.value)
+    assert message.startswith(f"state file {path} is empty (0 bytes)")
+    assert "never taken for a first start" in message and "Move the file away" in message
+    assert path.stat().st_size == 0  # left as it was found
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.sqlite"]
+
+
+def test_an_sqlite_file_without_the_exporters_tables_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "state.sqlite"
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA user_version = 1")  # a valid database file with no table at all
+    db.close()
+    found = path.read_bytes()
+    with pytest.raises(StateError, match=r"is empty .*without the exporter's tables"):
+        SqliteStore(path)
+    assert path.read_bytes() == found  # not even switched to WAL mode
+
+
+def test_counts_without_a_counting_epoch_are_refused(tmp_path: Path) -> None:
+    path = written(tmp_path / "state.sqlite")
+    db = sqlite3.connect(path)
+    db.execute("DELETE FROM meta WHERE key = 'counting_since'")
+    db.commit()
+    db.close()
+    with pytest.raises(StateError, match="holds counts but no counting epoch"):
+        SqliteStore(path)
+
+
+def test_a_write_ahead_log_without_its_file_is_refused(tmp_path: Path) -> None:
+    # The exporter was killed (its WAL holds the last commits), then the file alone deleted.
+    store = SqliteStore(tmp_path / "state.sqlite")
+    store.commit(populated().take_delta())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copyfile(tmp_path / "state.sqlite-wal", elsewhere / "state.sqlite-wal")
+    store.close()
+    with pytest.raises(StateError, match=r"is missing but its write-ahead log .* is there"):
+        SqliteStore(elsewhere / "state.sqlite")
+    assert not (elsewhere / "state.sqlite").exists()
+
+
+def test_a_new_file_appears_whole_and_a_start_that_never_committed_is_taken_up_again(
+    tmp_path: Path,
+) -> None:
+    # The file appears with its tables or not at all: a draft left by a crash is cleared.
+    path = tmp_path / "state.sqlite"
+    (tmp_path / ".state.sqlite.new").write_bytes(b"half a draft")
+    store = SqliteStore(path)
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(("-wal", "-shm"))) == [
+        "state.sqlite"
+    ]
+    store.close()
+    # Tables, no epoch: a first start that stopped before its first commit (Connect not
+    # reachable yet, the port taken). Nothing was counted into it: a first start again.
+    store = SqliteStore(path)
+    assert store.load() is None
+    store.commit(populated().take_delta())
+    store.close()
+    reopened_equals(path, populated())
 
 
 def test_incompatible_schema_is_refused_not_reset(tmp_path: Path) -> None:
