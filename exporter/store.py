@@ -82,6 +82,12 @@ class StateError(Exception):
     """The state file cannot be used; the message names the file and the way out."""
 
 
+class StateFileGoneError(StateError):
+    """The path no longer names the file the store opened (deleted, or another file moved
+    there): nothing more is committed, to either of them. The message says how to keep the
+    counts the open file holds."""
+
+
 class Store(Protocol):
     """What the poller needs of wherever the state lives."""
 
@@ -115,6 +121,8 @@ class SqliteStore:
         self._max_id = 0
         self._log_rows = 0  # rows in the last-seen logs
         self._table_rows = 0  # rows in the last-seen tables
+        self._identity: tuple[int, int] | None = None  # (device, inode) of the file opened
+        self._gone: str | None = None  # why commits are refused, once the file is gone
         try:
             if read_only:
                 uri = f"{path.resolve().as_uri()}?mode=ro"
@@ -145,6 +153,9 @@ class SqliteStore:
             raise StateError(
                 f"state file {path} is corrupt or not an exporter state file ({exc}). {_WAY_OUT}"
             ) from None
+        if not read_only:
+            self._identity = _identity(path)
+        self._resolved = path.resolve()
 
     def _check_and_create(self) -> None:
         db = self._db
@@ -267,9 +278,10 @@ class SqliteStore:
     def commit(self, delta: Delta) -> None:
         if self.read_only:
             raise StateError(f"state file {self.path} was opened read-only")
-        if delta.is_empty():
-            return
         with self._lock:
+            self._check_in_place()
+            if delta.is_empty():
+                return
             db = self._db
             pinned = dict(self._pinned)
             new_ids: dict[str, int] = {}
@@ -312,6 +324,32 @@ class SqliteStore:
                 raise
             self._pinned = pinned
             self._log_rows = log_rows
+
+    def _check_in_place(self) -> None:
+        """Refuse to commit once the path no longer names the file this store opened.
+
+        SQLite would go on writing to a deleted file, which vanishes with the process, and
+        the next start would count from zero. So the first time, the WAL is folded into the
+        open file (it then holds every commit by itself, for the way out), and from then on
+        every commit raises `StateFileGoneError`, whatever comes to the path later.
+        """
+        if self._gone is None:
+            if self._identity is None or _identity(self.path) in (self._identity, None):
+                return
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            held = _held_as(self._resolved)
+            keep = (
+                f"To keep them, copy {held} (this process still holds the file) to {self.path}, "
+                "then restart the exporter; restarted without it, it counts from zero."
+                if held
+                else "Restarted, the exporter counts from zero in a new file."
+            )
+            self._gone = (
+                f"state file {self.path} was deleted or replaced while the exporter ran: nothing "
+                f"more is committed, and /metrics keeps the counts last committed. {keep}"
+            )
+        raise StateFileGoneError(self._gone)
 
     def _write_last_seen(
         self, db: sqlite3.Connection, delta: Delta, new_ids: dict[str, int]
@@ -381,6 +419,28 @@ class SqliteStore:
             "DELETE FROM keys WHERE space = ? AND time < ? AND NOT pinned",
             delta.horizons.items(),
         )
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of the file at `path`; (-1, -1) when there is none, None when unknown."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return (-1, -1)
+    except OSError:  # cannot tell (a directory made unreadable): SQLite will say if it matters
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def _held_as(path: Path) -> str | None:
+    """Where this process's descriptor of the deleted file `path` can be read (Linux)."""
+    target = f"{path.resolve()} (deleted)"
+    with contextlib.suppress(OSError):
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/self/fd/{fd}") == target:
+                    return f"/proc/{os.getpid()}/fd/{fd}"
+    return None
 
 
 def _refuse_emptied(path: Path) -> bool:

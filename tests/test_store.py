@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import sqlite3
 from pathlib import Path
@@ -16,6 +17,7 @@ from exporter.model import (
     OPEN,
     US,
     Baseline,
+    Delta,
     ModelState,
     Rules,
     UsageModel,
@@ -23,7 +25,7 @@ from exporter.model import (
     legacy_digest,
 )
 from exporter.records import ShinySession, Visit
-from exporter.store import SCHEMA_VERSION, SqliteStore, StateError
+from exporter.store import SCHEMA_VERSION, SqliteStore, StateError, StateFileGoneError
 
 T0 = 1_700_000_000 * US
 
@@ -240,6 +242,44 @@ def test_a_new_file_appears_whole_and_a_start_that_never_committed_is_taken_up_a
     store.commit(populated().take_delta())
     store.close()
     reopened_equals(path, populated())
+
+
+HELD = re.compile(r"copy (/proc/\d+/fd/\d+) \(this process still holds the file\)")
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+def test_a_file_gone_from_its_path_takes_no_more_commits_and_keeps_them_all(
+    tmp_path: Path, how: str
+) -> None:
+    # `rm state.sqlite*` under a running exporter: it went on committing to the deleted file,
+    # which vanished with the process, and the next start counted from zero.
+    path = tmp_path / "state.sqlite"
+    store = SqliteStore(path)
+    m = populated()
+    store.commit(m.take_delta())  # in the write-ahead log, not yet in the file itself
+    for file in tmp_path.iterdir():
+        file.unlink()
+    if how == "replaced":
+        written(tmp_path / "other.sqlite").rename(path)
+    m.set_hwm("visits", T0 + 600 * US)
+    with pytest.raises(StateFileGoneError) as info:
+        store.commit(m.take_delta())
+    message = str(info.value)
+    assert message.startswith(
+        f"state file {path} was deleted or replaced while the exporter ran: nothing more is "
+        "committed, and /metrics keeps the counts last committed. To keep them, copy /proc/"
+    )
+    assert message.endswith("then restart the exporter; restarted without it, it counts from zero.")
+    with pytest.raises(StateFileGoneError):  # for good, whatever is at the path now
+        store.commit(Delta())
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["state.sqlite"] * (how == "replaced"))
+    # The way out the message gives: the file this process holds has every commit it took.
+    match = HELD.search(message)
+    assert match is not None
+    kept = tmp_path / "kept.sqlite"
+    shutil.copyfile(match.group(1), kept)
+    store.close()
+    reopened_equals(kept, populated())
 
 
 def test_incompatible_schema_is_refused_not_reset(tmp_path: Path) -> None:
