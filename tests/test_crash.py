@@ -304,8 +304,15 @@ def test_a_full_disk_is_reported_served_through_and_recovered_exactly(
             proc.send_signal(signal.SIGTERM)
             output, _ = proc.communicate(timeout=30)
         assert proc.returncode == 0, output
-        assert re.search(r"cannot commit to the state file .*s\.sqlite: database or disk is full",
-                         output), output  # fmt: skip
+        # One ERROR per refused commit, and nothing else: no "failed unexpectedly" traceback.
+        errors = [line for line in output.splitlines() if " ERROR " in line]
+        assert errors, output
+        assert all(
+            re.search(r"cannot commit to the state file .*s\.sqlite: database or disk is full", e)
+            for e in errors
+        ), output
+        assert len(errors) == parse(body)["connect_usage_state_errors_total"][()]
+        assert "unexpectedly" not in output and "Traceback" not in output, output
         counters = db_counters(state)
         assert (
             sum(v for (name, _), v in counters.items() if name == "content_visits")
