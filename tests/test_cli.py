@@ -30,6 +30,7 @@ from tests.support import (
     IdleClients,
     log_lines,
     metrics_url_from_log,
+    run_once,
     scrape_until,
     terminate,
 )
@@ -238,8 +239,7 @@ def test_an_emptied_state_file_exits_3_and_is_left_as_found(
     sim, url = live_connect
     state = tmp_path / "s.sqlite"
     env = env_for(url, sim.keys["admin"], CONNECT_EXPORTER_STATE_PATH=str(state))
-    run = [*EXE, "run", "--once"]
-    first = subprocess.run(run, env=env, capture_output=True, text=True, timeout=120)
+    first = run_once(env)
     assert first.returncode == 0, first.stderr
     if emptied == "truncated":
         os.truncate(state, 0)
@@ -247,7 +247,7 @@ def test_an_emptied_state_file_exits_3_and_is_left_as_found(
         state.unlink()
         sqlite3.connect(state).execute("PRAGMA user_version = 1").connection.close()
     found = state.read_bytes()
-    proc = subprocess.run(run, env=env, capture_output=True, text=True, timeout=120)
+    proc = run_once(env)
     assert proc.returncode == 3, proc.stderr
     assert "Traceback" not in proc.stderr
     [line] = proc.stderr.splitlines()

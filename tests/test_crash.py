@@ -38,6 +38,7 @@ from tests.support import (
     scrape_until,
     terminate,
 )
+from tests.support import run_once as once
 from tests.test_cli import (
     EXE,
     assert_exposition_matches_truth,
@@ -366,13 +367,7 @@ def test_a_state_file_deleted_under_the_service_is_said_once_and_its_counts_kept
 
 
 def run_once(url: str, key: str, state: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*EXE, "run", "--once", *NO_ABANDON],
-        env=env_for(url, key, CONNECT_EXPORTER_STATE_PATH=str(state)),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return once(env_for(url, key, CONNECT_EXPORTER_STATE_PATH=str(state)), *NO_ABANDON)
 
 
 @pytest.fixture

@@ -168,6 +168,14 @@ def test_corrupt_file_names_the_file_and_the_way_out(tmp_path: Path) -> None:
     assert "Move the file away" in str(info.value)
 
 
+def edit(path: Path, statement: str) -> None:
+    """Change the file behind the store's back, as a person with the sqlite3 shell would."""
+    db = sqlite3.connect(path)
+    db.execute(statement)
+    db.commit()
+    db.close()
+
+
 def written(path: Path) -> Path:
     """A state file with counts in it, closed as a stopped exporter leaves it."""
     store = SqliteStore(path)
@@ -192,9 +200,7 @@ def test_a_zero_byte_file_is_refused_not_taken_for_a_first_start(tmp_path: Path)
 
 def test_an_sqlite_file_without_the_exporters_tables_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "state.sqlite"
-    db = sqlite3.connect(path)
-    db.execute("PRAGMA user_version = 1")  # a valid database file with no table at all
-    db.close()
+    edit(path, "PRAGMA user_version = 1")  # a valid database file with no table at all
     found = path.read_bytes()
     with pytest.raises(StateError, match=r"is empty .*without the exporter's tables"):
         SqliteStore(path)
@@ -203,10 +209,7 @@ def test_an_sqlite_file_without_the_exporters_tables_is_refused(tmp_path: Path) 
 
 def test_counts_without_a_counting_epoch_are_refused(tmp_path: Path) -> None:
     path = written(tmp_path / "state.sqlite")
-    db = sqlite3.connect(path)
-    db.execute("DELETE FROM meta WHERE key = 'counting_since'")
-    db.commit()
-    db.close()
+    edit(path, "DELETE FROM meta WHERE key = 'counting_since'")
     with pytest.raises(StateError, match="holds counts but no counting epoch"):
         SqliteStore(path)
 
@@ -285,10 +288,7 @@ def test_a_file_gone_from_its_path_takes_no_more_commits_and_keeps_them_all(
 def test_incompatible_schema_is_refused_not_reset(tmp_path: Path) -> None:
     path = tmp_path / "state.sqlite"
     SqliteStore(path).close()
-    db = sqlite3.connect(path)
-    db.execute("UPDATE meta SET value='999' WHERE key='schema_version'")
-    db.commit()
-    db.close()
+    edit(path, "UPDATE meta SET value='999' WHERE key='schema_version'")
     with pytest.raises(StateError, match="schema version 999"):
         SqliteStore(path)
     db = sqlite3.connect(path)
@@ -298,10 +298,7 @@ def test_incompatible_schema_is_refused_not_reset(tmp_path: Path) -> None:
 
 def test_foreign_database_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "other.sqlite"
-    db = sqlite3.connect(path)
-    db.execute("CREATE TABLE notes (x)")
-    db.commit()
-    db.close()
+    edit(path, "CREATE TABLE notes (x)")
     with pytest.raises(StateError, match="not an exporter state file"):
         SqliteStore(path)
 
