@@ -396,29 +396,69 @@ def _checked_text(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 class _TooLarge(Exception):
-    """A body passed `max_response_bytes`; `announced` when Content-Length said so up front."""
+    """A body passed `max_response_bytes`: `announced` when Content-Length said so up front,
+    `shared` when it fit alone but not beside the bodies of the other requests in flight."""
 
-    def __init__(self, announced: int | None) -> None:
+    def __init__(self, announced: int | None, *, shared: bool = False) -> None:
         super().__init__(announced)
         self.announced = announced
+        self.shared = shared
 
 
-async def _read_capped(response: httpx.Response, limit: int) -> bytes:
-    """The decoded body, refused past `limit` bytes before it is all in memory.
+class ResponseBudget:
+    """Bytes of response bodies held in memory, shared by every request of one client.
+
+    Each body takes its bytes as they arrive and gives them back once read into records, so the
+    bodies in memory at once never pass `limit`, however many requests are in flight. A body
+    that would pass it is cut off (and retried) rather than waited for: every request in flight
+    may hold part of a body, so waits could block each other for good. The event loop runs one
+    task at a time, so taking needs no lock.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+        self.peak = 0  # the most ever held at once (tests, benchmarks)
+
+    def take(self, size: int) -> bool:
+        if self.held + size > self.limit:
+            return False
+        self.held += size
+        self.peak = max(self.peak, self.held)
+        return True
+
+    def give(self, size: int) -> None:
+        self.held -= size
+
+
+async def _read_capped(response: httpx.Response, budget: ResponseBudget) -> bytes:
+    """The decoded body, its bytes taken from `budget` (the caller gives them back once done);
+    refused before it is all in memory if it alone, or with the bodies of the other requests
+    in flight, would pass the budget.
 
     Content-Length is checked first (no byte is read); without it, or when compression makes
     the decoded body larger than announced, the stream is counted as it arrives.
     """
+    limit = budget.limit
     announced = response.headers.get("content-length", "").strip()
     if announced.isdigit() and int(announced) > limit:
         raise _TooLarge(int(announced))
     chunks: list[bytes] = []
     size = 0
-    async for chunk in response.aiter_bytes():
-        size += len(chunk)
-        if size > limit:
-            raise _TooLarge(None)
-        chunks.append(chunk)
+    try:
+        async for chunk in response.aiter_bytes():
+            if size + len(chunk) > limit:
+                raise _TooLarge(None)
+            if not budget.take(len(chunk)):
+                raise _TooLarge(None, shared=True)
+            size += len(chunk)
+            chunks.append(chunk)
+    except BaseException:
+        budget.give(size)
+        chunks.clear()  # the error's traceback keeps this frame alive, through a retry's wait
+        raise
+    # The join copies: for this instant the body is held twice. Joins run one at a time (no
+    # await), so the bodies in memory stay under twice the budget.
     return b"".join(chunks)
 
 
@@ -507,6 +547,7 @@ class ConnectClient:
         self._jitter: Jitter = jitter or _full_jitter
         self._limiter = anyio.CapacityLimiter(max_concurrency)
         self._max_response_bytes = max_response_bytes
+        self.response_budget = ResponseBudget(max_response_bytes)
         self._rate = (
             _RateLimit(max_requests_per_second, self._sleep, monotonic or time.monotonic)
             if max_requests_per_second > 0
@@ -786,7 +827,7 @@ class ConnectClient:
                     request = self._http.build_request("GET", self._url(path, params))
                     response = await self._http.send(request, stream=True)
                     try:
-                        content = await _read_capped(response, self._max_response_bytes)
+                        content = await _read_capped(response, self.response_budget)
                     except _TooLarge as exc:
                         too_large = exc
                     finally:
@@ -821,6 +862,11 @@ class ConnectClient:
                     error = http_error
                     detail = f"HTTP {status}{_connect_detail(http_error.code, http_error.error)}"
                     retry_after = _retry_after(response)
+            finally:
+                # The body's bytes go back to the budget once it is read into records, refused
+                # or left behind by an error; not held through a retry's wait either.
+                self.response_budget.give(len(content))
+                content = b""
             self._observe(template, outcome, _clock() - started)
             if attempt == attempts - 1:
                 raise RetriesExhaustedError(path, attempts, error, detail) from error
@@ -845,6 +891,12 @@ class ConnectClient:
 
     def _too_large_error(self, path: str, exc: _TooLarge) -> ResponseFormatError:
         limit = self._max_response_bytes
+        if exc.shared:
+            return ResponseFormatError(
+                f"{path}: the response, with those of the other requests in flight, ran past "
+                f"the limit of {limit} bytes held at once (CONNECT_EXPORTER_MAX_RESPONSE_BYTES); "
+                "refused unread"
+            )
         size = (
             f"announces {exc.announced} bytes"
             if exc.announced is not None

@@ -17,7 +17,7 @@ import anyio.abc
 
 from exporter.health import Health
 from exporter.model import Delta, UsageModel
-from exporter.store import Store
+from exporter.store import StateFileGoneError, Store
 
 log = logging.getLogger("exporter.committer")
 
@@ -44,6 +44,8 @@ class Committer:
         self._new_events: dict[str, int] = {}  # applied, not yet committed, by stream
         self._writing: anyio.Event | None = None  # a write going on in the background
         self._write_error: CommitError | None = None
+        # Why nothing can be committed any more (the state file left its path), once it is so.
+        self.refused: str | None = None
 
     def count_new(self, stream: str, events: int) -> None:
         """New events applied to the model; the health counter takes them once committed."""
@@ -111,9 +113,23 @@ class Committer:
                 await self._reload()
             raise error
 
+    def check_writable(self) -> None:
+        """Raise CommitError if the store refuses every commit: a walk would read for nothing."""
+        if self.refused is not None:
+            raise CommitError(self.refused)
+
     async def _write(self, delta: Delta, new_events: dict[str, int]) -> None:
         try:
             await anyio.to_thread.run_sync(self.store.commit, delta)
+        except StateFileGoneError as exc:
+            # Said once, as a WARNING (the process goes on serving what was committed), and
+            # shown for as long as it lasts by the health gauge and /readyz.
+            self.health.state_error()
+            if self.refused is None:
+                log.warning("%s", exc)
+            self.refused = str(exc)
+            self.health.state_file_missing()
+            raise CommitError(str(exc)) from exc
         except Exception as exc:
             self.health.state_error()
             log.error("cannot commit to the state file %s: %s", _where(self.store), exc)

@@ -76,6 +76,13 @@ HEALTH_FAMILIES: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
         "the batch is retried from the last committed state.",
         (),
     ),
+    (
+        PREFIX + "state_file_missing",
+        "gauge",
+        "1 if the state file was deleted or replaced while the exporter ran, else 0; nothing is "
+        "committed from then on (the log says how to keep the counts).",
+        (),
+    ),
     (PREFIX + "exporter_build_info", "gauge", "Version of this exporter (value 1).", ("version",)),
 )
 _KINDS: dict[str, Any] = {"counter": Counter, "gauge": Gauge, "histogram": Histogram}
@@ -100,6 +107,7 @@ class Health:
         self._requests = made[PREFIX + "api_requests_total"]
         self._ingested = made[PREFIX + "events_ingested_total"]
         self._state_errors = made[PREFIX + "state_errors_total"]
+        self._state_file_missing = made[PREFIX + "state_file_missing"]
         made[PREFIX + "exporter_build_info"].labels(__version__).set(1)
         for poll in self.polls:
             self._poll_errors.labels(poll)
@@ -129,6 +137,10 @@ class Health:
 
     def state_error(self) -> None:
         self._state_errors.inc()
+
+    def state_file_missing(self) -> None:
+        """The state file is gone from its path; it stays so for this process's life."""
+        self._state_file_missing.set(1)
 
     @property
     def up(self) -> bool:

@@ -492,13 +492,19 @@ class UsageModel:
             walk.new_events += count
 
     def finish_shiny_walk(self, walk: WalkTally, now_us: int) -> int:
-        """After a complete walk: open sessions past the age limit, or gone, close as abandoned."""
+        """After a complete walk: open sessions past the age limit, or gone, close as abandoned.
+
+        An abandoned session's key stays whether this walk listed it or not. Connect lists a
+        running session on every call, however old, so one missing from a walk (a proxy that
+        lost a page, a key that briefly saw less) may be listed again, running, at any later
+        walk: without its key it would be counted a second time. The key goes once Connect lists
+        the session ended, aging out like any closed one. Until then it costs what a stuck
+        session that Connect keeps listing costs: one pinned key.
+        """
         closed = 0
         limit = now_us - self.rules.max_session_age_us
         for key, (state, started) in list(self.sessions.items()):
-            if state == ABANDONED and key not in walk.open_seen:
-                self._set_session(key, None)  # Connect no longer lists it: nothing to de-dup
-            elif state == OPEN and (started < limit or key not in walk.open_seen):
+            if state == OPEN and (started < limit or key not in walk.open_seen):
                 self.abandon(key)
                 closed += 1
         return closed

@@ -124,6 +124,9 @@ class Poller:
     def readiness(self) -> tuple[bool, str]:
         if not self._loaded:
             return False, "state not loaded yet"
+        if self.committer.refused is not None:
+            # Short, without the path: the probes answer anyone who can reach the port.
+            return False, "the state file left its path: nothing is committed (see the log)"
         missing = [p for p in self._polls if p not in self.health.last_success]
         if missing:
             return False, "waiting for the first successful poll of: " + ", ".join(missing)
@@ -221,6 +224,7 @@ class Poller:
         """
         stream = self._stream(stream)
         committer = self.committer
+        committer.check_writable()
         walk_model = committer.model
         walk = walk_model.walk_tally(stream.name)
         begin_us = int(self.connect_now()) * US
@@ -313,7 +317,8 @@ class Poller:
         except ConnectError as exc:
             log.error("poll of %s failed: %s", name, exc, extra={"stream": name})
         except WalkAbandonedError as exc:
-            log.warning("poll of %s abandoned: %s", name, exc, extra={"stream": name})
+            if self.committer.refused is None:  # else the one line about the file says why
+                log.warning("poll of %s abandoned: %s", name, exc, extra={"stream": name})
         except CommitError:
             pass  # logged once, as the commit failed
         except Exception:

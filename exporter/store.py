@@ -7,7 +7,9 @@ at any instant leaves either the whole batch or none of it; WAL mode keeps commi
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sqlite3
 import threading
 from collections.abc import Iterable
@@ -73,8 +75,17 @@ _WAY_OUT = (
 )
 
 
+_NOT_A_FIRST_START = "an existing state file is never taken for a first start"
+
+
 class StateError(Exception):
     """The state file cannot be used; the message names the file and the way out."""
+
+
+class StateFileGoneError(StateError):
+    """The path no longer names the file the store opened (deleted, or another file moved
+    there): nothing more is committed, to either of them. The message says how to keep the
+    counts the open file holds."""
 
 
 class Store(Protocol):
@@ -110,12 +121,15 @@ class SqliteStore:
         self._max_id = 0
         self._log_rows = 0  # rows in the last-seen logs
         self._table_rows = 0  # rows in the last-seen tables
+        self._identity: tuple[int, int] | None = None  # (device, inode) of the file opened
+        self._gone: str | None = None  # why commits are refused, once the file is gone
         try:
             if read_only:
                 uri = f"{path.resolve().as_uri()}?mode=ro"
                 self._db = sqlite3.connect(uri, uri=True, check_same_thread=False, timeout=10)
             else:
-                path.parent.mkdir(parents=True, exist_ok=True)
+                if _refuse_emptied(path):
+                    _create(path)
                 self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         except (OSError, sqlite3.Error) as exc:
             raise StateError(f"cannot open state file {path}: {exc}") from None
@@ -124,6 +138,9 @@ class SqliteStore:
                 self._check_schema()
             else:
                 self._check_and_create()
+        except StateError:
+            self._db.close()
+            raise
         except sqlite3.OperationalError as exc:
             # Read-only or full: the file may be fine, so never advise deleting it.
             self._db.close()
@@ -136,18 +153,12 @@ class SqliteStore:
             raise StateError(
                 f"state file {path} is corrupt or not an exporter state file ({exc}). {_WAY_OUT}"
             ) from None
+        if not read_only:
+            self._identity = _identity(path)
+        self._resolved = path.resolve()
 
     def _check_and_create(self) -> None:
         db = self._db
-        db.execute(f"PRAGMA page_size={_PAGE_SIZE}")  # a new file only
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
-        # Fewer, larger checkpoints: a catch-up's commits each dirty many pages, and each
-        # checkpoint costs two fsyncs. WAL commits stay atomic whatever the checkpoint cadence.
-        page_size = db.execute("PRAGMA page_size").fetchone()[0]
-        db.execute(f"PRAGMA wal_autocheckpoint={_CHECKPOINT_BYTES // page_size}")
-        db.execute(f"PRAGMA journal_size_limit={_WAL_SIZE_LIMIT}")
-        db.execute(f"PRAGMA cache_size=-{_CACHE_KIB}")
         if sqlite3.sqlite_version_info < (3, 38):
             raise StateError(
                 f"SQLite {sqlite3.sqlite_version} is too old for the state file {self.path}: "
@@ -171,22 +182,29 @@ class SqliteStore:
                 raise StateError(
                     f"state file {self.path} was written with other histogram buckets. {_WAY_OUT}"
                 )
+            epoch = db.execute("SELECT 1 FROM meta WHERE key='counting_since'").fetchone()
+            if epoch is None and any(_holds_rows(db, t) for t in tables - {"meta"}):
+                raise StateError(
+                    f"state file {self.path} holds counts but no counting epoch: it was "
+                    f"damaged. {_WAY_OUT}"
+                )
         elif tables:
             raise sqlite3.DatabaseError("unknown tables, no exporter metadata")
-        # One transaction: a crash here leaves no half-made schema or half-done migration.
-        db.execute("BEGIN IMMEDIATE")
-        if found != SCHEMA_VERSION:
-            _rename_old_tables(db)
-        for statement in filter(str.strip, _SCHEMA.split(";")):
-            db.execute(statement)
-        if found != SCHEMA_VERSION:
-            _migrate(db)
-        db.executemany(
-            "INSERT OR REPLACE INTO meta VALUES (?, ?)",
-            [("schema_version", str(SCHEMA_VERSION)), ("duration_buckets", _bucket_text())],
-        )
-        db.execute("INSERT OR IGNORE INTO meta VALUES ('created_by', ?)", (__version__,))
-        db.execute("COMMIT")
+        else:  # a file this exporter made has its tables from the start (`_create`)
+            raise StateError(
+                f"state file {self.path} is empty (an SQLite database without the exporter's "
+                f"tables), and {_NOT_A_FIRST_START}. {_WAY_OUT}"
+            )
+        # Only now that it is known for an exporter state file: WAL mode is written into it.
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        # Fewer, larger checkpoints: a catch-up's commits each dirty many pages, and each
+        # checkpoint costs two fsyncs. WAL commits stay atomic whatever the checkpoint cadence.
+        page_size = db.execute("PRAGMA page_size").fetchone()[0]
+        db.execute(f"PRAGMA wal_autocheckpoint={_CHECKPOINT_BYTES // page_size}")
+        db.execute(f"PRAGMA journal_size_limit={_WAL_SIZE_LIMIT}")
+        db.execute(f"PRAGMA cache_size=-{_CACHE_KIB}")
+        _write_schema(db, found)
         self._pinned = {
             (space, tuple(json.loads(key))): time
             for space, time, key in db.execute("SELECT space, time, key FROM keys WHERE pinned")
@@ -260,9 +278,10 @@ class SqliteStore:
     def commit(self, delta: Delta) -> None:
         if self.read_only:
             raise StateError(f"state file {self.path} was opened read-only")
-        if delta.is_empty():
-            return
         with self._lock:
+            self._check_in_place()
+            if delta.is_empty():
+                return
             db = self._db
             pinned = dict(self._pinned)
             new_ids: dict[str, int] = {}
@@ -305,6 +324,32 @@ class SqliteStore:
                 raise
             self._pinned = pinned
             self._log_rows = log_rows
+
+    def _check_in_place(self) -> None:
+        """Refuse to commit once the path no longer names the file this store opened.
+
+        SQLite would go on writing to a deleted file, which vanishes with the process, and
+        the next start would count from zero. So the first time, the WAL is folded into the
+        open file (it then holds every commit by itself, for the way out), and from then on
+        every commit raises `StateFileGoneError`, whatever comes to the path later.
+        """
+        if self._gone is None:
+            if self._identity is None or _identity(self.path) in (self._identity, None):
+                return
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            held = _held_as(self._resolved)
+            keep = (
+                f"To keep them, copy {held} (this process still holds the file) to {self.path}, "
+                "then restart the exporter; restarted without it, it counts from zero."
+                if held
+                else "Restarted, the exporter counts from zero in a new file."
+            )
+            self._gone = (
+                f"state file {self.path} was deleted or replaced while the exporter ran: nothing "
+                f"more is committed, and /metrics keeps the counts last committed. {keep}"
+            )
+        raise StateFileGoneError(self._gone)
 
     def _write_last_seen(
         self, db: sqlite3.Connection, delta: Delta, new_ids: dict[str, int]
@@ -374,6 +419,104 @@ class SqliteStore:
             "DELETE FROM keys WHERE space = ? AND time < ? AND NOT pinned",
             delta.horizons.items(),
         )
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of the file at `path`; (-1, -1) when there is none, None when unknown."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return (-1, -1)
+    except OSError:  # cannot tell (a directory made unreadable): SQLite will say if it matters
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def _held_as(path: Path) -> str | None:
+    """Where this process's descriptor of the deleted file `path` can be read (Linux)."""
+    target = f"{path.resolve()} (deleted)"
+    with contextlib.suppress(OSError):
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/self/fd/{fd}") == target:
+                    return f"/proc/{os.getpid()}/fd/{fd}"
+    return None
+
+
+def _refuse_emptied(path: Path) -> bool:
+    """Whether `path` is free for a new state file; StateError if a file there was emptied.
+
+    A file that exists is a state file someone has: 0 bytes means it was emptied (truncated, or
+    restored from a bad copy), and counting from zero on it would reset every counter without
+    a word. A write-ahead log without its file means the file was deleted from under it.
+    """
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        wal = Path(f"{path}-wal")
+        if wal.is_file() and wal.stat().st_size > 0:
+            raise StateError(
+                f"state file {path} is missing but its write-ahead log {wal} is there: the file "
+                f"was deleted or moved. Put it back; or, to start afresh, move {wal} (and "
+                f"{path}-shm) away too: counters then restart at zero."
+            ) from None
+        return True
+    if size == 0 and path.is_file():
+        raise StateError(
+            f"state file {path} is empty (0 bytes), and {_NOT_A_FIRST_START}. {_WAY_OUT}"
+        )
+    return False
+
+
+def _create(path: Path) -> None:
+    """A new state file with its tables, written under another name and renamed into place.
+
+    So a file at `path` always holds the exporter's tables, even after a crash or a power cut
+    while it was made, and an empty one is never this exporter's doing. Its counting epoch comes
+    with the first commit; until then it is a first start that has not finished (nothing was
+    counted into it), which the next start takes up again.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    draft = path.with_name(f".{path.name}.new")
+    for suffix in ("", "-wal", "-shm", "-journal"):  # a draft a crash left behind
+        Path(f"{draft}{suffix}").unlink(missing_ok=True)
+    db = sqlite3.connect(draft, isolation_level=None)
+    try:
+        db.execute(f"PRAGMA page_size={_PAGE_SIZE}")
+        db.execute("PRAGMA journal_mode=WAL")
+        _write_schema(db, SCHEMA_VERSION)
+    finally:
+        db.close()  # the last connection: its WAL is checkpointed into the file and removed
+    os.replace(draft, path)
+    with contextlib.suppress(OSError):  # the rename is durable once the directory is synced
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+
+
+def _write_schema(db: sqlite3.Connection, found: int | None) -> None:
+    """The tables and metadata of this schema, migrating a file of schema `found` if older."""
+    # One transaction: a crash here leaves no half-made schema or half-done migration.
+    db.execute("BEGIN IMMEDIATE")
+    if found != SCHEMA_VERSION:
+        _rename_old_tables(db)
+    for statement in filter(str.strip, _SCHEMA.split(";")):
+        db.execute(statement)
+    if found != SCHEMA_VERSION:
+        _migrate(db)
+    db.executemany(
+        "INSERT OR REPLACE INTO meta VALUES (?, ?)",
+        [("schema_version", str(SCHEMA_VERSION)), ("duration_buckets", _bucket_text())],
+    )
+    db.execute("INSERT OR IGNORE INTO meta VALUES ('created_by', ?)", (__version__,))
+    db.execute("COMMIT")
+
+
+def _holds_rows(db: sqlite3.Connection, table: str) -> bool:
+    name = table.replace('"', '""')  # a name as the file gives it
+    return db.execute(f'SELECT 1 FROM "{name}" LIMIT 1').fetchone() is not None  # noqa: S608
 
 
 def _durations(db: sqlite3.Connection, table: str) -> dict[str, tuple[list[int], int]]:

@@ -8,6 +8,7 @@ import selectors
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -248,6 +249,17 @@ def metrics_url_from_log(proc: subprocess.Popen[Any], log: Path, timeout: float 
             tail = "\n".join(log_lines(log, complete=False))[-2000:]
             raise RuntimeError("the exporter did not start:\n" + tail)
         time.sleep(0.1)
+
+
+def run_once(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """`run --once` in a subprocess with this environment; its output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "exporter", "run", "--once", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def terminate(proc: subprocess.Popen[Any], timeout: float = 30) -> None:

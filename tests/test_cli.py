@@ -10,6 +10,7 @@ import random
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -21,6 +22,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.simulator import SimConfig, SimServer, Simulator
+from exporter.store import SqliteStore
 from tests.prometheus import executable
 from tests.support import (
     FAR_FUTURE,
@@ -29,6 +31,7 @@ from tests.support import (
     IdleClients,
     log_lines,
     metrics_url_from_log,
+    run_once,
     scrape_until,
     terminate,
 )
@@ -220,6 +223,39 @@ def test_an_address_the_service_cannot_listen_on_exits_2_naming_the_setting(
         f"(--listen-address): cannot listen on {address}: "
     )
     assert reason in line
+    # The state file was opened first: it has its tables and no epoch, nothing counted into
+    # it, and the next start takes it for the first start it is (not for an emptied file).
+    store = SqliteStore(tmp_path / "s.sqlite")
+    assert store.load() is None
+    store.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("emptied", ["truncated", "no_tables"])
+def test_an_emptied_state_file_exits_3_and_is_left_as_found(
+    live_connect: tuple[Simulator, str], tmp_path: Path, emptied: str
+) -> None:
+    # `truncate -s 0 state.sqlite`, then `run --once`: it exited 0 with every counter at zero
+    # again and only an INFO line "new state file".
+    sim, url = live_connect
+    state = tmp_path / "s.sqlite"
+    env = env_for(url, sim.keys["admin"], CONNECT_EXPORTER_STATE_PATH=str(state))
+    first = run_once(env)
+    assert first.returncode == 0, first.stderr
+    if emptied == "truncated":
+        os.truncate(state, 0)
+    else:
+        state.unlink()
+        sqlite3.connect(state).execute("PRAGMA user_version = 1").connection.close()
+    found = state.read_bytes()
+    proc = run_once(env)
+    assert proc.returncode == 3, proc.stderr
+    assert "Traceback" not in proc.stderr
+    [line] = proc.stderr.splitlines()
+    assert line.startswith(f"connect-usage-exporter: state file {state} is empty (")
+    assert "Move the file away (or delete it) to start afresh" in line
+    assert proc.stdout == ""  # no exposition of zeroed counters
+    assert state.read_bytes() == found
 
 
 def test_run_once_writes_the_exposition_atomically(

@@ -5,9 +5,14 @@ from __future__ import annotations
 import calendar
 import json
 import logging
+import socket
+import socketserver
 import ssl
+import subprocess
+import sys
+import threading
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -1142,6 +1147,192 @@ async def test_an_oversized_error_page_keeps_its_status(
     )
     await sized_client(4096, observed).content()
     assert observed.calls == [("v1/content", "503"), ("v1/content", "200")]
+
+
+@pytest.mark.anyio
+async def test_a_body_that_fits_alone_but_not_beside_those_in_flight_is_refused_and_retried(
+    mock: respx.MockRouter, observed: Observed, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+    mock.get("v1/content").mock(
+        side_effect=[httpx.Response(200, content=b"[" + b" " * 1998 + b"]")] * 2
+    )
+    others = 3000  # bytes the bodies of other requests in flight hold
+
+    async def others_finish(_seconds: float) -> None:
+        client.response_budget.give(others)
+
+    client = ConnectClient(
+        SERVER, KEY, max_retries=1, observer=observed, sleep=others_finish,
+        max_response_bytes=4096,
+    )  # fmt: skip
+    assert client.response_budget.take(others)
+    page = await client.content()
+    assert page.records == []
+    assert observed.calls == [("v1/content", "invalid_response"), ("v1/content", "200")]
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert (
+        "v1/content: the response, with those of the other requests in flight, ran past the "
+        "limit of 4096 bytes held at once (CONNECT_EXPORTER_MAX_RESPONSE_BYTES); refused unread"
+    ) in warning
+    assert client.response_budget.held == 0  # each body's bytes given back once read
+
+
+class EndlessBodies:
+    """A local HTTP server whose every answer is a 200 that never ends: chunks of spaces with
+    no Content-Length, until the client goes away (a hostile proxy, or a runaway Connect).
+
+    The bodies stream in step, as a far server's would: none is sent more than `AHEAD` chunks
+    ahead of the slowest one open, and none starts before `together` requests have come. So
+    a client reads them side by side, not one after another from its socket buffers.
+    """
+
+    CHUNK = b" " * 65536
+    AHEAD = 4
+
+    def __init__(self, together: int = 1) -> None:
+        self.sent = 0
+        self.closed = False
+        self._together = together
+        self._arrived = 0
+        self._progress: dict[int, int] = {}  # open connection -> chunks sent
+        self._cond = threading.Condition()
+        outer = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                sock: socket.socket = self.request
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    data = sock.recv(4096)
+                    if not data:
+                        return
+                    head += data
+                sock.sendall(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                    b"Connection: close\r\n\r\n["
+                )
+                outer.stream(sock, id(self))
+
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def _wait(self, ready: Callable[[], bool]) -> bool:
+        """Wait (under the lock) until `ready()`; False once the server is closing."""
+        while not self._cond.wait_for(lambda: ready() or self.closed, timeout=1.0):
+            pass
+        return not self.closed
+
+    def stream(self, sock: socket.socket, me: int) -> None:
+        progress = self._progress
+        with self._cond:
+            self._arrived += 1
+            progress[me] = 0
+            self._cond.notify_all()
+            if not self._wait(lambda: self._arrived >= self._together):
+                return
+        try:
+            while True:
+                with self._cond:
+                    if not self._wait(lambda: progress[me] < min(progress.values()) + self.AHEAD):
+                        return
+                sock.sendall(self.CHUNK)
+                with self._cond:
+                    progress[me] += 1
+                    self.sent += len(self.CHUNK)
+                    self._cond.notify_all()
+        except OSError:  # the client refused the body and went away
+            pass
+        finally:
+            with self._cond:
+                del progress[me]
+                self._cond.notify_all()
+
+    def __enter__(self) -> EndlessBodies:
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        with self._cond:
+            self.closed = True
+            self._cond.notify_all()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.anyio
+async def test_endless_bodies_in_flight_together_hold_no_more_than_the_budget() -> None:
+    # The limit was per response: three concurrent 300 MB bodies without Content-Length took
+    # the process from 59 to 397 MB; (catch-up concurrency + 2) x 64 MiB at worst.
+    limit = 1024 * 1024
+    with EndlessBodies(together=6) as server:
+        client = ConnectClient(
+            server.url, KEY, max_retries=2, max_concurrency=6, max_response_bytes=limit,
+            sleep=Sleeps(), jitter=lambda cap: cap,
+        )  # fmt: skip
+        failures: list[BaseException] = []
+
+        async def read() -> None:
+            with pytest.raises(RetriesExhaustedError) as caught:
+                await client.content()
+            failures.append(caught.value.last_error)
+
+        async with anyio.create_task_group() as group:
+            for _ in range(6):
+                group.start_soon(read)
+        await client.aclose()
+    assert len(failures) == 6
+    assert all(
+        isinstance(e, ResponseFormatError) and "CONNECT_EXPORTER_MAX_RESPONSE_BYTES" in str(e)
+        for e in failures
+    )
+    assert 0 < client.response_budget.peak <= limit  # never more at once, across all six
+    assert client.response_budget.held == 0
+
+
+RSS_PROBE = """
+import json, resource, sys
+import anyio
+from exporter.client import ConnectClient, ConnectError
+
+async def main() -> None:
+    client = ConnectClient(sys.argv[1], "k3y", max_retries=1, max_concurrency=int(sys.argv[3]),
+                           max_response_bytes=int(sys.argv[2]), backoff_base=0.01)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+    async def read() -> None:
+        try:
+            await client.content()
+        except ConnectError:
+            pass
+
+    async with anyio.create_task_group() as group:
+        for _ in range(int(sys.argv[3])):
+            group.start_soon(read)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"before_kib": before, "after_kib": after}))
+
+anyio.run(main)
+"""
+
+
+@pytest.mark.slow
+def test_concurrent_endless_bodies_keep_the_process_within_the_budget(tmp_path: Path) -> None:
+    # README: the bodies held at once stay under CONNECT_EXPORTER_MAX_RESPONSE_BYTES, and under
+    # twice it for the instant a body is joined, whatever the number of requests in flight.
+    # Before, each request could hold the limit: six grew the process by ~230 MiB here.
+    budget, concurrency = 32 * 1024 * 1024, 6
+    with EndlessBodies(together=concurrency) as server:
+        probe = subprocess.run(
+            [sys.executable, "-c", RSS_PROBE, server.url, str(budget), str(concurrency)],
+            capture_output=True, text=True, timeout=300, check=False,
+        )  # fmt: skip
+    assert probe.returncode == 0, probe.stderr
+    result = json.loads(probe.stdout)
+    grown = (result["after_kib"] - result["before_kib"]) * 1024
+    assert grown <= 2 * budget, f"grew {grown / 2**20:.0f} MiB"
+    assert server.sent > budget  # the bodies ran past it: the ceiling was tested, not missed
 
 
 def test_size_and_rate_settings_are_checked() -> None:

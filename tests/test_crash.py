@@ -30,7 +30,15 @@ from exporter.model import DURATION_BUCKETS
 from exporter.simulator import SimConfig, SimServer, Simulator
 from exporter.simulator.store import NO_END
 from exporter.store import SqliteStore
-from tests.support import FAR_FUTURE, TUESDAY_AFTERNOON, scrape_until
+from tests.support import (
+    FAR_FUTURE,
+    TUESDAY_AFTERNOON,
+    log_lines,
+    metrics_url_from_log,
+    scrape_until,
+    terminate,
+)
+from tests.support import run_once as once
 from tests.test_cli import (
     EXE,
     assert_exposition_matches_truth,
@@ -297,8 +305,15 @@ def test_a_full_disk_is_reported_served_through_and_recovered_exactly(
             proc.send_signal(signal.SIGTERM)
             output, _ = proc.communicate(timeout=30)
         assert proc.returncode == 0, output
-        assert re.search(r"cannot commit to the state file .*s\.sqlite: database or disk is full",
-                         output), output  # fmt: skip
+        # One ERROR per refused commit, and nothing else: no "failed unexpectedly" traceback.
+        errors = [line for line in output.splitlines() if " ERROR " in line]
+        assert errors, output
+        assert all(
+            re.search(r"cannot commit to the state file .*s\.sqlite: database or disk is full", e)
+            for e in errors
+        ), output
+        assert len(errors) == parse(body)["connect_usage_state_errors_total"][()]
+        assert "unexpectedly" not in output and "Traceback" not in output, output
         counters = db_counters(state)
         assert (
             sum(v for (name, _), v in counters.items() if name == "content_visits")
@@ -306,14 +321,53 @@ def test_a_full_disk_is_reported_served_through_and_recovered_exactly(
         )
 
 
+def test_a_state_file_deleted_under_the_service_is_said_once_and_its_counts_kept(
+    paused_connect: tuple[Simulator, str], tmp_path: Path
+) -> None:
+    # `rm state.sqlite*` while `run` was up: no warning, commits went on into the deleted file,
+    # and the next start silently counted from zero.
+    sim, url = paused_connect
+    state = tmp_path / "state" / "s.sqlite"
+    log = tmp_path / "service.log"
+    env = env_for(url, sim.keys["admin"], CONNECT_EXPORTER_STATE_PATH=str(state))
+    args = ["run", "--listen-address", "127.0.0.1:0", "--poll-interval", "0.3", *NO_ABANDON]
+    with log.open("wb") as out:
+        proc = subprocess.Popen([*EXE, *args], env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        metrics = metrics_url_from_log(proc, log)
+        wait_ready(metrics)
+        sim.clock.advance(3600)
+        scrape_until(metrics, lambda m: assert_every_counter_and_histogram_exact(m, sim))
+        for file in state.parent.iterdir():
+            file.unlink()
+        sim.clock.advance(3600)  # traffic that can no longer be committed
+        body = wait_metric(metrics, r"^connect_usage_state_file_missing 1\.0$")
+        ready = httpx.get(metrics.replace("/metrics", "/readyz"), timeout=5)
+        assert ready.status_code == 503
+        assert "state file" in ready.text and str(state) not in ready.text
+        said = [line for line in log_lines(log) if "was deleted or replaced" in line]
+        assert len(said) == 1 and " WARNING " in said[0], said
+        held = re.search(r"copy (/proc/\d+/fd/\d+) \(this process", said[0])
+        assert held is not None, said[0]
+        time.sleep(1)  # a few more polls: nothing comes back at the path
+        assert not state.exists()
+        shutil.copyfile(held.group(1), state)  # the way out the line gives
+    finally:
+        terminate(proc)
+    assert proc.returncode == 0
+    lines = log_lines(log)
+    assert not [line for line in lines if " ERROR " in line or "Traceback" in line], lines
+    assert len([line for line in lines if " WARNING " in line]) == 1, lines
+    # Restarted on the copy: the counts go on from where they were, exactly.
+    final = run_once(url, sim.keys["admin"], state)
+    assert final.returncode == 0, final.stderr
+    assert "new state file" not in final.stderr
+    assert_every_counter_and_histogram_exact(final.stdout, sim)
+    assert exposed_totals(final.stdout) > exposed_totals(body)
+
+
 def run_once(url: str, key: str, state: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*EXE, "run", "--once", *NO_ABANDON],
-        env=env_for(url, key, CONNECT_EXPORTER_STATE_PATH=str(state)),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return once(env_for(url, key, CONNECT_EXPORTER_STATE_PATH=str(state)), *NO_ABANDON)
 
 
 @pytest.fixture

@@ -38,6 +38,7 @@ from tests.support import (
     FAR_FUTURE,
     TUESDAY_AFTERNOON,
     Connect,
+    assert_counters_match_truth,
     assert_matches_truth,
     make_poller,
 )
@@ -248,6 +249,57 @@ async def test_simulator_fault(
     assert await r.poller.poll_all_once()
     assert r.exposition()["connect_usage_up"][()] == 1.0
     assert_matches_truth(r.poller, sim)
+    await r.close()
+
+
+# --- pages a proxy empties: valid answers without the records --------------------------------
+
+
+SHINY_PATH = "instrumentation/shiny"
+
+
+async def test_running_sessions_missing_from_two_walks_count_once(
+    connect: Connect, tmp_path: Path
+) -> None:
+    """A proxy answers two walks in a row with a valid, empty page of Shiny sessions.
+
+    Every session running then is missing from both: it is closed as abandoned at the first,
+    and when Connect lists it again it is the same session, not a new one (its key outlived the
+    second walk). Found over HTTP: 36 sessions counted where 33 had started.
+    """
+    sim = connect.sim
+    r = await rig(connect, tmp_path / "s.sqlite")
+    sim.clock.advance(60)
+    t = sim.clock.now()
+    for i in range(3):  # whatever the generated traffic holds, three sessions run throughout
+        sim.add_shiny_session(LONE_GUID, sim.world.users[i].guid, t - 10 - i, None)
+    assert await r.poller.poll_all_once()
+    running = sim.truth(sim.clock.now(), FAR_FUTURE)["sessions_running"]
+    assert running[LONE_GUID] == 3
+    assert dict(r.poller.snapshot.usage.shiny_sessions_active) == running
+    assert r.poller.snapshot.usage.shiny_sessions_abandoned_total == {}
+
+    sim.faults.configure({"empty_rate": 1.0, "paths": [SHINY_PATH], "count": 2})
+    for _ in range(2):
+        sim.clock.advance(20)  # well inside the overlap: the next good walk re-reads it all
+        assert await r.poller.poll_once("shiny")  # a valid answer: nothing tells it apart
+        assert LONE_GUID not in r.poller.snapshot.usage.shiny_sessions_active
+    assert sim.faults.injected["empty"] == 2
+
+    sim.clock.advance(20)
+    assert await r.poller.poll_all_once()
+    assert await r.poller.poll_all_once()
+    assert_counters_match_truth(r.poller, sim)  # no session counted twice
+    usage = r.poller.snapshot.usage
+    assert dict(usage.shiny_sessions_abandoned_total) == running  # each one once
+    assert LONE_GUID not in usage.shiny_sessions_active  # listed again, but abandoned for good
+    await r.close()
+
+    # Restarted on the file, the keys are there: the next walk counts none of them again.
+    sim.clock.advance(20)
+    r = await rig(connect, tmp_path / "s.sqlite")
+    assert dict(r.poller.snapshot.usage.shiny_sessions_abandoned_total) == running
+    assert_counters_match_truth(r.poller, sim)
     await r.close()
 
 

@@ -54,6 +54,7 @@ FROZEN: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("connect_usage_api_requests_total", "counter", ("endpoint", "status")),
     ("connect_usage_events_ingested_total", "counter", ("stream",)),
     ("connect_usage_state_errors_total", "counter", ()),
+    ("connect_usage_state_file_missing", "gauge", ()),
     ("connect_usage_high_water_mark_timestamp_seconds", "gauge", ("stream",)),
     ("connect_usage_counting_since_timestamp_seconds", "gauge", ()),
     ("connect_usage_windows_evaluated_timestamp_seconds", "gauge", ()),

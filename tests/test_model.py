@@ -170,6 +170,43 @@ def test_session_first_seen_past_max_age_is_counted_once_across_walks() -> None:
     assert m.sessions[("a", "u1", T0 + 1 * US)][0] == ABANDONED
 
 
+def test_a_session_missing_from_walks_and_listed_again_counts_once(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    # Connect lists a running session on every call; missing from two walks in a row (a proxy
+    # that emptied the pages), it was abandoned, its key dropped at the second, and counted again
+    # when listed again. Its key now stays, through a restart, until Connect lists it ended.
+    store = SqliteStore(tmp_path_factory.mktemp("state") / "s.sqlite")
+    m = model()
+    running = session("a", "u1", T0 + 1 * US, None)
+    key = ("a", "u1", T0 + 1 * US)
+
+    def poll(sessions: list[ShinySession], at: int) -> UsageModel:
+        w = walk(m, "shiny")
+        m.apply_shiny(sessions, w, at)
+        m.finish_shiny_walk(w, at)
+        m.set_hwm("shiny", at - US)
+        store.commit(m.take_delta())
+        return UsageModel(rules(), store.load())  # what a restart would hold
+
+    poll([running], T0 + 10 * US)
+    for step in (1, 2, 3):  # missing, long enough for any overlap to pass it by
+        restarted = poll([], T0 + step * 3600 * US)
+    assert restarted.sessions[key] == (ABANDONED, T0 + 1 * US)
+    m = restarted
+    poll([running], T0 + 4 * 3600 * US)
+    ended = session("a", "u1", T0 + 1 * US, T0 + 5 * 3600 * US)
+    poll([ended], T0 + 5 * 3600 * US + US)
+    view = m.view(T0 / US + 6 * 3600)
+    assert view.shiny_sessions_total == {"a": 1}
+    assert view.shiny_sessions_abandoned_total == {"a": 1}
+    assert view.shiny_session_duration == {}  # abandoned sessions keep no duration
+    assert m.sessions[key] == (CLOSED, T0 + 5 * 3600 * US)
+    m = poll([], T0 + 6 * 3600 * US)  # listed ended: the key ages out like any closed one
+    assert key not in m.sessions
+    store.close()
+
+
 def test_delta_holds_exactly_the_changes() -> None:
     m = model()
     m.take_delta()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import re
+import shutil
 import sqlite3
 from pathlib import Path
 
@@ -466,6 +469,48 @@ async def test_a_failed_commit_abandons_every_walk_in_flight_and_loses_nothing(
     assert poller.health.state_errors == 1
     assert isinstance(outcome[0], poller_module.WalkAbandonedError)
     assert await poller.poll_all_once()
+    assert_matches_truth(poller, sim)
+    await stop(client, store)
+
+
+async def test_a_state_file_deleted_under_a_running_exporter_is_said_once_and_recreated_never(
+    connect: Connect, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # `rm state.sqlite*` while the exporter ran: no word, commits went on into the deleted file,
+    # and the next start counted from zero.
+    sim = connect.sim
+    path = tmp_path / "state" / "s.sqlite"
+    client, poller, store = await start(connect, path)
+    sim.clock.advance(600)
+    assert await poller.poll_all_once()
+    served = poller.snapshot.usage
+    for file in path.parent.iterdir():
+        file.unlink()
+    caplog.set_level(logging.INFO)
+    for _ in range(3):
+        sim.clock.advance(600)
+        assert not await poller.poll_all_once()
+    said = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [(r.levelname, r.name) for r in said] == [("WARNING", "exporter.committer")]
+    assert said[0].getMessage().startswith(f"state file {path} was deleted or replaced")
+    assert poller.health.value("state_file_missing") == 1
+    assert poller.health.state_errors == 1  # the walks after it did not even start
+    assert poller.readiness() == (
+        False,
+        "the state file left its path: nothing is committed (see the log)",
+    )
+    usage = poller.snapshot.usage  # the last committed counts, still served
+    assert usage.shiny_sessions_total == served.shiny_sessions_total
+    assert usage.content_visits_total == served.content_visits_total
+    assert list(path.parent.iterdir()) == []  # nothing recreated
+
+    # The way out the line gives: the file the process holds, copied back, then a restart.
+    held = re.search(r"copy (\S+) \(this process", said[0].getMessage())
+    assert held is not None
+    shutil.copyfile(held.group(1), path)
+    await stop(client, store)
+    client, poller, store = await start(connect, path)
+    assert poller.health.value("state_file_missing") == 0
     assert_matches_truth(poller, sim)
     await stop(client, store)
 

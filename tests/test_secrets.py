@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from exporter.simulator import SimConfig, SimServer, Simulator
-from tests.support import TUESDAY_AFTERNOON
+from tests.support import TUESDAY_AFTERNOON, run_once
 
 EXE = [sys.executable, "-m", "exporter"]
 # Distinctive and long: any echo of it, whole or in part, is unmistakable.
@@ -83,12 +83,6 @@ def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def run_once(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*EXE, "run", "--once"], env=env, capture_output=True, text=True, timeout=120
-    )
 
 
 @pytest.mark.parametrize("log_format", ["plain", "json"])

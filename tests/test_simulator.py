@@ -537,6 +537,21 @@ def test_fault_kinds_are_observable(server: Any) -> None:
     assert {"429", "malformed", "html", "truncate", "reset"} <= set(stats["faults_injected"])
 
 
+def test_an_emptied_answer_is_valid_and_ends_the_paging(server: Any) -> None:
+    # What a proxy that loses pages shows: the page's shape, no records, no next cursor.
+    _, client = server
+    full = client.get(VISITS, params={"limit": 5}).json()
+    assert full["results"] and full["paging"]["cursors"]["next"]
+    spec = {"empty_rate": 1.0, "count": 2}
+    assert client.post("/__sim__/faults", json=spec).status_code == 200
+    emptied = client.get(VISITS, params={"limit": 5}).json()
+    assert emptied["results"] == []
+    assert "next" not in emptied["paging"] and "next" not in emptied["paging"]["cursors"]
+    assert client.get("/__api__/v1/content").json() == []
+    assert client.get(VISITS, params={"limit": 5}).json() == full  # the count is spent
+    assert client.get("/__sim__/stats").json()["faults_injected"]["empty"] == 2
+
+
 def test_fault_rates_are_reproducible() -> None:
     def outcomes() -> list[int]:
         sim = make(seed=3)

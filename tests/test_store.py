@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import re
+import shutil
 import sqlite3
 from pathlib import Path
 
@@ -14,6 +17,7 @@ from exporter.model import (
     OPEN,
     US,
     Baseline,
+    Delta,
     ModelState,
     Rules,
     UsageModel,
@@ -21,7 +25,7 @@ from exporter.model import (
     legacy_digest,
 )
 from exporter.records import ShinySession, Visit
-from exporter.store import SCHEMA_VERSION, SqliteStore, StateError
+from exporter.store import SCHEMA_VERSION, SqliteStore, StateError, StateFileGoneError
 
 T0 = 1_700_000_000 * US
 
@@ -164,13 +168,127 @@ def test_corrupt_file_names_the_file_and_the_way_out(tmp_path: Path) -> None:
     assert "Move the file away" in str(info.value)
 
 
+def edit(path: Path, statement: str) -> None:
+    """Change the file behind the store's back, as a person with the sqlite3 shell would."""
+    db = sqlite3.connect(path)
+    db.execute(statement)
+    db.commit()
+    db.close()
+
+
+def written(path: Path) -> Path:
+    """A state file with counts in it, closed as a stopped exporter leaves it."""
+    store = SqliteStore(path)
+    store.commit(populated().take_delta())
+    store.close()
+    return path
+
+
+def test_a_zero_byte_file_is_refused_not_taken_for_a_first_start(tmp_path: Path) -> None:
+    # `truncate -s 0` on the state file: it was opened as new, and every counter restarted at
+    # zero with only an INFO line to show for it.
+    path = written(tmp_path / "state.sqlite")
+    os.truncate(path, 0)
+    with pytest.raises(StateError) as info:
+        SqliteStore(path)
+    message = str(info.value)
+    assert message.startswith(f"state file {path} is empty (0 bytes)")
+    assert "never taken for a first start" in message and "Move the file away" in message
+    assert path.stat().st_size == 0  # left as it was found
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.sqlite"]
+
+
+def test_an_sqlite_file_without_the_exporters_tables_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "state.sqlite"
+    edit(path, "PRAGMA user_version = 1")  # a valid database file with no table at all
+    found = path.read_bytes()
+    with pytest.raises(StateError, match=r"is empty .*without the exporter's tables"):
+        SqliteStore(path)
+    assert path.read_bytes() == found  # not even switched to WAL mode
+
+
+def test_counts_without_a_counting_epoch_are_refused(tmp_path: Path) -> None:
+    path = written(tmp_path / "state.sqlite")
+    edit(path, "DELETE FROM meta WHERE key = 'counting_since'")
+    with pytest.raises(StateError, match="holds counts but no counting epoch"):
+        SqliteStore(path)
+
+
+def test_a_write_ahead_log_without_its_file_is_refused(tmp_path: Path) -> None:
+    # The exporter was killed (its WAL holds the last commits), then the file alone deleted.
+    store = SqliteStore(tmp_path / "state.sqlite")
+    store.commit(populated().take_delta())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copyfile(tmp_path / "state.sqlite-wal", elsewhere / "state.sqlite-wal")
+    store.close()
+    with pytest.raises(StateError, match=r"is missing but its write-ahead log .* is there"):
+        SqliteStore(elsewhere / "state.sqlite")
+    assert not (elsewhere / "state.sqlite").exists()
+
+
+def test_a_new_file_appears_whole_and_a_start_that_never_committed_is_taken_up_again(
+    tmp_path: Path,
+) -> None:
+    # The file appears with its tables or not at all: a draft left by a crash is cleared.
+    path = tmp_path / "state.sqlite"
+    (tmp_path / ".state.sqlite.new").write_bytes(b"half a draft")
+    store = SqliteStore(path)
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(("-wal", "-shm"))) == [
+        "state.sqlite"
+    ]
+    store.close()
+    # Tables, no epoch: a first start that stopped before its first commit (Connect not
+    # reachable yet, the port taken). Nothing was counted into it: a first start again.
+    store = SqliteStore(path)
+    assert store.load() is None
+    store.commit(populated().take_delta())
+    store.close()
+    reopened_equals(path, populated())
+
+
+HELD = re.compile(r"copy (/proc/\d+/fd/\d+) \(this process still holds the file\)")
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+def test_a_file_gone_from_its_path_takes_no_more_commits_and_keeps_them_all(
+    tmp_path: Path, how: str
+) -> None:
+    # `rm state.sqlite*` under a running exporter: it went on committing to the deleted file,
+    # which vanished with the process, and the next start counted from zero.
+    path = tmp_path / "state.sqlite"
+    store = SqliteStore(path)
+    m = populated()
+    store.commit(m.take_delta())  # in the write-ahead log, not yet in the file itself
+    for file in tmp_path.iterdir():
+        file.unlink()
+    if how == "replaced":
+        written(tmp_path / "other.sqlite").rename(path)
+    m.set_hwm("visits", T0 + 600 * US)
+    with pytest.raises(StateFileGoneError) as info:
+        store.commit(m.take_delta())
+    message = str(info.value)
+    assert message.startswith(
+        f"state file {path} was deleted or replaced while the exporter ran: nothing more is "
+        "committed, and /metrics keeps the counts last committed. To keep them, copy /proc/"
+    )
+    assert message.endswith("then restart the exporter; restarted without it, it counts from zero.")
+    with pytest.raises(StateFileGoneError):  # for good, whatever is at the path now
+        store.commit(Delta())
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["state.sqlite"] * (how == "replaced"))
+    # The way out the message gives: the file this process holds has every commit it took.
+    match = HELD.search(message)
+    assert match is not None
+    kept = tmp_path / "kept.sqlite"
+    shutil.copyfile(match.group(1), kept)
+    store.close()
+    reopened_equals(kept, populated())
+
+
 def test_incompatible_schema_is_refused_not_reset(tmp_path: Path) -> None:
     path = tmp_path / "state.sqlite"
     SqliteStore(path).close()
-    db = sqlite3.connect(path)
-    db.execute("UPDATE meta SET value='999' WHERE key='schema_version'")
-    db.commit()
-    db.close()
+    edit(path, "UPDATE meta SET value='999' WHERE key='schema_version'")
     with pytest.raises(StateError, match="schema version 999"):
         SqliteStore(path)
     db = sqlite3.connect(path)
@@ -180,10 +298,7 @@ def test_incompatible_schema_is_refused_not_reset(tmp_path: Path) -> None:
 
 def test_foreign_database_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "other.sqlite"
-    db = sqlite3.connect(path)
-    db.execute("CREATE TABLE notes (x)")
-    db.commit()
-    db.close()
+    edit(path, "CREATE TABLE notes (x)")
     with pytest.raises(StateError, match="not an exporter state file"):
         SqliteStore(path)
 

@@ -11,7 +11,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-KINDS = ("reset", "truncate", "malformed", "html")
+KINDS = ("reset", "truncate", "malformed", "html", "empty")
 
 
 @dataclass
@@ -19,7 +19,7 @@ class FaultDecision:
     """What to do with one request: sleep first, then at most one failure."""
 
     latency: float = 0.0
-    kind: str | None = None  # "status", "reset", "truncate", "malformed", "html" or None
+    kind: str | None = None  # "status", "reset", "truncate", "malformed", "html", "empty" or None
     status: int = 0
     retry_after: float | None = None
 
@@ -33,6 +33,9 @@ class FaultSettings:
     truncate_rate: float = 0.0
     reset_rate: float = 0.0
     html_rate: float = 0.0
+    # A valid answer with no records and no next cursor: what a proxy that loses pages, or a key
+    # whose role no longer sees them, shows a client. Nothing tells it from the real thing.
+    empty_rate: float = 0.0
     count: int | None = None  # apply to the next N API requests only
     paths: list[str] = field(default_factory=list)  # substrings of the path; empty = all
 
@@ -45,6 +48,7 @@ class FaultSettings:
             "truncate_rate": self.truncate_rate,
             "reset_rate": self.reset_rate,
             "html_rate": self.html_rate,
+            "empty_rate": self.empty_rate,
             "count": self.count,
             "paths": list(self.paths),
         }

@@ -27,6 +27,20 @@ _HTML_ERROR = (
 )
 
 
+def _emptied(body: bytes) -> bytes:
+    """The same answer with no records: a cursor page without its next cursor, or `[]`."""
+    value = json.loads(body)
+    if isinstance(value, list):
+        return b"[]"
+    if isinstance(value, dict) and isinstance(value.get("results"), list):
+        value["results"] = []
+        paging = value.get("paging") or {}
+        for links in (paging, paging.get("cursors") or {}):
+            links.pop("next", None)
+        return json.dumps(value).encode()
+    return body
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
@@ -152,6 +166,10 @@ class _Handler(BaseHTTPRequestHandler):
         if kind == "malformed":
             sim.count_request(f"{resp.endpoint} malformed")
             self._send(resp.status, body[: max(1, len(body) // 2)] + b"\x00<oops")
+            return
+        if kind == "empty" and resp.status == 200:
+            sim.count_request(f"{resp.endpoint} empty")
+            self._send(200, _emptied(body), resp.content_type, resp.headers)
             return
         if kind == "truncate":
             sim.count_request(f"{resp.endpoint} truncate")
