@@ -512,6 +512,7 @@ def test_demo_backfills_itself_once_the_history_is_counted(tmp_path: Path) -> No
     proc = _demo(tmp_path, "--backfill", str(history))
     try:
         _lines_until(proc, rf"Back-fill: {re.escape(str(history))} is there already", 90)
+        _lines_until(proc, r"Exporter metrics:", 90)  # serving: a SIGINT is a clean stop
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=15) == 0
