@@ -382,14 +382,16 @@ def content_detail() -> db.Dashboard:
         )
         .with_panel(
             st(
-                "Last activity",
+                # Both sides in Connect's clock: right even when it differs from Grafana's.
+                "Last activity (ago)",
                 [
                     query(
-                        "max(connect_usage_content_last_activity_timestamp_seconds"
-                        f"{{{sel}}}) * 1000"
+                        f"max(connect_usage_windows_evaluated_timestamp_seconds{{{SEL}}})"
+                        " - max(connect_usage_content_last_activity_timestamp_seconds"
+                        f"{{{sel}}})"
                     )
                 ],
-                "dateTimeFromNow",
+                "s",
             )
         )
         .with_panel(
@@ -526,10 +528,12 @@ def exporter_health() -> db.Dashboard:
         )
         .with_panel(
             ts(
-                "Poll lag (now - high-water mark)",
+                "Poll lag (Connect's now - high-water mark)",
                 [
                     query(
-                        f"time() - connect_usage_high_water_mark_timestamp_seconds{{{SEL}}}",
+                        f"connect_usage_windows_evaluated_timestamp_seconds{{{SEL}}}"
+                        " - ignoring (stream) group_right"
+                        f" connect_usage_high_water_mark_timestamp_seconds{{{SEL}}}",
                         "{{instance}} {{stream}}",
                     )
                 ],

@@ -725,8 +725,8 @@ async def test_usage_drop_alerts_over_back_filled_history_fire_on_a_drop_not_on_
         "exp_annotations": {
             "summary": "Connect usage dropped by more than half week over week "
             "(job connect-usage-exporter)",
-            "description": "Connect had 0 content visits in the last hour, less than half of "
-            "the same hour one week ago (at least 100 visits then).",
+            "description": "Connect had 0 content visits and Shiny sessions in the last hour, "
+            "less than half of the same hour one week ago (at least 100 then).",
             "runbook_url": "https://github.com/connect-usage-exporter/connect-usage-exporter/"
             "blob/main/docs/runbooks/ConnectUsageServerUsageDrop.md",
         },
