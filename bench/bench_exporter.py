@@ -70,6 +70,13 @@ def _median(values: list[float]) -> float:
     return statistics.median(values)
 
 
+def ours(args: argparse.Namespace, job: dict[str, Any], checkout: Path | None) -> dict[str, Any]:
+    """This checkout's job with `--history-days` (a baseline takes the job as it is)."""
+    if checkout is not None:
+        return job
+    return {**job, "settings": {**job.get("settings", {}), "history_days": args.history_days}}
+
+
 def contenders(args: argparse.Namespace) -> list[tuple[str, Path | None]]:
     """This checkout, and the `--baseline` checkout when given (run side by side)."""
     return [("exporter", None)] + ([("baseline", args.baseline)] if args.baseline else [])
@@ -90,7 +97,7 @@ def catchup(args: argparse.Namespace) -> list[Row]:
             bare_times.append(bare_s)
             for name, checkout in contenders(args):
                 job = {"mode": "catchup", "url": sim.url, "key": sim.key, "profile": args.profile}
-                exp = run_exporter(job, checkout)
+                exp = run_exporter(ours(args, job, checkout), checkout)
                 log(
                     f"{name}: {exp['seconds']:.1f} s, {exp['requests']} requests, "
                     f"cpu {exp['cpu']:.1f} s (run {run + 1}: {bare_s / exp['seconds']:.2f}x)"
@@ -144,7 +151,7 @@ def latency(args: argparse.Namespace) -> list[Row]:
             with SimProcess(config, now=t0) as sim:  # a new one each run: the job moves its clock
                 sim.control("POST", "faults", {"latency": args.latency})
                 job = {"mode": "catchup", "url": sim.url, "key": sim.key, "load_at": down}
-                exp = run_exporter({**job, "truth": True}, checkout)
+                exp = run_exporter(ours(args, {**job, "truth": True}, checkout), checkout)
                 log(f"latency: {name} {exp['seconds']:.1f} s, {exp['requests']} requests")
                 if name == "exporter":
                     # The same range the exporter read: from its first walk start (epoch - 30 d).
@@ -192,7 +199,9 @@ def memory(args: argparse.Namespace) -> list[Row]:
     with SimProcess(config, now=NOW) as sim:
         log(f"memory: simulator generated in {sim.generation_s:.1f} s")
         for name, checkout in contenders(args):
-            exp = run_exporter({"mode": "catchup", "url": sim.url, "key": sim.key}, checkout)
+            exp = run_exporter(
+                ours(args, {"mode": "catchup", "url": sim.url, "key": sim.key}, checkout), checkout
+            )
             peak_mb = exp["peak_rss_kb"] / 1024
             base_mb = exp["base_rss_kb"] / 1024
             per_pair = (exp["rss_kb"] - exp["base_rss_kb"]) * 1024 / max(1, exp["pairs"])
@@ -240,7 +249,7 @@ def steady(args: argparse.Namespace) -> list[Row]:
                 "step": args.poll_interval,
                 "polls": args.polls,
             }
-            exp = run_exporter(job, checkout)
+            exp = run_exporter(ours(args, job, checkout), checkout)
         busy_cpu = statistics.median(c for c, _r, _n in exp["busy"])
         busy_req = statistics.median(r for _c, r, _n in exp["busy"])
         busy_new = statistics.median(n for _c, _r, n in exp["busy"])
@@ -303,6 +312,14 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=3,
         help="alternating runs of the catch-up and latency pairs; figures are medians",
+    )
+    p.add_argument(
+        "--history-days",
+        type=float,
+        default=0,
+        help="this checkout's CONNECT_EXPORTER_HISTORY_DAYS: 0 counts from the first start, as "
+        "a baseline from before the history origin does; 30 (the service's default) also counts "
+        "the month into the counters",
     )
     p.add_argument("--skip-sdk", action="store_true", help="no posit-sdk run (slow)")
     p.add_argument("--profile", help="write a pyinstrument profile of the catch-up here")
