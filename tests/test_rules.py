@@ -21,6 +21,7 @@ REQUIRED_ALERTS = {
     "ConnectUsageExporterDown",
     "ConnectUsageExporterAbsent",
     "ConnectUsageStaleData",
+    "ConnectUsageStateFileMissing",
     "ConnectUsageAuthenticationFailures",
     "ConnectUsageConnectUnreachable",
     "ConnectUsageContentUsageDrop",
