@@ -1,4 +1,4 @@
-"""The slower refresh: content, users, permissions and the server's version, as labels.
+"""The slower refresh: content, users, groups, permissions and the server's version, as labels.
 
 None of it is an event; it is read whole on its own cadence and replaces the last reading.
 """
@@ -41,7 +41,8 @@ async def read_metadata(
     settings = await client.server_settings()
     content_page = await client.content()
     users_page = await client.users()
-    for error in (*content_page.malformed, *users_page.malformed):
+    groups_page = await client.groups()
+    for error in (*content_page.malformed, *users_page.malformed, *groups_page.malformed):
         log.warning("skipped a malformed metadata record: %s", error)
     content = {item.guid: item for item in content_page.records}
     users: dict[tuple[str, str], int] = {}
@@ -74,6 +75,8 @@ async def read_metadata(
         content_items=items,
         usernames={u.guid: u.username for u in users_page.records},
         users=users,
+        user_info={(u.guid, u.username, u.role, user_state(u)): 1 for u in users_page.records},
+        group_info={(g.guid, g.name): 1 for g in groups_page.records},
         permissions=grants,
         server_version=settings.version,
     )

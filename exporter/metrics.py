@@ -212,6 +212,20 @@ FAMILIES: tuple[Family, ...] = (
         lambda s: _many(s.metadata.users),
     ),
     Family(
+        PREFIX + "user_info",
+        "gauge",
+        f"Names of a Connect user (value 1), {_META}; join on user_guid.",
+        ("user_guid", "username", "role", "state"),
+        lambda s: _many(s.metadata.user_info),
+    ),
+    Family(
+        PREFIX + "group_info",
+        "gauge",
+        f"Names of a Connect group (value 1), {_META}; join on group_guid.",
+        ("group_guid", "group_name"),
+        lambda s: _many(s.metadata.group_info),
+    ),
+    Family(
         PREFIX + "content_permissions",
         "gauge",
         f"Permission grants on a content item by principal type and role, {_META}.",

@@ -48,6 +48,9 @@ class MetadataView:
     content_items: Mapping[tuple[str, str], int] = field(default_factory=dict)  # mode, access
     usernames: Mapping[str, str] = field(default_factory=dict)
     users: Mapping[tuple[str, str], int] = field(default_factory=dict)  # (role, state)
+    # (guid, username, role, state) and (guid, name) -> 1: names to join per-user series on
+    user_info: Mapping[tuple[str, str, str, str], int] = field(default_factory=dict)
+    group_info: Mapping[tuple[str, str], int] = field(default_factory=dict)
     permissions: Mapping[tuple[str, str, str], int] = field(
         default_factory=dict
     )  # (content_guid, principal_type, role)

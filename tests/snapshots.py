@@ -64,6 +64,10 @@ def populated_snapshot(content: int, *, seed: int = 1) -> Snapshot:
                 for r in ("viewer", "publisher", "administrator")
                 for s in ("active", "locked", "unconfirmed")
             },
+            user_info={
+                (f"user-{i:06d}", f"user{i}", "viewer", "active"): 1 for i in range(content // 10)
+            },
+            group_info={(f"group-{i:04d}", f"Group {i}"): 1 for i in range(content // 100)},
             permissions={
                 (g, t, r): rng.randrange(1, 30)
                 for g in guids

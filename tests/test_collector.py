@@ -70,6 +70,11 @@ def handcrafted() -> Snapshot:
             content=info,
             content_items={("shiny", "acl"): 1, ("rmd-static", "logged_in"): 1},
             users={("viewer", "active"): 10, ("publisher", "locked"): 1},
+            user_info={
+                ("u-1", "alice", "viewer", "active"): 1,
+                ("u-2", 'o"neil', "publisher", "locked"): 1,
+            },
+            group_info={("g-1", "Data Science"): 1},
             permissions={(APP, "user", "viewer"): 3, (APP, "group", "owner"): 1},
             server_version="2025.04.0",
         ),

@@ -31,6 +31,14 @@ async def test_read_metadata_counts_what_connect_lists(connect: Connect) -> None
     assert sum(meta.content_items.values()) == len(listed)
     assert sum(meta.users.values()) == len(sim.world.users)
     assert meta.usernames == {u.guid: u.username for u in sim.world.users}
+    states = {(True, True): "locked", (True, False): "locked", (False, False): "unconfirmed"}
+    assert meta.user_info == {
+        (u.guid, u.username, u.role, states.get((u.locked, u.confirmed), "active")): 1
+        for u in sim.world.users
+    }
+    assert {state for (_g, _n, _r, state) in meta.user_info} >= {"active"}
+    assert meta.group_info == {(g.guid, g.name): 1 for g in sim.world.groups}
+    assert len(meta.group_info) == len(sim.world.groups) > 0
     assert meta.permissions and sum(meta.permissions.values()) >= len(listed)  # an owner each
     assert bare.permissions == {}
     assert meta.server_version == sim.config.connect_version

@@ -43,6 +43,8 @@ FROZEN: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ),
     ("connect_usage_content_items", "gauge", ("app_mode", "access_type")),
     ("connect_usage_users", "gauge", ("role", "state")),
+    ("connect_usage_user_info", "gauge", ("user_guid", "username", "role", "state")),
+    ("connect_usage_group_info", "gauge", ("group_guid", "group_name")),
     ("connect_usage_content_permissions", "gauge", ("content_guid", "principal_type", "role")),
     ("connect_usage_excluded_events_total", "counter", ("stream", "reason")),
     ("connect_usage_user_events", "gauge", ("user_guid", "username", "window")),
@@ -85,6 +87,8 @@ def fully_populated() -> Snapshot:
         metadata=MetadataView(
             content_items={("shiny", "acl"): 1},
             users={("viewer", "active"): 1},
+            user_info={("u", "alice", "viewer", "active"): 1},
+            group_info={("g", "Data Science"): 1},
             permissions={(G, "user", "viewer"): 1},
             server_version="2025.04.0",
         ),
