@@ -54,6 +54,7 @@ async def read_metadata(
         key = (item.app_mode, item.access_type)
         items[key] = items.get(key, 0) + 1
     grants: dict[tuple[str, str, str], int] = {}
+    access: dict[tuple[str, str, str, str], int] = {}
     if permissions:
         limiter = anyio.CapacityLimiter(concurrency)
 
@@ -66,6 +67,8 @@ async def read_metadata(
             for perm in page.records:
                 key = (perm.content_guid, perm.principal_type, perm.role)
                 grants[key] = grants.get(key, 0) + 1
+                principal = (perm.content_guid, perm.principal_guid, perm.principal_type)
+                access[(*principal, perm.role)] = 1
 
         async with anyio.create_task_group() as group:
             for guid in content:
@@ -78,5 +81,6 @@ async def read_metadata(
         user_info={(u.guid, u.username, u.role, user_state(u)): 1 for u in users_page.records},
         group_info={(g.guid, g.name): 1 for g in groups_page.records},
         permissions=grants,
+        access=access,
         server_version=settings.version,
     )

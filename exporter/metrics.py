@@ -233,6 +233,16 @@ FAMILIES: tuple[Family, ...] = (
         lambda s: _many(s.metadata.permissions),
     ),
     Family(
+        PREFIX + "content_access_info",
+        "gauge",
+        "A user or group with access to a content item and its role (value 1), "
+        f"{_META}; join principal_guid on user_info's user_guid or group_info's group_guid. "
+        "Who else may see the item is content_info's access_type (all: anyone, logged_in: "
+        "every user).",
+        ("content_guid", "principal_guid", "principal_type", "role"),
+        lambda s: _many(s.metadata.access),
+    ),
+    Family(
         PREFIX + "excluded_events_total",
         "counter",
         f"Usage records left uncounted (synthetic traffic or malformed records), counted {_POLL}.",

@@ -54,6 +54,8 @@ class MetadataView:
     permissions: Mapping[tuple[str, str, str], int] = field(
         default_factory=dict
     )  # (content_guid, principal_type, role)
+    # (content_guid, principal_guid, principal_type, role) -> 1: who has access, by name
+    access: Mapping[tuple[str, str, str, str], int] = field(default_factory=dict)
     server_version: str | None = None
 
 

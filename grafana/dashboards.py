@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -480,7 +481,38 @@ def content_detail() -> db.Dashboard:
                 f"max by (principal_type, role) (connect_usage_content_permissions{{{sel}}})",
             )
         )
+        .with_panel(
+            tbl(
+                # access_type all or logged_in: everyone (logged in) besides these principals.
+                "Who has access, by name (and everyone, when access is all or logged_in)",
+                _ACCESS_BY_NAME.format(sel=sel, SEL=SEL),
+                w=24,
+            )
+        )
     )
+
+
+# A principal's name from user_info or group_info (principal_guid joined on their guid), and the
+# item's access_type as an "everyone" row when it opens the item to all or to every user.
+_ACCESS_BY_NAME = (
+    "max by (principal_type, name, role) ("
+    "label_replace("
+    'connect_usage_content_access_info{{{sel}, principal_type="user"}}'
+    " * on (principal_guid) group_left (username) label_replace("
+    "max by (user_guid, username) (connect_usage_user_info{{{SEL}}}),"
+    ' "principal_guid", "$1", "user_guid", "(.+)"),'
+    ' "name", "$1", "username", "(.+)")'
+    " or label_replace("
+    'connect_usage_content_access_info{{{sel}, principal_type="group"}}'
+    " * on (principal_guid) group_left (group_name) label_replace("
+    "max by (group_guid, group_name) (connect_usage_group_info{{{SEL}}}),"
+    ' "principal_guid", "$1", "group_guid", "(.+)"),'
+    ' "name", "$1", "group_name", "(.+)")'
+    " or label_replace(label_replace("
+    'max by (access_type) (connect_usage_content_info{{{sel}, access_type=~"all|logged_in"}}),'
+    ' "name", "everyone ($1)", "access_type", "(.+)"),'
+    ' "principal_type", "everyone", "", ""))'
+)
 
 
 def exporter_health() -> db.Dashboard:
@@ -673,6 +705,12 @@ def panel_queries(data: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 GRAFANA_DEFAULTS = {"__rate_interval": "4m", "__interval": "1m", "__range": "1h"}
+
+
+def unsubstituted(expr: str) -> list[str]:
+    """Grafana variables left in `expr` (a label_replace group such as `$1` is not one: Grafana
+    replaces only the variables it knows)."""
+    return re.findall(r"\$\{?[A-Za-z_]\w*", expr)
 
 
 def substitute(expr: str, values: dict[str, str]) -> str:

@@ -73,6 +73,7 @@ def populated_snapshot(content: int, *, seed: int = 1) -> Snapshot:
                 for g in guids
                 for t, r in (("user", "viewer"), ("group", "viewer"), ("user", "owner"))
             },
+            access={(g, f"user-{i:06d}", "user", "viewer"): 1 for i, g in enumerate(guids[:1000])},
             server_version="2025.04.0",
         ),
         content_info=info,

@@ -76,6 +76,7 @@ def handcrafted() -> Snapshot:
             },
             group_info={("g-1", "Data Science"): 1},
             permissions={(APP, "user", "viewer"): 3, (APP, "group", "owner"): 1},
+            access={(APP, "u-1", "user", "viewer"): 1, (APP, "g-1", "group", "owner"): 1},
             server_version="2025.04.0",
         ),
         content_info={**info, GONE: ContentInfo(DELETED_NAME, "", DELETED_APP_MODE, "", "")},

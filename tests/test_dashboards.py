@@ -161,7 +161,7 @@ def test_every_query_parses_with_prometheus(tmp_path: Path) -> None:
             rules.append(
                 {"record": "dashboard:variable:check", "expr": gen.substitute(inner[1], values)}
             )
-    assert all("$" not in r["expr"] for r in rules)
+    assert not [r["expr"] for r in rules if gen.unsubstituted(r["expr"])]
     path = tmp_path / "dashboard_queries.yml"
     path.write_text(yaml.safe_dump({"groups": [{"name": "dashboards", "rules": rules}]}))
     result = subprocess.run(
@@ -179,3 +179,57 @@ def test_provisioning_points_at_the_generated_dashboards() -> None:
     (provider,) = providers["providers"]
     assert provider["type"] == "file"
     assert provider["options"]["path"]
+
+
+def test_access_by_name_joins_users_groups_and_everyone(tmp_path: Path) -> None:
+    """The content detail's access table, evaluated by promtool on a few series: each principal
+    by name with its role, and an "everyone" row when access_type opens the item."""
+    (expr,) = [e for _, title, e in all_queries() if title.startswith("Who has access, by name")]
+    expr = gen.substitute(expr, {"job": ".+", "instance": ".+", "content": "c1"})
+    labels = 'job="e", instance="e:9741"'
+    series = {
+        f'connect_usage_content_access_info{{{labels}, content_guid="c1", principal_guid="u1", '
+        'principal_type="user", role="viewer"}': "1x3",
+        f'connect_usage_content_access_info{{{labels}, content_guid="c1", principal_guid="g1", '
+        'principal_type="group", role="owner"}': "1x3",
+        f'connect_usage_content_access_info{{{labels}, content_guid="c2", principal_guid="u2", '
+        'principal_type="user", role="owner"}': "1x3",
+        f'connect_usage_user_info{{{labels}, user_guid="u1", username="alice", role="viewer", '
+        'state="active"}': "1x3",
+        f'connect_usage_user_info{{{labels}, user_guid="u2", username="bob", role="publisher", '
+        'state="active"}': "1x3",
+        f'connect_usage_group_info{{{labels}, group_guid="g1", group_name="Data Science"}}': "1x3",
+        f'connect_usage_content_info{{{labels}, content_guid="c1", content_name="app", title="", '
+        'app_mode="shiny", access_type="logged_in", owner="bob"}': "1x3",
+    }
+    rows = [
+        '{principal_type="user", name="alice", role="viewer"}',
+        '{principal_type="group", name="Data Science", role="owner"}',
+        '{principal_type="everyone", name="everyone (logged_in)"}',
+    ]
+    test = {
+        "rule_files": [],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [{"series": s, "values": v} for s, v in series.items()],
+                "promql_expr_test": [
+                    {
+                        "expr": expr,
+                        "eval_time": "2m",
+                        "exp_samples": [{"labels": row, "value": 1} for row in rows],
+                    }
+                ],
+            }
+        ],
+    }
+    path = tmp_path / "access.yml"
+    path.write_text(yaml.safe_dump(test))
+    result = subprocess.run(
+        [executable("promtool"), "test", "rules", str(path)],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr

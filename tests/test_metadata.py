@@ -40,5 +40,13 @@ async def test_read_metadata_counts_what_connect_lists(connect: Connect) -> None
     assert meta.group_info == {(g.guid, g.name): 1 for g in sim.world.groups}
     assert len(meta.group_info) == len(sim.world.groups) > 0
     assert meta.permissions and sum(meta.permissions.values()) >= len(listed)  # an owner each
-    assert bare.permissions == {}
+    assert bare.permissions == {} and bare.access == {}
+    # Who has access, by principal: exactly the grants of every listed item.
+    listed_index = {i: c.guid for i, c in enumerate(sim.world.content) if c.deleted_us is None}
+    assert meta.access == {
+        (listed_index[p.content], p.principal_guid, p.principal_type, p.role): 1
+        for p in sim.world.permissions
+        if p.content in listed_index
+    }
+    assert {t for (_c, _p, t, _r) in meta.access} == {"user", "group"}
     assert meta.server_version == sim.config.connect_version
