@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -107,7 +108,10 @@ def _backfill_once_counted(
         print(f"Back-fill: {output} is there already", flush=True)
         return
     while not _counted(settings):
-        if stop.wait(1.0):
+        # A plain sleep, not a timed wait on `stop`: a timed wait takes an absolute deadline on
+        # the monotonic clock, which a faked clock (faketime) can put out of reach.
+        time.sleep(1.0)
+        if stop.is_set():
             return
     print(f"Back-filling the history to {output}…", flush=True)
     run_backfill_command(
