@@ -31,12 +31,12 @@ import os
 import re
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from itertools import accumulate
 from pathlib import Path
-from typing import IO, Any, TypeVar, cast
+from typing import IO, Any, Generic, TypeVar, cast
 
 import anyio
 import anyio.abc
@@ -629,77 +629,39 @@ async def replay(
     result = Written(history)
     ends: list[tuple[int, int, ShinySession]] = []  # (ended, order, session) of open ones
     order = 0
-    pending_sessions: list[ShinySession] = []
-    pending_visits: list[Visit] = []
-    steps = (last - first) // step_us + 1
     async with anyio.create_task_group() as group:
-        sessions = _read_ahead(group, client.shiny_usage_pages(start=replay_from, end=takeover))
-        visits = _read_ahead(group, client.visit_pages(start=replay_from, end=takeover))
-        sessions_done = visits_done = False
-
-        async def more_sessions() -> None:
-            nonlocal sessions_done
-            try:
-                page = await sessions.receive()
-            except anyio.EndOfStream:
-                sessions_done = True
-                return
-            result.events += len(page.records)
-            pending_sessions.extend(s for s in page.records if s.started < takeover)
-            if page.malformed and page.records:
-                raws = [m.identity() for m in page.malformed]
-                engine.malformed("shiny", raws, page.records[-1].started)
-
-        async def more_visits() -> None:
-            nonlocal visits_done
-            try:
-                page = await visits.receive()
-            except anyio.EndOfStream:
-                visits_done = True
-                return
-            result.events += len(page.records)
-            pending_visits.extend(v for v in page.records if v.time < takeover)
-            if page.malformed and page.records:
-                raws = [m.identity() for m in page.malformed]
-                engine.malformed("visits", raws, page.records[-1].time)
-
+        pages = client.shiny_usage_pages(start=replay_from, end=takeover)
+        sessions = _Feed("shiny", _read_ahead(group, pages), _started, engine, result)
+        pages_v = client.visit_pages(start=replay_from, end=takeover)
+        visits = _Feed("visits", _read_ahead(group, pages_v), _time, engine, result)
         # Before Connect's oldest record every value is 0: the samples start at its step.
-        while not sessions_done and not pending_sessions:
-            await more_sessions()
-        while not visits_done and not pending_visits:
-            await more_visits()
+        await sessions.until(None)
+        await visits.until(None)
         oldest = min(
-            [r.started for r in pending_sessions[:1]] + [v.time for v in pending_visits[:1]],
+            [_started(r) for r in sessions.pending[:1]] + [_time(v) for v in visits.pending[:1]],
             default=takeover,
         )
         if oldest // step_us * step_us > first:
             first = min(oldest // step_us * step_us, last)
-            steps = (last - first) // step_us + 1
+        steps = (last - first) // step_us + 1
         result.first, result.last = first, last
         if progress is not None:
             progress.total = steps
         for index in range(steps):
             now = first + index * step_us
             # Everything before `now`: session starts, their ends, visits.
-            while not sessions_done and (
-                not pending_sessions or pending_sessions[-1].started < now
-            ):
-                await more_sessions()
-            while not visits_done and (not pending_visits or pending_visits[-1].time < now):
-                await more_visits()
-            cut = _before(pending_sessions, now, lambda s: s.started)
-            for session in pending_sessions[:cut]:
+            await sessions.until(now)
+            await visits.until(now)
+            for session in sessions.take(now):
                 engine.start(session, now)
                 if session.ended is not None and now <= session.ended <= takeover:
                     order += 1
                     heapq.heappush(ends, (session.ended, order, session))
-            del pending_sessions[:cut]
             while ends and ends[0][0] < now:
                 engine.end(heapq.heappop(ends)[2], now)
-            cut = _before(pending_visits, now, lambda v: v.time)
-            if cut:
-                engine.visits(pending_visits[:cut], now)
-                del pending_visits[:cut]
+            batch = visits.take(now)
+            if batch:
+                engine.visits(batch, now)
             if index == 0:
                 engine.first(now, last=steps == 1)
             else:
@@ -710,6 +672,52 @@ async def replay(
         group.cancel_scope.cancel()  # the readers may hold records past the last step
     result.samples = writer.lines
     return result
+
+
+def _started(session: ShinySession) -> int:
+    return session.started
+
+
+def _time(visit: Visit) -> int:
+    return visit.time
+
+
+@dataclass
+class _Feed(Generic[R]):
+    """One stream's pages, read a few ahead, and its records (before the takeover) not yet fed
+    to the replay; a page's malformed records are counted as they come."""
+
+    stream: str
+    pages: MemoryObjectReceiveStream[Page[R]]
+    time: Callable[[R], int]
+    engine: Replay
+    result: Written
+    pending: list[R] = field(default_factory=list)
+    done: bool = False
+
+    async def until(self, now: int | None) -> None:
+        """Read on until a record at or after `now` is in hand (any record, when None)."""
+        while not self.done and (
+            not self.pending or (now is not None and self.time(self.pending[-1]) < now)
+        ):
+            try:
+                page = await self.pages.receive()
+            except anyio.EndOfStream:
+                self.done = True
+                return
+            self.result.events += len(page.records)
+            takeover = self.result.history.takeover
+            self.pending.extend(r for r in page.records if self.time(r) < takeover)
+            if page.malformed and page.records:
+                raws = [m.identity() for m in page.malformed]
+                self.engine.malformed(self.stream, raws, self.time(page.records[-1]))
+
+    def take(self, now: int) -> list[R]:
+        """The records before `now`, in order, handed over once."""
+        cut = _before(self.pending, now, self.time)
+        out = self.pending[:cut]
+        del self.pending[:cut]
+        return out
 
 
 def _before(records: Sequence[R], now: int, key: Any) -> int:

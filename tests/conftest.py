@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
-from exporter.simulator import SimConfig, SimServer, Simulator
-from tests.support import TUESDAY_AFTERNOON, Connect
+from exporter.simulator import SimConfig, Simulator
+from tests.support import TUESDAY_AFTERNOON, Connect, served
 
 # Property tests: 40 examples each in the default loop, 150 in `.ci/run` (HYPOTHESIS_PROFILE=ci).
 settings.register_profile("loop", max_examples=40)
@@ -35,12 +35,8 @@ def connect() -> Iterator[Connect]:
         now=TUESDAY_AFTERNOON,
         paused=True,
     )
-    server = SimServer(sim)
-    url = server.start()
-    try:
-        yield Connect(sim, url)
-    finally:
-        server.stop()
+    with served(sim) as connect:
+        yield connect
 
 
 def _openssl(*args: str, cwd: Path) -> None:

@@ -11,8 +11,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import aclosing
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import aclosing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -25,7 +25,7 @@ from exporter.client import ConnectClient
 from exporter.health import Health
 from exporter.model import US, USER_WINDOWS, WINDOW_SECONDS, Rules, UsageModel
 from exporter.poller import Poller
-from exporter.simulator import Simulator
+from exporter.simulator import SimServer, Simulator
 from exporter.store import SqliteStore
 from exporter.streams import STREAMS
 
@@ -39,6 +39,17 @@ TUESDAY_AFTERNOON = 1_764_079_200.0  # 2025-11-25T14:00:00Z
 class Connect:
     sim: Simulator
     url: str
+
+
+@contextmanager
+def served(sim: Simulator) -> Iterator[Connect]:
+    """`sim` served over HTTP on a free port for the block, as the exporter reads Connect."""
+    server = SimServer(sim)
+    url = server.start()
+    try:
+        yield Connect(sim, url)
+    finally:
+        server.stop()
 
 
 def make_poller(

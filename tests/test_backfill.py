@@ -50,7 +50,14 @@ from tests.prometheus import (
     prometheus,
     wait_for,
 )
-from tests.support import TUESDAY_AFTERNOON, Connect, make_poller, scrape_until, terminate
+from tests.support import (
+    TUESDAY_AFTERNOON,
+    Connect,
+    make_poller,
+    scrape_until,
+    served,
+    terminate,
+)
 from tests.test_prometheus_e2e import load_generator
 
 pytestmark = pytest.mark.anyio
@@ -79,12 +86,8 @@ def busy() -> Iterator[Connect]:
         now=TUESDAY_AFTERNOON,
         paused=True,
     )
-    server = SimServer(sim)
-    url = server.start()
-    try:
-        yield Connect(sim, url)
-    finally:
-        server.stop()
+    with served(sim) as connect:
+        yield connect
 
 
 def rules() -> Rules:

@@ -388,33 +388,12 @@ def test_sigkill_at_random_moments_loses_and_doubles_nothing(
 
 @pytest.mark.slow
 def test_demo_shows_usage_within_seconds(tmp_path: Path) -> None:
-    proc = subprocess.Popen(
-        [
-            *EXE,
-            "demo",
-            "--listen-address",
-            "127.0.0.1:0",
-            "--state-path",
-            str(tmp_path / "d.sqlite"),
-            "--sim-history-days",
-            "3",
-            "--start",
-            str(TUESDAY_AFTERNOON),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    assert proc.stdout is not None
+    proc = _demo(tmp_path)
     try:
-        metrics = None
-        deadline = time.monotonic() + 90
-        while metrics is None and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            found = re.search(r"Exporter metrics: (http://\S+)", line)
-            if found:
-                metrics = found.group(1)
-        assert metrics, "demo printed no metrics URL"
+        lines = _lines_until(proc, r"Exporter metrics: http://", 90)
+        found = re.search(r"Exporter metrics: (http://\S+)", lines[-1])
+        assert found, lines[-1]
+        metrics = found.group(1)
         wait_ready(metrics)
         deadline = time.monotonic() + 30
         total = 0.0

@@ -29,7 +29,8 @@ from types import ModuleType
 import pytest
 import yaml
 
-from tests.prometheus import executable, free_port, http_json, instant, stop, wait_for
+from tests.prometheus import free_port, http_json, instant, stop, wait_for
+from tests.prometheus import prometheus as start_prometheus
 from tests.support import TUESDAY_AFTERNOON
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -154,7 +155,6 @@ def prometheus(
     demo: tuple[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[str, str]]:
     """Prometheus scraping the demo every second with the rules; yields (API base, content guid)."""
-    binary = executable("prometheus")
     metrics_url, simulator_url = demo
     tmp = tmp_path_factory.mktemp("prometheus")
     config = yaml.safe_load(PROMETHEUS_CONFIG.read_text(encoding="utf-8"))
@@ -163,22 +163,7 @@ def prometheus(
     (scrape,) = config["scrape_configs"]
     assert scrape["job_name"] == JOB
     scrape["static_configs"] = [{"targets": [urllib.parse.urlsplit(metrics_url).netloc]}]
-    (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = free_port()
-    process = subprocess.Popen(
-        [
-            binary,
-            f"--config.file={tmp / 'prometheus.yml'}",
-            f"--storage.tsdb.path={tmp / 'data'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-            "--log.level=warn",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=(tmp / "prometheus.log").open("w"),
-        cwd=tmp,
-    )
-    api = f"http://127.0.0.1:{port}/api/v1"
-    try:
+    with start_prometheus(config, tmp) as api:
         guid = choose_content(metrics_url)
         add_traffic(simulator_url, guid)
 
@@ -200,8 +185,6 @@ def prometheus(
         for expr in must_have:
             wait_for(expr, lambda e=expr: instant(api, e)["result"], 45)
         yield api, guid
-    finally:
-        stop(process)
 
 
 def rule_expressions() -> list[tuple[str, str]]:
