@@ -74,7 +74,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--sim-port", type=int, default=0, help="simulator port (0: any free port)")
     demo.add_argument(
-        "--clock-speed", type=float, default=10.0, help="simulated seconds per real second"
+        "--clock-speed",
+        type=float,
+        default=1.0,
+        help="simulated seconds per real second (1: Connect's times line up with Prometheus's)",
     )
     demo.add_argument(
         "--start",

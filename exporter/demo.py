@@ -18,7 +18,7 @@ from exporter.store import SqliteStore, StateError
 
 DEMO_POLL_INTERVAL = 5.0  # seconds: live traffic shows up on /metrics within seconds
 DEMO_METADATA_INTERVAL = 60.0
-# A busy server whose clock runs fast, so new sessions and visits show within seconds.
+# A busy server: at real time, a few new sessions and visits a minute.
 DEMO_SESSIONS_PER_DAY = 2000.0
 DEMO_VISITS_PER_DAY = 6000.0
 

@@ -41,8 +41,22 @@ HEALTH_FAMILIES: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
     (
         PREFIX + "last_successful_poll_timestamp_seconds",
         "gauge",
-        "Unix time of the last successful background poll of Connect, by stream.",
+        "Unix time of the last successful background poll of Connect, by stream, in the "
+        "exporter's clock (compare it with Prometheus's time()).",
         ("stream",),
+    ),
+    (
+        PREFIX + "poll_lag_seconds",
+        "gauge",
+        "Connect's now minus the stream's high-water mark at its last successful poll, both in "
+        "Connect's clock: how far behind Connect the counts are, by stream.",
+        ("stream",),
+    ),
+    (
+        PREFIX + "connect_clock_offset_seconds",
+        "gauge",
+        "Connect's clock minus the exporter's, from the Date header of Connect's last answer.",
+        (),
     ),
     (
         PREFIX + "poll_duration_seconds",
@@ -102,6 +116,8 @@ class Health:
             made[name] = _KINDS[kind](base, doc, labels, registry=self.registry, **extra)
         self._up = made[PREFIX + "up"]
         self._last_success = made[PREFIX + "last_successful_poll_timestamp_seconds"]
+        self._poll_lag = made[PREFIX + "poll_lag_seconds"]
+        self._clock_offset = made[PREFIX + "connect_clock_offset_seconds"]
         self._poll_duration = made[PREFIX + "poll_duration_seconds"]
         self._poll_errors = made[PREFIX + "poll_errors_total"]
         self._requests = made[PREFIX + "api_requests_total"]
@@ -130,6 +146,14 @@ class Health:
         else:
             self._poll_errors.labels(stream).inc()
         self._up.set(1 if self.up else 0)
+
+    def lag(self, stream: str, seconds: float) -> None:
+        """The stream's lag behind Connect's now after a successful poll (Connect's clock)."""
+        self._poll_lag.labels(stream).set(seconds)
+
+    def clock_offset(self, seconds: float) -> None:
+        """Connect's clock minus the exporter's, as its last Date header said."""
+        self._clock_offset.set(seconds)
 
     def ingested(self, stream: str, count: int) -> None:
         """New events of `stream` that a commit has just made durable."""

@@ -141,6 +141,7 @@ class Poller:
             return
         self._clock_known = True
         offset = server_time - self.clock()
+        self.health.clock_offset(offset)
         self._offset = offset if abs(offset) > 2.0 else 0.0
 
     def publish(self) -> None:
@@ -324,10 +325,12 @@ class Poller:
         except Exception:
             log.exception("poll of %s failed unexpectedly", name, extra={"stream": name})
         elapsed = time.monotonic() - started
-        self.health.record_poll(name, elapsed, ok, self.connect_now())
+        self.health.record_poll(name, elapsed, ok, self.clock())
         if ok and isinstance(result, WalkTally):
             hwm = self.model.hwm.get(name)
             lag = self.connect_now() - hwm / US if hwm is not None else float("nan")
+            if hwm is not None:
+                self.health.lag(name, lag)
             log.info(
                 "polled %s: %d records, %d new, %d excluded, %d malformed, lag %.1fs, took %.2fs",
                 name,

@@ -561,14 +561,14 @@ def exporter_health() -> db.Dashboard:
         .with_panel(
             ts(
                 "Poll lag (Connect's now - high-water mark)",
-                [
-                    query(
-                        f"connect_usage_windows_evaluated_timestamp_seconds{{{SEL}}}"
-                        " - ignoring (stream) group_right"
-                        f" connect_usage_high_water_mark_timestamp_seconds{{{SEL}}}",
-                        "{{instance}} {{stream}}",
-                    )
-                ],
+                [query(f"connect_usage_poll_lag_seconds{{{SEL}}}", "{{instance}} {{stream}}")],
+                "s",
+            )
+        )
+        .with_panel(
+            ts(
+                "Connect's clock - the exporter's",
+                [query(f"connect_usage_connect_clock_offset_seconds{{{SEL}}}", "{{instance}}")],
                 "s",
             )
         )

@@ -615,6 +615,16 @@ async def test_clock_skew_between_connect_and_the_exporter(
     # Connect's clock is paused; the exporter reads it from Date (1 s resolution).
     assert abs(r.poller.connect_now() - sim.clock.now()) <= 2.0
     assert abs(snap.high_water_mark["visits"] - (int(sim.clock.now()) - 1)) <= 2.0
+    # Health never mixes the clocks: the lag is Connect's now minus its mark, the offset says
+    # the skew, the last successful poll is the exporter's time (what Prometheus compares).
+    health = r.poller.health
+    for stream in ("shiny", "visits"):
+        assert 0 <= health.value("poll_lag_seconds", stream=stream) <= 3.0
+        last = health.value("last_successful_poll_timestamp_seconds", stream=stream)
+        assert exporter_clock() - 60 < last <= exporter_clock()
+    offset = health.value("connect_clock_offset_seconds")
+    assert abs(offset - (sim.clock.now() - exporter_clock())) <= 2.0
+    assert abs(offset) > 3600  # hours apart, and the lag above unaffected
     await r.close()
 
 

@@ -56,6 +56,8 @@ FROZEN: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("connect_usage_user_series_dropped_total", "counter", ("window",)),
     ("connect_usage_up", "gauge", ()),
     ("connect_usage_last_successful_poll_timestamp_seconds", "gauge", ("stream",)),
+    ("connect_usage_poll_lag_seconds", "gauge", ("stream",)),
+    ("connect_usage_connect_clock_offset_seconds", "gauge", ()),
     ("connect_usage_poll_duration_seconds", "histogram", ("stream",)),
     ("connect_usage_poll_errors_total", "counter", ("stream",)),
     ("connect_usage_api_requests_total", "counter", ("endpoint", "status")),
@@ -114,6 +116,9 @@ def busy_health() -> Health:
     health.observe_request("v1/content", "200", 0.1)
     for poll in (*STREAMS, "metadata"):
         health.record_poll(poll, 0.1, ok=True, at=4.0)
+    for stream in STREAMS:
+        health.lag(stream, 1.5)
+    health.clock_offset(-3.0)
     return health
 
 
