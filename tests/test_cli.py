@@ -647,7 +647,10 @@ def test_backfill_with_the_state_of_another_server_says_which(
 
 @pytest.mark.slow
 def test_backfill_interrupted_leaves_no_file_behind(connect: Connect, tmp_path: Path) -> None:
-    connect.sim.faults.configure({"latency": 0.2})  # a page every 0.2 s: long enough to stop
+    # Every page of usage is held 60 s: the back-fill is surely mid-way when the SIGINT lands,
+    # however fast or loaded the machine.
+    held = 1000
+    connect.sim.faults.configure({"latency": 60, "paths": ["instrumentation"], "count": held})
     out = tmp_path / "history.om"
     proc = subprocess.Popen(
         [*EXE, "backfill", "--output", str(out), "--instance", "x:1", "--step", "10"],
@@ -656,9 +659,10 @@ def test_backfill_interrupted_leaves_no_file_behind(connect: Connect, tmp_path: 
         text=True,
     )
     deadline = time.monotonic() + 60
-    while not [p for p in tmp_path.iterdir() if p.stat().st_size > 0]:
-        assert time.monotonic() < deadline and proc.poll() is None, "no temporary file written"
+    while connect.sim.faults.settings.count == held:  # no page asked for yet
+        assert time.monotonic() < deadline and proc.poll() is None, "no page requested"
         time.sleep(0.05)
+    assert [p.name for p in tmp_path.iterdir()] != [], "the temporary file is there meanwhile"
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
