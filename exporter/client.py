@@ -554,29 +554,58 @@ class ConnectClient:
             else None
         )
         self._settings: ServerSettings | None = None
-        self._http = httpx.AsyncClient(
-            base_url=self.base_url,
-            headers={
-                "Authorization": f"Key {key}",
-                "User-Agent": f"connect-usage-exporter/{__version__}",
-                "Accept": "application/json",
-            },
-            timeout=httpx.Timeout(timeout),
-            # A connection for every request the limiter lets through, kept alive between polls.
-            limits=httpx.Limits(
-                max_connections=max_concurrency, max_keepalive_connections=max_concurrency
-            ),
-            verify=_ssl_context(verify),
-            transport=transport,
-            trust_env=True,  # HTTPS_PROXY / NO_PROXY / SSL_CERT_FILE, as users expect
-            follow_redirects=False,  # a redirect means a wrong URL or a login page: say so
+        ssl = _ssl_context(verify)
+
+        def client(connections: int) -> httpx.AsyncClient:
+            return httpx.AsyncClient(
+                base_url=self.base_url,
+                headers={
+                    "Authorization": f"Key {key}",
+                    "User-Agent": f"connect-usage-exporter/{__version__}",
+                    "Accept": "application/json",
+                },
+                timeout=httpx.Timeout(timeout),
+                limits=httpx.Limits(
+                    max_connections=connections, max_keepalive_connections=connections
+                ),
+                verify=ssl,
+                transport=transport,
+                trust_env=True,  # HTTPS_PROXY / NO_PROXY / SSL_CERT_FILE, as users expect
+                follow_redirects=False,  # a redirect means a wrong URL or a login page: say so
+            )
+
+        # Lanes: a client with one kept-alive connection for each request in flight, taken
+        # under the limiter (so never more lanes than its tokens). httpcore's pool checks every
+        # pooled connection on each request: one pool of 10 cost a catch-up ~20 % more CPU
+        # (bench/README.md). A transport the caller gives (tests) is one object, so it gets
+        # one client with a connection per token.
+        self._new_lane: Callable[[], httpx.AsyncClient] | None = (
+            (lambda: client(1)) if transport is None else None
         )
+        self._http = client(1 if transport is None else max_concurrency)
+        self._lanes = [self._http]  # every lane made, to close them
+        self._idle_lanes = [self._http]
 
     def __repr__(self) -> str:
         return f"ConnectClient({self.base_url!r})"
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        for lane in self._lanes:
+            await lane.aclose()
+
+    def _take_lane(self) -> httpx.AsyncClient:
+        """A client for one request; call it under the limiter and give it back after."""
+        if self._new_lane is None:
+            return self._http
+        if self._idle_lanes:
+            return self._idle_lanes.pop()
+        lane = self._new_lane()
+        self._lanes.append(lane)
+        return lane
+
+    def _give_lane(self, lane: httpx.AsyncClient) -> None:
+        if self._new_lane is not None:
+            self._idle_lanes.append(lane)
 
     async def __aenter__(self) -> Self:
         return self
@@ -824,14 +853,18 @@ class ConnectClient:
                     if self._rate is not None:
                         await self._rate.wait()
                     started = _clock()
-                    request = self._http.build_request("GET", self._url(path, params))
-                    response = await self._http.send(request, stream=True)
+                    http = self._take_lane()
                     try:
-                        content = await _read_capped(response, self.response_budget)
-                    except _TooLarge as exc:
-                        too_large = exc
+                        request = http.build_request("GET", self._url(path, params))
+                        response = await http.send(request, stream=True)
+                        try:
+                            content = await _read_capped(response, self.response_budget)
+                        except _TooLarge as exc:
+                            too_large = exc
+                        finally:
+                            await response.aclose()
                     finally:
-                        await response.aclose()
+                        self._give_lane(http)
             except httpx.TimeoutException as exc:
                 outcome, error, detail = "timeout", exc, self._redact(_describe_exception(exc))
             except httpx.TransportError as exc:
