@@ -76,7 +76,6 @@ async def read_metadata(
     return MetadataView(
         content={guid: content_info(item) for guid, item in content.items()},
         content_items=items,
-        usernames={u.guid: u.username for u in users_page.records},
         users=users,
         user_info={(u.guid, u.username, u.role, user_state(u)): 1 for u in users_page.records},
         group_info={(g.guid, g.name): 1 for g in groups_page.records},

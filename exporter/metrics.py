@@ -16,7 +16,9 @@ from exporter.model import (
     CONTENT_WINDOWS,
     DURATION_BUCKETS,
     EXCLUDE_REASONS,
+    US,
     USER_WINDOWS,
+    VIEWER_WINDOWS,
     HistogramValue,
 )
 from exporter.snapshot import ContentInfo, Snapshot, counts_sessions, counts_visits
@@ -116,6 +118,15 @@ def _content_info(snap: Snapshot) -> Samples:
         ((guid, i.name, i.title, i.app_mode, i.access_type, i.owner), 1)
         for guid, i in snap.content_info.items()
     )
+
+
+def _viewer(snap: Snapshot, index: int) -> Samples:
+    """One of a top viewer's figures: session figures where it has sessions or session time,
+    visits where it has visits (a viewer has one or both)."""
+    for key, figures in snap.usage.viewers.viewers.items():
+        wanted = figures[2] > 0 if index == 2 else figures[0] > 0 or figures[1] > 0
+        if wanted:
+            yield key, figures[index] / US if index == 1 else figures[index]
 
 
 def _sessions_content(snap: Snapshot) -> list[str]:
@@ -250,19 +261,66 @@ FAMILIES: tuple[Family, ...] = (
         _excluded,
     ),
     Family(
-        PREFIX + "user_events",
+        PREFIX + "content_viewer_sessions",
         "gauge",
-        "Events of the most active users in the trailing window (opt-in top-N), evaluated "
-        f"{_POLL}.",
-        ("user_guid", "username", "window"),
-        lambda s: _many(s.user_events),
+        "Shiny sessions a user started on a content item in the trailing window, for the item's "
+        f"top viewers (CONNECT_EXPORTER_TOP_VIEWERS), evaluated {_POLL}.",
+        ("content_guid", "user_guid", "window"),
+        lambda s: _viewer(s, 0),
     ),
     Family(
-        PREFIX + "user_series_dropped_total",
-        "counter",
-        f"Per-user series left out because of the top-N cap, counted {_POLL}.",
+        PREFIX + "content_viewer_session_seconds",
+        "gauge",
+        "Summed duration of a user's Shiny sessions on a content item that ended in the trailing "
+        f"window (whole sessions), for the item's top viewers, evaluated {_POLL}.",
+        ("content_guid", "user_guid", "window"),
+        lambda s: _viewer(s, 1),
+    ),
+    Family(
+        PREFIX + "content_viewer_visits",
+        "gauge",
+        "Visits of a user to a content item in the trailing window, for the item's top viewers, "
+        f"evaluated {_POLL}.",
+        ("content_guid", "user_guid", "window"),
+        lambda s: _viewer(s, 2),
+    ),
+    Family(
+        PREFIX + "content_viewer_last_seen_timestamp_seconds",
+        "gauge",
+        "Connect time of a user's latest visit or Shiny session on a content item (its end, or "
+        f"its start while it runs), for the item's top viewers in any window, as seen {_POLL}.",
+        ("content_guid", "user_guid"),
+        lambda s: _many(s.usage.viewer_last_seen),
+    ),
+    Family(
+        PREFIX + "content_viewer_series_dropped",
+        "gauge",
+        "Viewers of content items left out of the viewer series by the top-N cap, now, by window.",
         ("window",),
-        lambda s: _one(_zeros(USER_WINDOWS, s.user_series_dropped_total)),
+        lambda s: _one(_zeros(VIEWER_WINDOWS, s.usage.viewers.viewers_dropped)),
+    ),
+    Family(
+        PREFIX + "user_sessions",
+        "gauge",
+        "Shiny sessions a user started in the trailing window, for the server's top users "
+        f"(CONNECT_EXPORTER_TOP_USERS, by sessions + visits), evaluated {_POLL}.",
+        ("user_guid", "window"),
+        lambda s: ((k, v[0]) for k, v in s.usage.viewers.users.items()),
+    ),
+    Family(
+        PREFIX + "user_visits",
+        "gauge",
+        "Content visits of a user in the trailing window, for the server's top users, evaluated "
+        f"{_POLL}.",
+        ("user_guid", "window"),
+        lambda s: ((k, v[1]) for k, v in s.usage.viewers.users.items()),
+    ),
+    Family(
+        PREFIX + "user_series_dropped",
+        "gauge",
+        "Users left out of the per-user series by the top-N cap, now, by window.",
+        ("window",),
+        lambda s: _one(_zeros(VIEWER_WINDOWS, s.usage.viewers.users_dropped)),
     ),
     Family(
         PREFIX + "high_water_mark_timestamp_seconds",

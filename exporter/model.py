@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from exporter.records import ShinySession, Visit, share
+from exporter.viewers import STARTED, VISITED, ViewerEvent, ViewerLog, ViewerView, top_pairs
 
 US = 1_000_000
 # Session durations run from seconds (a bounce) to hours (a dashboard left open all day).
@@ -33,6 +34,7 @@ DURATION_BUCKETS: tuple[float, ...] = (
 )  # fmt: skip
 USER_WINDOWS: tuple[str, ...] = ("1h", "24h", "7d", "30d")
 CONTENT_WINDOWS: tuple[str, ...] = ("24h", "7d", "30d")
+VIEWER_WINDOWS: tuple[str, ...] = ("24h", "7d", "30d")  # top viewers and top users
 WINDOW_SECONDS: Mapping[str, int] = MappingProxyType(
     {"1h": 3600, "24h": 86400, "7d": 7 * 86400, "30d": 30 * 86400}
 )
@@ -106,7 +108,8 @@ class Rules:
     overlap_us: int
     max_session_age_us: int
     exclude_user_agents: tuple[str, ...] = ()
-    track_user_hours: bool = False
+    top_viewers: int = 0  # per content item and window; 0: no viewer figures
+    top_users: int = 0  # server-wide per window; 0: none
     history_us: int = 0  # a first start counts this much history (the origin before it)
 
 
@@ -124,7 +127,7 @@ class ModelState:
     user_last: dict[str, int] = field(default_factory=dict)
     pair_last: dict[str, dict[str, int]] = field(default_factory=dict)  # content -> user -> µs
     content_last: dict[str, int] = field(default_factory=dict)
-    user_hours: dict[str, dict[int, int]] = field(default_factory=dict)  # user -> hour -> events
+    viewer_events: list[ViewerEvent] = field(default_factory=list)  # see exporter.viewers
     # The counters when they were first shown, after a first start's first complete walks:
     # what a back-fill of the history before the takeover must not exceed.
     baseline: Baseline | None = None
@@ -156,7 +159,8 @@ class Delta:
     user_last: dict[str, int | None] = field(default_factory=dict)
     pair_last: dict[PairKey, int | None] = field(default_factory=dict)
     content_last: dict[str, int] = field(default_factory=dict)
-    user_hours: dict[tuple[str, int], int | None] = field(default_factory=dict)
+    viewer_events: list[ViewerEvent] = field(default_factory=list)  # added
+    viewer_horizon: int | None = None  # viewer events before this are forgotten
     baseline: Baseline | None = None
 
     def is_empty(self) -> bool:
@@ -172,7 +176,8 @@ class Delta:
                     self.user_last,
                     self.pair_last,
                     self.content_last,
-                    self.user_hours,
+                    self.viewer_events,
+                    self.viewer_horizon is not None,
                 )
             )
         )
@@ -233,7 +238,9 @@ class UsageView:
     content_active_users: Mapping[tuple[str, str], int] = field(default_factory=dict)
     content_last_activity: Mapping[str, float] = field(default_factory=dict)
     excluded_events_total: Mapping[tuple[str, str], int] = field(default_factory=dict)
-    user_events: Mapping[tuple[str, str], int] = field(default_factory=dict)  # (user, window)
+    viewers: ViewerView = field(default_factory=ViewerView)
+    # (content, user) of each viewer in some window's top N -> its latest activity (seconds)
+    viewer_last_seen: Mapping[tuple[str, str], float] = field(default_factory=dict)
     usage_content: frozenset[str] = frozenset()  # every content item with usage
 
 
@@ -266,7 +273,11 @@ class UsageModel:
             for c, users in state.pair_last.items()
         }
         self.content_last = state.content_last
-        self.user_hours = state.user_hours
+        self.viewers = (
+            ViewerLog({w: WINDOW_SECONDS[w] for w in VIEWER_WINDOWS}, state.viewer_events)
+            if rules.top_viewers > 0 or rules.top_users > 0
+            else None
+        )
         self._delta = Delta()
 
     def empty_like(self) -> UsageModel:
@@ -373,14 +384,9 @@ class UsageModel:
                 delta.pair_last[content, user] = None
             if not users:
                 del self.pair_last[content]
-        if self.rules.track_user_hours:
-            first_hour = cutoff // HOUR_US
-            for user, hours in list(self.user_hours.items()):
-                for hour in [h for h in hours if h < first_hour]:
-                    del hours[hour]
-                    delta.user_hours[user, hour] = None
-                if not hours:
-                    del self.user_hours[user]
+        if self.viewers is not None:
+            self.viewers.prune(cutoff)
+            delta.viewer_horizon = cutoff
 
     # -- activity ---------------------------------------------------------------------------
 
@@ -389,9 +395,8 @@ class UsageModel:
         content_last, user_last, pair_last = self.content_last, self.user_last, self.pair_last
         delta = self._delta
         changed_content, changed_users = delta.content_last, delta.user_last
-        changed_pairs, changed_hours = delta.pair_last, delta.user_hours
-        hours = self.user_hours if self.rules.track_user_hours else None
-        for content, user, when, new in events:
+        changed_pairs = delta.pair_last
+        for content, user, when, _new in events:
             if content_last.get(content, -1) < when:
                 content_last[content] = changed_content[content] = when
             if user is None:
@@ -407,10 +412,12 @@ class UsageModel:
                 if user not in users:
                     user = share(user)
                 users[user] = changed_pairs[content, user] = when
-            if new and hours is not None:
-                hour = when // HOUR_US
-                counts = hours.setdefault(user, {})
-                counts[hour] = changed_hours[user, hour] = counts.get(hour, 0) + 1
+
+    def _viewed(self, content: str, user: str | None, when: int, value: int) -> None:
+        """An event of a known user, once (see exporter.viewers); anonymous ones have none."""
+        if self.viewers is not None and user:
+            self.viewers.add(content, user, when, value)
+            self._delta.viewer_events.append((content, user, when, value))
 
     def pair_count(self) -> int:
         """Tracked (content, user) pairs: what the windowed per-content gauges cost in memory."""
@@ -422,8 +429,9 @@ class UsageModel:
 
     # -- Shiny sessions ---------------------------------------------------------------------
 
-    def _observe(self, content: str, started: int, ended: int) -> None:
+    def _observe(self, content: str, user: str | None, started: int, ended: int) -> None:
         micros = ended - started
+        self._viewed(content, user, ended, micros)
         counts = self.duration_counts.get(content)
         if counts is None:
             counts = self.duration_counts[content] = [0] * (len(DURATION_BUCKETS) + 1)
@@ -459,6 +467,7 @@ class UsageModel:
                 new = session.started >= t0
                 if new:
                     added[content] = added.get(content, 0) + 1
+                    self._viewed(content, user, session.started, STARTED)
                 if ended is None:
                     if session.started < now_us - max_age:
                         self._set_session(key, (ABANDONED, session.started))
@@ -471,7 +480,7 @@ class UsageModel:
                     seen.append((content, user, session.started, new))
                 else:
                     if ended >= t0:
-                        self._observe(content, session.started, ended)
+                        self._observe(content, user, session.started, ended)
                     if new or ended >= t0:
                         self._set_session(key, (CLOSED, ended))
                     seen.append((content, user, ended, new))
@@ -483,7 +492,7 @@ class UsageModel:
             elif state != CLOSED:
                 # Abandoned sessions keep no duration; the key now ages out like any closed one.
                 if state == OPEN:
-                    self._observe(content, session.started, ended)
+                    self._observe(content, user, session.started, ended)
                 self._set_session(key, (CLOSED, ended))
                 seen.append((content, user, ended, False))
         self._seen(seen)
@@ -529,6 +538,7 @@ class UsageModel:
         remember = walk.visit_order.append
         noted = self._delta.keys.setdefault(VISITS_SPACE, {})
         prefixes = self.rules.exclude_user_agents
+        viewers = self.viewers is not None
         added: dict[str, int] = {}
         seen: list[tuple[str, str | None, int, bool]] = []
         append = seen.append
@@ -568,6 +578,8 @@ class UsageModel:
                 continue
             if new:
                 added[content] = added.get(content, 0) + 1
+                if viewers:
+                    self._viewed(content, visit.user_guid, when, VISITED)
             append((content, visit.user_guid, when, new))
         self._seen(seen)
         walk.records += len(visits)
@@ -677,17 +689,11 @@ class UsageModel:
             c: HistogramValue(tuple(counts), self.duration_sums[c] / US)
             for c, counts in self.duration_counts.items()
         }
-        user_events: dict[tuple[str, str], int] = {}
-        if self.rules.track_user_hours:
-            hour_thresholds = [
-                (w, (now_us - WINDOW_SECONDS[w] * US) // HOUR_US) for w in USER_WINDOWS
-            ]
-            for user, hours in self.user_hours.items():
-                for hour, count in hours.items():
-                    for window, first_hour in hour_thresholds:
-                        if hour >= first_hour:
-                            k2 = (user, window)
-                            user_events[k2] = user_events.get(k2, 0) + count
+        viewers = (
+            ViewerView()
+            if self.viewers is None
+            else self.viewers.view(now_us, self.rules.top_viewers, self.rules.top_users)
+        )
         usage_content = frozenset(
             {*self.content_last, *totals[SESSIONS], *totals[VISITS], *durations, *active}
         )
@@ -701,6 +707,11 @@ class UsageModel:
             content_active_users=content_active,
             content_last_activity=last_activity,
             excluded_events_total=excluded,
-            user_events=user_events,
+            viewers=viewers,
+            viewer_last_seen={
+                (c, u): self.pair_last[c][u] / US
+                for c, u in top_pairs(viewers)
+                if u in self.pair_last.get(c, {})
+            },
             usage_content=usage_content,
         )

@@ -29,7 +29,7 @@ from exporter.client import ConnectClient, ConnectError
 from exporter.committer import CommitError, Committer, WalkAbandonedError
 from exporter.health import METADATA, Health
 from exporter.metadata import read_metadata
-from exporter.model import US, USER_WINDOWS, UsageModel, WalkTally
+from exporter.model import US, UsageModel, WalkTally
 from exporter.planner import SLICE_MIN_SPAN_US, Plan, Slice
 from exporter.snapshot import DELETED, ContentInfo, MetadataView, Snapshot
 from exporter.store import Store
@@ -79,7 +79,6 @@ class Poller:
         permissions_enabled: bool = True,
         permissions_concurrency: int = 4,
         catchup_concurrency: int = 4,
-        top_users: int = 0,
         health: Health | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -92,7 +91,6 @@ class Poller:
         self.permissions_enabled = permissions_enabled
         self.permissions_concurrency = permissions_concurrency
         self.catchup_concurrency = catchup_concurrency
-        self.top_users = top_users
         self.metadata = MetadataView()
         self.clock = clock
         self._offset = 0.0  # Connect's clock minus ours, when they differ by more than Date's 1 s
@@ -100,7 +98,6 @@ class Poller:
         self._snapshot = Snapshot(streams=tuple(s.name for s in self.streams))
         self.published_at = 0.0
         self._loaded = False
-        self._dropped_users: dict[str, set[str]] = {w: set() for w in USER_WINDOWS}
         self._polls: dict[str, Callable[[], Awaitable[object]]] = {
             s.name: partial(self.poll_stream, s) for s in self.streams
         }
@@ -155,23 +152,11 @@ class Poller:
             info.update(meta.content)
             for guid in view.usage_content:
                 info.setdefault(guid, DELETED)
-        user_events: dict[tuple[str, str, str], int] = {}
-        if self.top_users:
-            by_window: dict[str, list[tuple[int, str]]] = {w: [] for w in USER_WINDOWS}
-            for (user, window), count in view.user_events.items():
-                by_window[window].append((count, user))
-            for window, rows in by_window.items():
-                rows.sort(key=lambda row: (-row[0], row[1]))
-                for count, user in rows[: self.top_users]:
-                    user_events[(user, meta.usernames.get(user, ""), window)] = count
-                self._dropped_users[window].update(user for _c, user in rows[self.top_users :])
         self._snapshot = Snapshot(
             counters_shown=model.counters_shown,
             usage=view,
             metadata=meta,
             content_info=info,
-            user_events=user_events,
-            user_series_dropped_total={w: len(s) for w, s in self._dropped_users.items()},
             counting_since=None if model.counting_since is None else model.counting_since / US,
             windows_evaluated_at=now,
             high_water_mark={s: v / US for s, v in model.hwm.items()},

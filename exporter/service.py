@@ -75,7 +75,8 @@ def make_rules(settings: Settings) -> Rules:
         overlap_us=int(settings.overlap * US),
         max_session_age_us=int(settings.max_session_age * US),
         exclude_user_agents=settings.exclude_user_agents,
-        track_user_hours=settings.top_users > 0,
+        top_viewers=settings.top_viewers,
+        top_users=settings.top_users,
         history_us=int(settings.history_days * 86400 * US),
     )
 
@@ -94,7 +95,6 @@ def build(settings: Settings, store: Store) -> tuple[ConnectClient, Poller, Expo
         permissions_enabled=settings.permissions_enabled,
         permissions_concurrency=settings.permissions_concurrency,
         catchup_concurrency=settings.catchup_concurrency,
-        top_users=settings.top_users,
         health=health,
     )
     return client, poller, build_registry(lambda: poller.snapshot, health)

@@ -132,7 +132,8 @@ class Settings(BaseSettings):
     permissions_enabled: bool = True
     permissions_concurrency: int = Field(default=4, ge=1, le=64)
     catchup_concurrency: int = Field(default=8, ge=1, le=32)
-    top_users: int = Field(default=0, ge=0, le=1000)
+    top_viewers: int = Field(default=5, ge=0, le=100)
+    top_users: int = Field(default=20, ge=0, le=1000)
     history_days: float = Field(default=30.0, ge=0, le=3660, allow_inf_nan=False)
     web_config_file: Path | None = None
     max_response_bytes: int = Field(default=64 * 1024 * 1024, ge=1024, le=MAX_RESPONSE_BYTES)

@@ -46,7 +46,6 @@ class MetadataView:
 
     content: Mapping[str, ContentInfo] | None = None  # None until the first refresh
     content_items: Mapping[tuple[str, str], int] = field(default_factory=dict)  # mode, access
-    usernames: Mapping[str, str] = field(default_factory=dict)
     users: Mapping[tuple[str, str], int] = field(default_factory=dict)  # (role, state)
     # (guid, username, role, state) and (guid, name) -> 1: names to join per-user series on
     user_info: Mapping[tuple[str, str, str, str], int] = field(default_factory=dict)
@@ -66,10 +65,6 @@ class Snapshot:
     usage: UsageView = field(default_factory=UsageView)
     metadata: MetadataView = field(default_factory=MetadataView)
     content_info: Mapping[str, ContentInfo] = field(default_factory=dict)  # with deleted items
-    user_events: Mapping[tuple[str, str, str], int] = field(
-        default_factory=dict
-    )  # (user_guid, username, window): the top N
-    user_series_dropped_total: Mapping[str, int] = field(default_factory=dict)  # window
     counting_since: float | None = None
     windows_evaluated_at: float | None = None
     high_water_mark: Mapping[str, float] = field(default_factory=dict)  # stream

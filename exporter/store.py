@@ -64,9 +64,13 @@ CREATE TABLE IF NOT EXISTS user_last_log (user_id INTEGER NOT NULL, last INTEGER
 CREATE TABLE IF NOT EXISTS pair_last_log (
     content_id INTEGER NOT NULL, user_id INTEGER NOT NULL, last INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS content_last (content_guid TEXT PRIMARY KEY, last INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS user_hours (
-    user_guid TEXT NOT NULL, hour INTEGER NOT NULL, count INTEGER NOT NULL,
-    PRIMARY KEY (user_guid, hour)) WITHOUT ROWID;
+-- Events of known users per content item over the largest window (exporter.viewers): appended
+-- once each, forgotten by time. Hourly per-user counts (`user_hours`) were kept before them.
+CREATE TABLE IF NOT EXISTS viewer_events (
+    content_id INTEGER NOT NULL, user_id INTEGER NOT NULL, time INTEGER NOT NULL,
+    value INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS viewer_events_time ON viewer_events (time);
+DROP TABLE IF EXISTS user_hours;
 """
 
 _WAY_OUT = (
@@ -271,8 +275,14 @@ class SqliteStore:
                     if users.get(user, -1) < last:
                         users[user] = last
             state.content_last = dict(db.execute("SELECT * FROM content_last"))
-            for user, hour, count in db.execute("SELECT * FROM user_hours"):
-                state.user_hours.setdefault(user, {})[hour] = count
+            # A file this exporter has not opened for writing yet (read-only) may lack it.
+            if db.execute(
+                "SELECT 1 FROM sqlite_master WHERE type='table' AND name='viewer_events'"
+            ).fetchone():
+                query = "SELECT content_id, user_id, time, value FROM viewer_events ORDER BY rowid"
+                state.viewer_events = [
+                    (names[c], names[u], time, value) for c, u, time, value in db.execute(query)
+                ]
             return state
 
     def commit(self, delta: Delta) -> None:
@@ -308,12 +318,14 @@ class SqliteStore:
                 self._write_keys(db, delta, pinned)
                 log_rows = self._write_last_seen(db, delta, new_ids)
                 _upsert(db, "content_last", delta.content_last.items())
-                _write(
+                get = self._ids.__getitem__
+                _rows(
                     db,
-                    "user_hours",
-                    ("user_guid", "hour"),
-                    ((u, h, n) for (u, h), n in delta.user_hours.items()),
+                    "INSERT INTO viewer_events",
+                    [(get(c), get(u), t, v) for c, u, t, v in delta.viewer_events],
                 )
+                if delta.viewer_horizon is not None:
+                    db.execute("DELETE FROM viewer_events WHERE time < ?", (delta.viewer_horizon,))
                 db.execute("COMMIT")
             except BaseException:
                 if db.in_transaction:
@@ -360,6 +372,7 @@ class SqliteStore:
         first, second = itemgetter(0), itemgetter(1)
         met = set(delta.user_last)
         met.update(map(first, delta.pair_last), map(second, delta.pair_last))
+        met.update(map(first, delta.viewer_events), map(second, delta.viewer_events))
         for guid in sorted(met.difference(ids)):  # sorted: the same file from the same data
             self._max_id += 1
             ids[guid] = new_ids[guid] = self._max_id  # taken back if the transaction fails
@@ -546,22 +559,6 @@ def _upsert(db: sqlite3.Connection, table: str, rows: Iterable[tuple[object, ...
     _rows(db, f"INSERT OR REPLACE INTO {table}", list(rows))
 
 
-def _write(
-    db: sqlite3.Connection,
-    table: str,
-    key_columns: tuple[str, ...],
-    rows: Iterable[tuple[object, ...]],
-) -> None:
-    """Upsert the rows whose last value is set; delete those whose value is None."""
-    upserts: list[tuple[object, ...]] = []
-    deletes: list[tuple[object, ...]] = []
-    for row in rows:
-        (deletes if row[-1] is None else upserts).append(row)
-    _upsert(db, table, upserts)
-    keys = ", ".join(key_columns)
-    _rows(db, f"DELETE FROM {table} WHERE ({keys}) IN", [r[:-1] for r in deletes])  # noqa: S608
-
-
 def _rows(db: sqlite3.Connection, statement: str, rows: list[tuple[object, ...]]) -> None:
     """`statement` (an INSERT up to its VALUES, or a DELETE up to its IN) for every row.
 
@@ -673,8 +670,6 @@ def _migrate(db: sqlite3.Connection) -> None:
         db.execute("INSERT OR REPLACE INTO meta VALUES ('baseline', 'taken')")
     if "old_content_last" in tables:
         db.execute("INSERT INTO content_last SELECT content_guid, last FROM old_content_last")
-    if "old_user_hours" in tables:
-        db.execute("INSERT INTO user_hours SELECT user_guid, hour, count FROM old_user_hours")
     for table in _OLD_TABLES:
         if f"old_{table}" in tables:
             db.execute(f"DROP TABLE old_{table}")

@@ -10,10 +10,12 @@ from exporter.model import (
     DURATION_BUCKETS,
     EXCLUDE_REASONS,
     USER_WINDOWS,
+    VIEWER_WINDOWS,
     HistogramValue,
     UsageView,
 )
 from exporter.snapshot import ContentInfo, MetadataView, Snapshot
+from exporter.viewers import ViewerView
 
 NOW = 1_750_000_000.0
 STREAMS = ("shiny", "visits")
@@ -40,6 +42,21 @@ def populated_snapshot(content: int, *, seed: int = 1) -> Snapshot:
         )
         for i, g in enumerate(guids)
     }
+    # The default caps on a busy server: each item's 5 top viewers in the 7- and 30-day
+    # windows and 2 in the last day; the server's 20 top users.
+    viewers: dict[tuple[str, str, str], tuple[int, int, int]] = {}
+    for i, g in enumerate(guids):
+        shiny = info[g].app_mode == "shiny"
+        for w, n in (("24h", 2), ("7d", 5), ("30d", 5)):
+            for v in range(n):
+                used = rng.randrange(1, 40)
+                figures = (used, rng.randrange(0, 10**10), 0) if shiny else (0, 0, used)
+                viewers[g, f"user-{(i * 7 + v) % 100_000:06d}", w] = figures
+    top = {
+        (f"user-{u:06d}", w): (rng.randrange(0, 500), rng.randrange(0, 500))
+        for u in range(20)
+        for w in VIEWER_WINDOWS
+    }
     return Snapshot(
         usage=UsageView(
             shiny_sessions_total={g: rng.randrange(0, 3_000_000) for g in guids},
@@ -55,6 +72,8 @@ def populated_snapshot(content: int, *, seed: int = 1) -> Snapshot:
             excluded_events_total={
                 (s, r): rng.randrange(0, 999) for s in STREAMS for r in EXCLUDE_REASONS
             },
+            viewers=ViewerView(viewers, {w: rng.randrange(0, 9999) for w in VIEWER_WINDOWS}, top),
+            viewer_last_seen={(g, u): round(NOW - rng.uniform(0, 3e6), 3) for g, u, _w in viewers},
         ),
         metadata=MetadataView(
             content=info,
@@ -77,12 +96,6 @@ def populated_snapshot(content: int, *, seed: int = 1) -> Snapshot:
             server_version="2025.04.0",
         ),
         content_info=info,
-        user_events={
-            (f"u-{i}", f"user{i}", w): rng.randrange(1, 999)
-            for i in range(50)
-            for w in USER_WINDOWS
-        },
-        user_series_dropped_total={w: rng.randrange(0, 9999) for w in USER_WINDOWS},
         counting_since=NOW - 30 * 86400,
         windows_evaluated_at=NOW,
         high_water_mark={s: NOW - 60 for s in STREAMS},

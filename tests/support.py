@@ -58,6 +58,7 @@ def make_poller(
     *,
     overlap: float = 360.0,  # the simulator writes ~1% of visits up to 5 minutes late
     max_session_age: float = 1e9,
+    top_viewers: int = 0,
     top_users: int = 0,
     max_retries: int = 8,
     timeout: float = 5.0,
@@ -80,7 +81,8 @@ def make_poller(
             overlap_us=int(overlap * US),
             max_session_age_us=int(max_session_age * US),
             exclude_user_agents=("ContentHealthMonitor/",),
-            track_user_hours=top_users > 0,
+            top_viewers=top_viewers,
+            top_users=top_users,
             history_us=int(history_days * 86400 * US),
         )
     )
@@ -90,7 +92,6 @@ def make_poller(
         store,
         poll_interval=1.0,
         metadata_interval=60.0,
-        top_users=top_users,
         catchup_concurrency=catchup_concurrency,
         health=health,
     )

@@ -35,6 +35,7 @@ from exporter.snapshot import (
     MetadataView,
     Snapshot,
 )
+from exporter.viewers import ViewerView
 from tests.prometheus import executable
 from tests.snapshots import populated_snapshot
 
@@ -65,6 +66,18 @@ def handcrafted() -> Snapshot:
             content_active_users={(APP, "24h"): 2, (APP, "30d"): 5},
             content_last_activity={APP: 1_735_999_999.25, DOC: 1_735_900_000.0},
             excluded_events_total={("visits", "synthetic"): 7},
+            viewers=ViewerView(
+                viewers={
+                    (APP, "u-1", "24h"): (2, 630_250_000, 0),
+                    (APP, "u-1", "7d"): (5, 1_800_500_000, 0),
+                    (APP, "u-2", "7d"): (1, 0, 0),  # a session still running: no time yet
+                    (DOC, "u-2", "30d"): (0, 0, 3),
+                },
+                viewers_dropped={"7d": 4},
+                users={("u-1", "7d"): (5, 2), ("u-2", "7d"): (1, 3)},
+                users_dropped={"30d": 12},
+            ),
+            viewer_last_seen={(APP, "u-1"): 1_735_999_000.5, (APP, "u-2"): 1_735_998_000.0},
         ),
         metadata=MetadataView(
             content=info,
@@ -80,8 +93,6 @@ def handcrafted() -> Snapshot:
             server_version="2025.04.0",
         ),
         content_info={**info, GONE: ContentInfo(DELETED_NAME, "", DELETED_APP_MODE, "", "")},
-        user_events={("u-1", "alice", "7d"): 20},
-        user_series_dropped_total={"7d": 2},
         counting_since=1_735_000_000.0,
         windows_evaluated_at=1_736_000_000.5,
         high_water_mark={"shiny": 1_735_999_990.0},
@@ -137,7 +148,6 @@ def test_empty_snapshot_preinitialises_series() -> None:
     got = samples(Snapshot(streams=STREAMS))
     for window in USER_WINDOWS:
         assert got[key("connect_usage_active_users", window=window)] == 0
-        assert got[key("connect_usage_user_series_dropped_total", window=window)] == 0
     for stream in STREAMS:
         for reason in EXCLUDE_REASONS:
             excluded = key("connect_usage_excluded_events_total", stream=stream, reason=reason)

@@ -30,7 +30,6 @@ async def test_read_metadata_counts_what_connect_lists(connect: Connect) -> None
     assert meta.content is not None and set(meta.content) == {c.guid for c in listed}
     assert sum(meta.content_items.values()) == len(listed)
     assert sum(meta.users.values()) == len(sim.world.users)
-    assert meta.usernames == {u.guid: u.username for u in sim.world.users}
     states = {(True, True): "locked", (True, False): "locked", (False, False): "unconfirmed"}
     assert meta.user_info == {
         (u.guid, u.username, u.role, states.get((u.locked, u.confirmed), "active")): 1

@@ -25,6 +25,7 @@ from exporter.model import (
     UsageView,
 )
 from exporter.snapshot import ContentInfo, MetadataView, Snapshot
+from exporter.viewers import ViewerView
 
 # (exposed family name, type, label names in order)
 FROZEN: tuple[tuple[str, str, tuple[str, ...]], ...] = (
@@ -52,8 +53,22 @@ FROZEN: tuple[tuple[str, str, tuple[str, ...]], ...] = (
         ("content_guid", "principal_guid", "principal_type", "role"),
     ),
     ("connect_usage_excluded_events_total", "counter", ("stream", "reason")),
-    ("connect_usage_user_events", "gauge", ("user_guid", "username", "window")),
-    ("connect_usage_user_series_dropped_total", "counter", ("window",)),
+    ("connect_usage_content_viewer_sessions", "gauge", ("content_guid", "user_guid", "window")),
+    (
+        "connect_usage_content_viewer_session_seconds",
+        "gauge",
+        ("content_guid", "user_guid", "window"),
+    ),
+    ("connect_usage_content_viewer_visits", "gauge", ("content_guid", "user_guid", "window")),
+    (
+        "connect_usage_content_viewer_last_seen_timestamp_seconds",
+        "gauge",
+        ("content_guid", "user_guid"),
+    ),
+    ("connect_usage_content_viewer_series_dropped", "gauge", ("window",)),
+    ("connect_usage_user_sessions", "gauge", ("user_guid", "window")),
+    ("connect_usage_user_visits", "gauge", ("user_guid", "window")),
+    ("connect_usage_user_series_dropped", "gauge", ("window",)),
     ("connect_usage_up", "gauge", ()),
     ("connect_usage_last_successful_poll_timestamp_seconds", "gauge", ("stream",)),
     ("connect_usage_poll_lag_seconds", "gauge", ("stream",)),
@@ -90,6 +105,13 @@ def fully_populated() -> Snapshot:
             content_active_users={(G, w): 1 for w in CONTENT_WINDOWS},
             content_last_activity={G: 3.0},
             excluded_events_total={("visits", "synthetic"): 1},
+            viewers=ViewerView(
+                viewers={(G, "u", "7d"): (1, 5, 1)},
+                viewers_dropped={"7d": 1},
+                users={("u", "7d"): (1, 1)},
+                users_dropped={"7d": 1},
+            ),
+            viewer_last_seen={(G, "u"): 3.0},
         ),
         metadata=MetadataView(
             content_items={("shiny", "acl"): 1},
@@ -101,8 +123,6 @@ def fully_populated() -> Snapshot:
             server_version="2025.04.0",
         ),
         content_info={G: ContentInfo("n", "t", "shiny", "acl", "o")},
-        user_events={("u", "alice", "7d"): 1},
-        user_series_dropped_total={"7d": 1},
         counting_since=1.0,
         windows_evaluated_at=2.0,
         high_water_mark=dict.fromkeys(STREAMS, 5.0),

@@ -15,7 +15,7 @@ from exporter import client as client_module
 from exporter import planner
 from exporter import poller as poller_module
 from exporter.collector import SnapshotCollector
-from exporter.model import UsageModel
+from exporter.model import US, VIEWER_WINDOWS, WINDOW_SECONDS, UsageModel
 from exporter.simulator import Simulator
 from exporter.snapshot import DELETED_APP_MODE
 from tests.support import (
@@ -279,17 +279,98 @@ async def test_timeouts_cost_no_events(connect: Connect, tmp_path: Path) -> None
     await stop(client, store)
 
 
-async def test_per_user_detail_is_capped(connect: Connect, tmp_path: Path) -> None:
-    sim = connect.sim
-    client, poller, store = await start(connect, tmp_path / "s.sqlite", top_users=3)
-    sim.clock.advance(6 * 3600)
-    assert await poller.poll_all_once()
+Viewers = dict[tuple[str, str, str], tuple[int, int, int]]
+TopUsers = dict[tuple[str, str], tuple[int, int]]
+
+
+def expected_viewers(
+    sim: Simulator, now_s: float, since_s: float, top_viewers: int, top_users: int
+) -> tuple[Viewers, dict[str, int], TopUsers, dict[str, int]]:
+    """The simulator's truth ranked as the exporter must: per window, each item's top viewers
+    and the server's top users by sessions + visits, ties by user guid; and how many each cap
+    leaves out."""
+    viewers: Viewers = {}
+    users: TopUsers = {}
+    viewers_dropped: dict[str, int] = {}
+    users_dropped: dict[str, int] = {}
+    now_us = int(now_s * US)
+    for window in VIEWER_WINDOWS:
+        start = max((now_us - WINDOW_SECONDS[window] * US) / US, since_s)  # counted from
+        figures = sim.viewer_truth(start, now_s + 86400)["figures"]
+        by_item: dict[str, list[tuple[int, str]]] = {}
+        totals: dict[str, list[int]] = {}
+        for (content, user), (sessions, _micros, visits) in figures.items():
+            by_item.setdefault(content, []).append((-(sessions + visits), user))
+            total = totals.setdefault(user, [0, 0])
+            total[0] += sessions
+            total[1] += visits
+        viewers_dropped[window] = 0
+        for content, rows in by_item.items():
+            rows.sort()
+            viewers_dropped[window] += max(0, len(rows) - top_viewers) if top_viewers else 0
+            for _weight, user in rows[:top_viewers]:
+                viewers[content, user, window] = tuple(figures[content, user])  # type: ignore[assignment]
+        ranked = sorted((-(t[0] + t[1]), u) for u, t in totals.items())
+        for _weight, user in ranked[:top_users]:
+            users[user, window] = (totals[user][0], totals[user][1])
+        users_dropped[window] = max(0, len(ranked) - top_users) if top_users else 0  # 0: off
+    return viewers, viewers_dropped, users, users_dropped
+
+
+def assert_viewers_match_truth(poller: poller_module.Poller, sim: Simulator) -> int:
+    """The snapshot's viewer and top-user figures equal the truth at its evaluation time; how
+    many viewer series it holds."""
     snap = poller.snapshot
-    per_window: dict[str, int] = {}
-    for _user, _name, window in snap.user_events:
-        per_window[window] = per_window.get(window, 0) + 1
-    assert per_window["24h"] == 3
-    assert snap.user_series_dropped_total["24h"] > 0
+    assert snap.windows_evaluated_at is not None
+    rules = poller.model.rules
+    viewers, viewers_dropped, users, users_dropped = expected_viewers(
+        sim, snap.windows_evaluated_at, snap.counting_since or 0, rules.top_viewers, rules.top_users
+    )
+    got = snap.usage.viewers
+    assert dict(got.viewers) == viewers
+    assert dict(got.viewers_dropped) == viewers_dropped
+    assert dict(got.users) == users
+    assert dict(got.users_dropped) == users_dropped
+    last_seen = sim.viewer_truth(0, snap.windows_evaluated_at + 86400)["last_seen"]
+    pairs = {(c, u) for c, u, _w in viewers}
+    assert dict(snap.usage.viewer_last_seen) == {p: last_seen[p] / US for p in pairs}
+    return len(viewers)
+
+
+async def test_top_viewers_and_users_equal_the_truth_as_windows_move_and_across_a_restart(
+    connect: Connect, tmp_path: Path
+) -> None:
+    """Sessions, session time and visits per viewer and window, capped, ties by guid, the left
+    out counted; the same after time passes (events leave windows) and after a restart."""
+    sim = connect.sim
+    caps = {"top_viewers": 3, "top_users": 4, "history_days": 30.0}
+    client, poller, store = await start(connect, tmp_path / "s.sqlite", **caps)
+    shown = assert_viewers_match_truth(poller, sim)
+    assert shown > 0 and poller.snapshot.usage.viewers.viewers_dropped["30d"] > 0
+    for step in (6 * 3600, 26 * 3600):  # live traffic; then yesterday leaves the 24h window
+        sim.clock.advance(step)
+        assert await poller.poll_all_once()
+        assert_viewers_match_truth(poller, sim)
+    before = poller.snapshot.usage.viewers
+    await stop(client, store)
+    client, poller, store = await start(connect, tmp_path / "s.sqlite", **caps)
+    assert poller.snapshot.usage.viewers.viewers == before.viewers
+    assert_viewers_match_truth(poller, sim)
+    await stop(client, store)
+
+
+async def test_viewer_ties_are_broken_by_user_guid(connect: Connect, tmp_path: Path) -> None:
+    sim = connect.sim
+    client, poller, store = await start(connect, tmp_path / "s.sqlite", top_viewers=1)
+    item = "00000000-0000-4000-8000-00000000beef"  # no other traffic: the two tie alone
+    users = sorted(u.guid for u in sim.world.users[:2])
+    sim.clock.advance(60)
+    for user in reversed(users):  # the same figures for both, the larger guid first
+        sim.add_visit(item, user, sim.clock.now() - 10, user_agent="Mozilla/5.0")
+    assert await poller.poll_all_once()
+    assert_viewers_match_truth(poller, sim)
+    viewers = poller.snapshot.usage.viewers.viewers
+    assert {(u, w) for c, u, w in viewers if c == item} == {(users[0], w) for w in VIEWER_WINDOWS}
     await stop(client, store)
 
 

@@ -425,6 +425,45 @@ class Simulator:
             return "[" + ",".join(x[2] for x in items) + "]"
 
     # -- ground truth -----------------------------------------------------------------------
+    def viewer_truth(self, start: float, end: float) -> dict[str, Any]:
+        """Per (content, user) of known users, as of the clock, for ``[start, end)`` (epoch
+        seconds): ``figures`` = [sessions started, µs of sessions ended (whole durations),
+        non-synthetic visits], only where sessions + visits > 0; ``last_seen`` (µs) over all
+        time = the latest session end (start while running) or non-synthetic visit."""
+        f_us, t_us = seconds_to_us(start), seconds_to_us(end)
+        with self._lock:
+            now_us = self.refresh()
+            cj, users = self.content_ids.values, self.user_ids
+            figures: dict[tuple[str, str], list[int]] = {}
+            last: dict[tuple[str, str], int] = {}
+            s = self.shiny
+            for p in range(len(s)):
+                if s.written[p] > now_us or s.user[p] < 0:
+                    continue
+                key = (cj[s.content[p]], users.values[s.user[p]])
+                st, en = s.t[p], s.ended[p]
+                row = figures.setdefault(key, [0, 0, 0])
+                if f_us <= st < t_us:
+                    row[0] += 1
+                ended = en <= now_us
+                if ended and f_us <= en < t_us:
+                    row[1] += en - st
+                seen = en if ended else st
+                last[key] = max(last.get(key, seen), seen)
+            v = self.visits
+            for p in range(len(v)):
+                if v.written[p] > now_us or v.user[p] < 0 or v.synthetic[p]:
+                    continue
+                key = (cj[v.content[p]], users.values[v.user[p]])
+                row = figures.setdefault(key, [0, 0, 0])
+                if f_us <= v.t[p] < t_us:
+                    row[2] += 1
+                last[key] = max(last.get(key, v.t[p]), v.t[p])
+            return {
+                "figures": {k: r for k, r in figures.items() if r[0] + r[2] > 0},
+                "last_seen": last,
+            }
+
     def truth(self, start: float, end: float, *, buckets: Sequence[float] = ()) -> dict[str, Any]:
         """What an exact exporter must have counted for ``[start, end)`` (epoch seconds).
 
