@@ -413,11 +413,13 @@ class UsageModel:
                     user = share(user)
                 users[user] = changed_pairs[content, user] = when
 
-    def _viewed(self, content: str, user: str | None, when: int, value: int) -> None:
-        """An event of a known user, once (see exporter.viewers); anonymous ones have none."""
-        if self.viewers is not None and user:
-            self.viewers.add(content, user, when, value)
-            self._delta.viewer_events.append((content, user, when, value))
+    def _viewed(self, events: list[ViewerEvent]) -> None:
+        """Events of known users, each once (see exporter.viewers)."""
+        if events and self.viewers is not None:
+            add = self.viewers.add
+            for content, user, when, value in events:
+                add(content, user, when, value)
+            self._delta.viewer_events.extend(events)
 
     def pair_count(self) -> int:
         """Tracked (content, user) pairs: what the windowed per-content gauges cost in memory."""
@@ -429,9 +431,8 @@ class UsageModel:
 
     # -- Shiny sessions ---------------------------------------------------------------------
 
-    def _observe(self, content: str, user: str | None, started: int, ended: int) -> None:
+    def _observe(self, content: str, started: int, ended: int) -> None:
         micros = ended - started
-        self._viewed(content, user, ended, micros)
         counts = self.duration_counts.get(content)
         if counts is None:
             counts = self.duration_counts[content] = [0] * (len(DURATION_BUCKETS) + 1)
@@ -453,6 +454,8 @@ class UsageModel:
         assert t0 is not None, "start_counting() or a loaded state before applying records"
         from_us = walk.start_us
         max_age = self.rules.max_session_age_us
+        viewers = self.viewers is not None
+        viewed: list[ViewerEvent] = []
         added: dict[str, int] = {}  # one counter update per item and page, not per session
         seen: list[tuple[str, str | None, int, bool]] = []
         for session in sessions:
@@ -467,7 +470,8 @@ class UsageModel:
                 new = session.started >= t0
                 if new:
                     added[content] = added.get(content, 0) + 1
-                    self._viewed(content, user, session.started, STARTED)
+                    if user and viewers:
+                        viewed.append((content, user, session.started, STARTED))
                 if ended is None:
                     if session.started < now_us - max_age:
                         self._set_session(key, (ABANDONED, session.started))
@@ -480,7 +484,9 @@ class UsageModel:
                     seen.append((content, user, session.started, new))
                 else:
                     if ended >= t0:
-                        self._observe(content, user, session.started, ended)
+                        self._observe(content, session.started, ended)
+                        if user and viewers:
+                            viewed.append((content, user, ended, ended - session.started))
                     if new or ended >= t0:
                         self._set_session(key, (CLOSED, ended))
                     seen.append((content, user, ended, new))
@@ -492,10 +498,13 @@ class UsageModel:
             elif state != CLOSED:
                 # Abandoned sessions keep no duration; the key now ages out like any closed one.
                 if state == OPEN:
-                    self._observe(content, user, session.started, ended)
+                    self._observe(content, session.started, ended)
+                    if user and viewers:
+                        viewed.append((content, user, ended, ended - session.started))
                 self._set_session(key, (CLOSED, ended))
                 seen.append((content, user, ended, False))
         self._seen(seen)
+        self._viewed(viewed)
         for content, count in added.items():
             self._add(SESSIONS, content, count)
             walk.new_events += count
@@ -539,6 +548,7 @@ class UsageModel:
         noted = self._delta.keys.setdefault(VISITS_SPACE, {})
         prefixes = self.rules.exclude_user_agents
         viewers = self.viewers is not None
+        viewed: list[ViewerEvent] = []
         added: dict[str, int] = {}
         seen: list[tuple[str, str | None, int, bool]] = []
         append = seen.append
@@ -578,10 +588,12 @@ class UsageModel:
                 continue
             if new:
                 added[content] = added.get(content, 0) + 1
-                if viewers:
-                    self._viewed(content, visit.user_guid, when, VISITED)
+                user = visit.user_guid
+                if user and viewers:
+                    viewed.append((content, user, when, VISITED))
             append((content, visit.user_guid, when, new))
         self._seen(seen)
+        self._viewed(viewed)
         walk.records += len(visits)
         for content, count in added.items():  # one counter update per item, not per visit
             self._add(VISITS, content, count)

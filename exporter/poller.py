@@ -42,6 +42,7 @@ log = logging.getLogger("exporter.poller")
 # Seconds between snapshots during a long walk: each evaluates every window over the whole
 # model, holding the event loop the readers' responses wait on; scrapes come 15-60 s apart.
 PUBLISH_EVERY = 5.0
+STEP_BACK = 60.0  # seconds Connect's now may seem to go back between snapshots: held still
 # Seconds of applied pages per transaction during a long walk; a crash loses at most this much
 # reading, never a count: the stored mark only covers committed pages.
 COMMIT_EVERY = 0.5
@@ -97,6 +98,7 @@ class Poller:
         self._clock_known = False  # whether a Date from Connect has been seen since the start
         self._snapshot = Snapshot(streams=tuple(s.name for s in self.streams))
         self.published_at = 0.0
+        self._published_now = -math.inf  # Connect's now of the last snapshot
         self._loaded = False
         self._polls: dict[str, Callable[[], Awaitable[object]]] = {
             s.name: partial(self.poll_stream, s) for s in self.streams
@@ -144,6 +146,11 @@ class Poller:
     def publish(self) -> None:
         """Build and swap the snapshot; call only when the model equals the committed state."""
         now = self.connect_now()
+        if self._published_now - STEP_BACK < now < self._published_now:
+            # Connect's now is re-read from whole-second Date headers and may step back a
+            # little: the windows hold still instead (a real step back is taken as it is).
+            now = self._published_now
+        self._published_now = now
         model = self.model
         view = model.view(now)
         meta = self.metadata

@@ -7,12 +7,18 @@ under the same exactly-once rules as the counters, and forgets those older than 
 window. Figures per window: sessions started in it, the summed duration of sessions that ended
 in it, visits in it; a viewer belongs to a window when its sessions plus visits there are above
 zero. Ranked by sessions + visits, ties by user guid.
+
+The figures are kept running: an event is added to each window's figures as it comes, and
+taken out when `view` finds it has left the window (each item's events are kept in time order,
+with the index of the first one still inside each window), so a view costs what changed since
+the last one, not the whole month.
 """
 
 from __future__ import annotations
 
 import heapq
 from array import array
+from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
@@ -27,17 +33,17 @@ ViewerEvent = tuple[str, str, int, int]  # (content_guid, user_guid, time µs, v
 
 @dataclass(slots=True)
 class _Item:
-    """One content item's events (in arrival order) and its figures as last evaluated."""
+    """One content item's events in time order, and its running figures per window."""
 
     times: array[int] = field(default_factory=lambda: array("q"))
     users: array[int] = field(default_factory=lambda: array("l"))
     values: array[int] = field(default_factory=lambda: array("q"))
-    changed: bool = True
-    # Per window: user index -> figures, as evaluated at `evaluated` (µs); valid until a
-    # change, until `expires` (when an event leaves a window), or if asked for an earlier now.
-    figures: dict[str, dict[int, Figures]] = field(default_factory=dict)
-    evaluated: int = -1
-    expires: int = -1
+    # Per window: the index of the first event counted, and user index -> [sessions, µs, visits]
+    # of the events from there on.
+    starts: dict[str, int] = field(default_factory=dict)
+    figures: dict[str, dict[int, list[int]]] = field(default_factory=dict)
+    # Per window: its top viewers as last ranked and how many it left out; None: rank again.
+    top: dict[str, tuple[list[tuple[int, Figures]], int]] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,13 +62,14 @@ class ViewerLog:
     """Events of known users per content item over the largest window."""
 
     def __init__(self, windows: Mapping[str, int], events: Iterable[ViewerEvent] = ()) -> None:
-        self.windows = dict(windows)  # window -> seconds
-        self._largest_us = max(self.windows.values(), default=0) * US
+        self.windows = {w: s * US for w, s in windows.items()}  # window -> µs
         self._index: dict[str, int] = {}
         self._guids: list[str] = []
         self.items: dict[str, _Item] = {}
-        # Per window: user index -> [sessions, visits] summed over every item's figures.
+        # Per window: user index -> [sessions, visits] over every item's running figures.
         self._totals: dict[str, dict[int, list[int]]] = {w: {} for w in self.windows}
+        self._now = -(2**63)  # the `now` of the last view
+        self._thresholds = [(w, self._now - span) for w, span in self.windows.items()]
         for content, user, when, value in events:
             self.add(content, user, when, value)
 
@@ -79,25 +86,85 @@ class ViewerLog:
     def add(self, content: str, user: str, when: int, value: int) -> None:
         item = self.items.get(content)
         if item is None:
-            item = self.items[content] = _Item()
-        item.times.append(when)
-        item.users.append(self._user(user))
-        item.values.append(value)
-        item.changed = True
+            item = self.items[content] = _Item(
+                starts=dict.fromkeys(self.windows, 0), figures={w: {} for w in self.windows}
+            )
+        times = item.times
+        at = len(times) if not times or times[-1] <= when else bisect_right(times, when)
+        times.insert(at, when)
+        user_index = self._user(user)
+        item.users.insert(at, user_index)
+        item.values.insert(at, value)
+        item.top = None
+        starts = item.starts
+        for window, threshold in self._thresholds:
+            start = starts[window]
+            if at < start:  # before the window as last evaluated: outside it
+                starts[window] = start + 1
+            elif when >= threshold:
+                self._count(window, item, user_index, value, 1)
+            else:  # older than the window, yet no counted event is older: it starts after it
+                starts[window] = at + 1
+
+    def _count(self, window: str, item: _Item, user: int, value: int, sign: int) -> None:
+        """Add (sign 1) or take out (-1) one event of `user` in `window`'s figures."""
+        figures = item.figures[window]
+        row = figures.get(user)
+        if row is None:
+            row = figures[user] = [0, 0, 0]
+        total = self._totals[window].get(user)
+        if total is None:
+            total = self._totals[window][user] = [0, 0]
+        if value == STARTED:
+            row[0] += sign
+            total[0] += sign
+        elif value == VISITED:
+            row[2] += sign
+            total[1] += sign
+        else:
+            row[1] += sign * value
+        if row[0] == 0 and row[1] == 0 and row[2] == 0:
+            del figures[user]
+        if total[0] == 0 and total[1] == 0:
+            del self._totals[window][user]
+
+    def _advance(self, item: _Item, now_us: int) -> None:
+        """Take out of each window the events that have left it by `now_us`."""
+        times, users, values = item.times, item.users, item.values
+        for window, start in item.starts.items():
+            threshold = now_us - self.windows[window]
+            end = start
+            while end < len(times) and times[end] < threshold:
+                self._count(window, item, users[end], values[end], -1)
+                end += 1
+            if end != start:
+                item.starts[window] = end
+                item.top = None
+
+    def _recount(self) -> None:
+        """Every window's figures from scratch, all events counted (before a first view, or
+        when time went back)."""
+        self._totals = {w: {} for w in self.windows}
+        for item in self.items.values():
+            item.starts = dict.fromkeys(self.windows, 0)
+            item.figures = {w: {} for w in self.windows}
+            item.top = None
+            for user, value in zip(item.users, item.values, strict=True):
+                for window in self.windows:
+                    self._count(window, item, user, value, 1)
 
     def prune(self, before_us: int) -> None:
-        """Forget the events before `before_us` (older than every window)."""
+        """Forget the events before `before_us` that every window has let go (a view has
+        taken them out of its figures; the others go at a later prune)."""
         for content, item in list(self.items.items()):
             times = item.times
-            if not times or min(times) >= before_us:
+            cut = min(bisect_left(times, before_us), *item.starts.values())
+            if cut == 0:
                 continue
-            keep = [i for i, t in enumerate(times) if t >= before_us]
-            item.times = array("q", (times[i] for i in keep))
-            item.users = array("l", (item.users[i] for i in keep))
-            item.values = array("q", (item.values[i] for i in keep))
-            item.changed = True
-            if not keep:
-                self._retally(item, {})
+            del times[:cut], item.users[:cut], item.values[:cut]
+            item.starts = {w: max(0, s - cut) for w, s in item.starts.items()}
+            item.top = None
+            if not times:
                 del self.items[content]
 
     def events(self) -> Iterator[ViewerEvent]:
@@ -106,64 +173,14 @@ class ViewerLog:
             for when, user, value in zip(item.times, item.users, item.values, strict=True):
                 yield content, guids[user], when, value
 
-    # -- figures ----------------------------------------------------------------------------
-
-    def _evaluate(self, item: _Item, now_us: int) -> None:
-        """The item's figures per window at `now_us`, and until when they hold."""
-        thresholds = [(w, now_us - s * US) for w, s in self.windows.items()]
-        figures: dict[str, dict[int, list[int]]] = {w: {} for w in self.windows}
-        expires = 2**63
-        for when, user, value in zip(item.times, item.users, item.values, strict=True):
-            for window, threshold in thresholds:
-                if when < threshold:
-                    continue
-                expires = min(expires, when + self.windows[window] * US)
-                row = figures[window].get(user)
-                if row is None:
-                    row = figures[window][user] = [0, 0, 0]
-                if value == STARTED:
-                    row[0] += 1
-                elif value == VISITED:
-                    row[2] += 1
-                else:
-                    row[1] += value
-        self._retally(
-            item,
-            {
-                w: {u: (r[0], r[1], r[2]) for u, r in f.items() if r[0] + r[2] > 0}
-                for w, f in figures.items()
-            },
-        )
-        item.changed = False
-        item.evaluated = now_us
-        item.expires = expires
-
-    def _retally(self, item: _Item, figures: dict[str, dict[int, Figures]]) -> None:
-        """Swap the item's figures, moving the server-wide totals with them."""
-        for window, old in item.figures.items():
-            totals = self._totals[window]
-            for user, (sessions, _seconds, visits) in old.items():
-                row = totals[user]
-                row[0] -= sessions
-                row[1] -= visits
-                if row[0] == 0 and row[1] == 0:
-                    del totals[user]
-        for window, new in figures.items():
-            totals = self._totals[window]
-            for user, (sessions, _seconds, visits) in new.items():
-                total = totals.get(user)
-                if total is None:
-                    totals[user] = [sessions, visits]
-                else:
-                    total[0] += sessions
-                    total[1] += visits
-        item.figures = figures
+    # -- the view ---------------------------------------------------------------------------
 
     def view(self, now_us: int, top_viewers: int, top_users: int) -> ViewerView:
         """Each item's top `top_viewers` per window and the server's top `top_users`."""
-        for item in self.items.values():
-            if item.changed or not item.evaluated <= now_us < item.expires:
-                self._evaluate(item, now_us)
+        if now_us < self._now:
+            self._recount()
+        self._now = now_us
+        self._thresholds = [(w, now_us - span) for w, span in self.windows.items()]
         guids = self._guids
 
         def rank(rows: Iterable[tuple[int, int]], n: int) -> list[tuple[int, int]]:
@@ -172,13 +189,23 @@ class ViewerLog:
 
         viewers: dict[tuple[str, str, str], Figures] = {}
         dropped = dict.fromkeys(self.windows, 0)
-        if top_viewers > 0:
-            for content, item in self.items.items():
+        for content, item in self.items.items():
+            self._advance(item, now_us)
+            if top_viewers <= 0:
+                continue
+            if item.top is None:
+                item.top = {}
                 for window, figures in item.figures.items():
-                    members = [(-(f[0] + f[2]), u) for u, f in figures.items()]
-                    dropped[window] += max(0, len(members) - top_viewers)
-                    for _weight, user in rank(members, top_viewers):
-                        viewers[content, guids[user], window] = figures[user]
+                    members = [(-(f[0] + f[2]), u) for u, f in figures.items() if f[0] + f[2]]
+                    top = [
+                        (u, (figures[u][0], figures[u][1], figures[u][2]))
+                        for _w, u in rank(members, top_viewers)
+                    ]
+                    item.top[window] = (top, max(0, len(members) - top_viewers))
+            for window, (top, left_out) in item.top.items():
+                dropped[window] += left_out
+                for user, figures_of in top:
+                    viewers[content, guids[user], window] = figures_of
         users: dict[tuple[str, str], tuple[int, int]] = {}
         users_dropped = dict.fromkeys(self.windows, 0)
         if top_users > 0:

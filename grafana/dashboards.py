@@ -195,6 +195,42 @@ def new_dashboard(uid: str, title: str, description: str, *, content: bool = Fal
     )
 
 
+def merged(title: str, exprs: list[str], *, w: int = 12, h: int = 8) -> table.Panel:
+    """A table of several instant queries joined on their labels (one column per query)."""
+    targets = [
+        query(expr, ref=chr(ord("A") + i), instant=True, fmt="table")
+        for i, expr in enumerate(exprs)
+    ]
+    return (
+        table.Panel()
+        .title(title)
+        .datasource(DATASOURCE)
+        .targets(targets)
+        .span(w)
+        .height(h)
+        .with_transformation(dm.DataTransformerConfig(id_val="merge", options={}))
+        .with_transformation(
+            dm.DataTransformerConfig(
+                id_val="organize",
+                options={"excludeByName": {"Time": True, "__name__": True}},
+            )
+        )
+    )
+
+
+def by_username(expr: str) -> str:
+    """A vector labelled by user_guid, with the user's name joined from user_info."""
+    return (
+        f"max by (user_guid, username) (({expr}) * on (user_guid) group_left (username) "
+        f"max by (user_guid, username) (connect_usage_user_info{{{SEL}}}))"
+    )
+
+
+# Connect's now as the exporter last evaluated the windows: "ago" in one clock.
+CONNECT_NOW = f"scalar(max(connect_usage_windows_evaluated_timestamp_seconds{{{SEL}}}))"
+SHINY_MODES = "shiny|python-shiny|quarto-shiny|rmd-shiny"  # as exporter.snapshot.SHINY_APP_MODES
+
+
 def usage_overview() -> db.Dashboard:
     sessions_rate = dedup(f"rate(connect_usage_shiny_sessions_total{{{SEL}}}[$__rate_interval])")
     visits_rate = dedup(f"rate(connect_usage_content_visits_total{{{SEL}}}[$__rate_interval])")
@@ -209,6 +245,12 @@ def usage_overview() -> db.Dashboard:
             "connect-usage-overview",
             "Connect usage / Overview",
             "Posit Connect usage: sessions, visits, active users, top content, durations.",
+        )
+        .with_variable(
+            db.CustomVariable("unused_days")
+            .label("Unused for (days)")
+            .values("7,14,30,60,90")
+            .current(dm.VariableOption(selected=True, text="30", value="30"))
         )
         .with_row(db.Row("Activity"))
         .with_panel(
@@ -228,6 +270,22 @@ def usage_overview() -> db.Dashboard:
             st(
                 "Content items",
                 [query(f"sum({dedup(f'connect_usage_content_items{{{SEL}}}')})")],
+                w=3,
+            )
+        )
+        .with_panel(
+            st(
+                "Shiny apps",
+                [
+                    query(
+                        "sum("
+                        + dedup(f'connect_usage_content_items{{{SEL}, app_mode=~"{SHINY_MODES}"}}')
+                        + ")"
+                    )
+                ],
+                w=3,
+            ).description(
+                "Content items whose app mode is a Shiny one (R, Python, Quarto, R Markdown)."
             )
         )
         .with_panel(
@@ -279,7 +337,45 @@ def usage_overview() -> db.Dashboard:
                     + ")"
                 )
                 + ")",
-                w=24,
+            )
+        )
+        .with_panel(
+            tbl(
+                "Top apps by average Shiny session duration (time range)",
+                "topk(10, "
+                + with_names(
+                    "sum by (content_guid) ("
+                    + dedup(
+                        "increase(connect_usage_shiny_session_duration_seconds_sum"
+                        f"{{{SEL}}}[$__range])"
+                    )
+                    + ") / sum by (content_guid) ("
+                    + dedup(
+                        "increase(connect_usage_shiny_session_duration_seconds_count"
+                        f"{{{SEL}}}[$__range])"
+                    )
+                    + ") > 0"
+                )
+                + ")",
+            )
+        )
+        .with_row(db.Row("Top users"))
+        .with_panel(
+            merged(
+                "Top users by Shiny sessions and visits (7 days)",
+                [
+                    by_username(f'connect_usage_user_sessions{{{SEL}, window="7d"}}'),
+                    by_username(f'connect_usage_user_visits{{{SEL}, window="7d"}}'),
+                ],
+            ).description("Columns: Shiny sessions started, visits (CONNECT_EXPORTER_TOP_USERS).")
+        )
+        .with_panel(
+            merged(
+                "Top users by Shiny sessions and visits (30 days)",
+                [
+                    by_username(f'connect_usage_user_sessions{{{SEL}, window="30d"}}'),
+                    by_username(f'connect_usage_user_visits{{{SEL}, window="30d"}}'),
+                ],
             )
         )
         .with_row(db.Row("Shiny session duration"))
@@ -334,6 +430,30 @@ def usage_overview() -> db.Dashboard:
             tbl(
                 "Users by role and state",
                 f"max by (role, state) (connect_usage_users{{{SEL}}})",
+            )
+        )
+        .with_panel(
+            tbl(
+                "Content by owner",
+                "sort_desc(count by (owner) (max by (content_guid, owner) "
+                f'(connect_usage_content_info{{{SEL}, app_mode!="deleted"}})))',
+            )
+        )
+        .with_panel(
+            tbl(
+                "Content unused for $unused_days days (days since its last use; 0: never used)",
+                "sort_desc(("
+                + with_names(
+                    f"({CONNECT_NOW} - max by (content_guid) "
+                    f"(connect_usage_content_last_activity_timestamp_seconds{{{SEL}}})) / 86400"
+                )
+                + " > $unused_days) or "
+                + with_names(
+                    "0 * max by (content_guid) "
+                    f'(connect_usage_content_info{{{SEL}, app_mode!="deleted"}}) unless on '
+                    f"(content_guid) connect_usage_content_last_activity_timestamp_seconds{{{SEL}}}"
+                )
+                + ")",
             )
         )
         .with_row(db.Row("Week over week"))
@@ -475,6 +595,8 @@ def content_detail() -> db.Dashboard:
                 "s",
             )
         )
+        .with_panel(viewers_table("Viewers, last 7 days", sel, "7d"))
+        .with_panel(viewers_table("Viewers, last 30 days", sel, "30d"))
         .with_panel(
             tbl(
                 "Who has access (principals by type and role)",
@@ -489,6 +611,25 @@ def content_detail() -> db.Dashboard:
                 w=24,
             )
         )
+    )
+
+
+def viewers_table(title: str, sel: str, window: str) -> table.Panel:
+    """The item's top viewers by name: sessions, time in sessions, visits, last seen (ago)."""
+    viewer = f'{sel}, window="{window}"'
+    return merged(
+        title,
+        [
+            by_username(f"connect_usage_content_viewer_sessions{{{viewer}}}"),
+            by_username(f"connect_usage_content_viewer_session_seconds{{{viewer}}}"),
+            by_username(f"connect_usage_content_viewer_visits{{{viewer}}}"),
+            by_username(
+                f"{CONNECT_NOW} - connect_usage_content_viewer_last_seen_timestamp_seconds{{{sel}}}"
+            ),
+        ],
+    ).description(
+        "Columns: Shiny sessions started, seconds in sessions that ended, visits, seconds since "
+        "last seen (Connect's clock). The item's top CONNECT_EXPORTER_TOP_VIEWERS viewers."
     )
 
 

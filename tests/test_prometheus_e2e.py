@@ -137,17 +137,29 @@ def choose_content(metrics_url: str) -> str:
     return candidates[0]
 
 
-def add_traffic(simulator_url: str, guid: str) -> None:
-    """Sessions (one ended, one running) and visits for the chosen item, at the simulator's now."""
+def add_traffic(simulator_url: str, guid: str, user: str) -> None:
+    """Sessions (one ended, one running) and visits for the chosen item, at the simulator's now:
+    a known user's (a viewer with sessions and visits) and anonymous ones."""
     now = float(http_json(f"{simulator_url}/__sim__/clock")["now"])
     events = {
         "shiny": [
-            {"content_guid": guid, "user_guid": None, "started": now - 3, "ended": now - 1},
+            {"content_guid": guid, "user_guid": user, "started": now - 3, "ended": now - 1},
             {"content_guid": guid, "user_guid": None, "started": now - 2, "ended": None},
         ],
-        "visits": [{"content_guid": guid, "user_guid": None, "time": now - 2}],
+        "visits": [
+            {"content_guid": guid, "user_guid": user, "time": now - 2},
+            {"content_guid": guid, "user_guid": None, "time": now - 2},
+        ],
     }
     http_json(f"{simulator_url}/__sim__/events", events)
+
+
+def a_user(metrics_url: str) -> str:
+    with urllib.request.urlopen(metrics_url, timeout=10) as response:
+        text = response.read().decode()
+    match = re.search(r'connect_usage_user_info\{user_guid="([^"]+)"', text)
+    assert match, "no user in the demo"
+    return match[1]
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +177,7 @@ def prometheus(
     scrape["static_configs"] = [{"targets": [urllib.parse.urlsplit(metrics_url).netloc]}]
     with start_prometheus(config, tmp) as api:
         guid = choose_content(metrics_url)
-        add_traffic(simulator_url, guid)
+        add_traffic(simulator_url, guid, a_user(metrics_url))
 
         def scraped() -> bool:
             targets = http_json(f"{api}/targets")["data"]["activeTargets"]
@@ -219,6 +231,7 @@ def test_every_dashboard_query_returns_data(prometheus: tuple[str, str]) -> None
     api, guid = prometheus
     gen = load_generator()
     values = {"job": JOB, "instance": ".+", "content": guid, "datasource": "prometheus"}
+    values["unused_days"] = "0"  # every item used at all: the unused-content query has rows
     checked = 0
     empty = []
     for name, make in gen.DASHBOARDS.items():

@@ -26,6 +26,8 @@ REQUIRED_ALERTS = {
     "ConnectUsageConnectUnreachable",
     "ConnectUsageContentUsageDrop",
     "ConnectUsageServerUsageDrop",
+    "ConnectUsageServerShinySessionDrop",
+    "ConnectUsageContentUnused",
 }
 
 
