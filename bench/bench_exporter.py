@@ -71,10 +71,15 @@ def _median(values: list[float]) -> float:
 
 
 def ours(args: argparse.Namespace, job: dict[str, Any], checkout: Path | None) -> dict[str, Any]:
-    """This checkout's job with `--history-days` (a baseline takes the job as it is)."""
+    """This checkout's job with `--history-days`, `--top-viewers`, `--top-users` (a baseline
+    takes the job as it is)."""
     if checkout is not None:
         return job
-    return {**job, "settings": {**job.get("settings", {}), "history_days": args.history_days}}
+    settings = {**job.get("settings", {}), "history_days": args.history_days}
+    for name in ("top_viewers", "top_users"):
+        if getattr(args, name) is not None:
+            settings[name] = getattr(args, name)
+    return {**job, "settings": settings}
 
 
 def contenders(args: argparse.Namespace) -> list[tuple[str, Path | None]]:
@@ -321,6 +326,13 @@ def main(argv: list[str] | None = None) -> int:
         "a baseline from before the history origin does; 30 (the service's default) also counts "
         "the month into the counters",
     )
+    p.add_argument(
+        "--top-viewers",
+        type=int,
+        help="this checkout's CONNECT_EXPORTER_TOP_VIEWERS (default: the service's); 0 with "
+        "--top-users 0 does the work a baseline from before viewers does",
+    )
+    p.add_argument("--top-users", type=int, help="this checkout's CONNECT_EXPORTER_TOP_USERS")
     p.add_argument("--skip-sdk", action="store_true", help="no posit-sdk run (slow)")
     p.add_argument("--profile", help="write a pyinstrument profile of the catch-up here")
     p.add_argument(

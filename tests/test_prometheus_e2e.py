@@ -146,8 +146,12 @@ def add_traffic(simulator_url: str, guid: str, user: str) -> None:
             {"content_guid": guid, "user_guid": user, "started": now - 3, "ended": now - 1},
             {"content_guid": guid, "user_guid": None, "started": now - 2, "ended": None},
         ],
+        # enough of the user's visits to rank among the item's top viewers
         "visits": [
-            {"content_guid": guid, "user_guid": user, "time": now - 2},
+            *(
+                {"content_guid": guid, "user_guid": user, "time": now - 2 - i / 10}
+                for i in range(50)
+            ),
             {"content_guid": guid, "user_guid": None, "time": now - 2},
         ],
     }
@@ -155,11 +159,17 @@ def add_traffic(simulator_url: str, guid: str, user: str) -> None:
 
 
 def a_user(metrics_url: str) -> str:
-    with urllib.request.urlopen(metrics_url, timeout=10) as response:
-        text = response.read().decode()
-    match = re.search(r'connect_usage_user_info\{user_guid="([^"]+)"', text)
-    assert match, "no user in the demo"
-    return match[1]
+    """A user the exporter has named (user_info), once its metadata poll has shown one."""
+    found: list[str] = []
+
+    def named() -> bool:
+        with urllib.request.urlopen(metrics_url, timeout=10) as response:
+            text = response.read().decode()
+        found.extend(re.findall(r'connect_usage_user_info\{[^}]*user_guid="([^"]+)"', text))
+        return bool(found)
+
+    wait_for("a user in user_info", named, 45)
+    return found[0]
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +187,8 @@ def prometheus(
     scrape["static_configs"] = [{"targets": [urllib.parse.urlsplit(metrics_url).netloc]}]
     with start_prometheus(config, tmp) as api:
         guid = choose_content(metrics_url)
-        add_traffic(simulator_url, guid, a_user(metrics_url))
+        user = a_user(metrics_url)
+        add_traffic(simulator_url, guid, user)
 
         def scraped() -> bool:
             targets = http_json(f"{api}/targets")["data"]["activeTargets"]
@@ -196,6 +207,14 @@ def prometheus(
         ]
         for expr in must_have:
             wait_for(expr, lambda e=expr: instant(api, e)["result"], 45)
+        # More, once Prometheus holds samples from before it: increases over a range see it.
+        add_traffic(simulator_url, guid, user)
+        ended = f"connect_usage_shiny_session_duration_seconds_count{{{selector}}}"
+        wait_for(
+            f"increase({ended}[1m]) > 0",
+            lambda: instant(api, f"increase({ended}[1m]) > 0")["result"],
+            45,
+        )
         yield api, guid
 
 
