@@ -250,7 +250,11 @@ def usage_overview() -> db.Dashboard:
             db.CustomVariable("unused_days")
             .label("Unused for (days)")
             .values("7,14,30,60,90")
-            .current(dm.VariableOption(selected=True, text="30", value="30"))
+            .current(
+                dm.VariableOption(
+                    selected=True, text=UNUSED_DAYS_DEFAULT, value=UNUSED_DAYS_DEFAULT
+                )
+            )
         )
         .with_row(db.Row("Activity"))
         .with_panel(
@@ -846,6 +850,9 @@ def panel_queries(data: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 GRAFANA_DEFAULTS = {"__rate_interval": "4m", "__interval": "1m", "__range": "1h"}
+# Custom variables' defaults, as a dashboard opens (a caller's values override them).
+UNUSED_DAYS_DEFAULT = "30"
+VARIABLE_DEFAULTS = {"unused_days": UNUSED_DAYS_DEFAULT}
 
 
 def unsubstituted(expr: str) -> list[str]:
@@ -856,7 +863,7 @@ def unsubstituted(expr: str) -> list[str]:
 
 def substitute(expr: str, values: dict[str, str]) -> str:
     """Replace Grafana variables ($name and ${name}) the way Grafana would before querying."""
-    merged = {**GRAFANA_DEFAULTS, **values}
+    merged = {**GRAFANA_DEFAULTS, **VARIABLE_DEFAULTS, **values}
     # longest names first, so $__range does not eat $__range_s and $job does not eat $jobs
     for name in sorted(merged, key=len, reverse=True):
         expr = expr.replace("${" + name + "}", merged[name]).replace("$" + name, merged[name])

@@ -416,6 +416,7 @@ DASHBOARD_VALUES = {
     "instance": ".+",
     "datasource": "prometheus",
     "__range": "7d",
+    "unused_days": "0",  # every item of the simulated server is used within 30 days
 }
 
 
