@@ -154,17 +154,7 @@ async def serve(settings: Settings, *, on_listening: Callable[[str], None] | Non
         on_listening(url)
     try:
         async with client, anyio.create_task_group() as group:
-
-            async def stop_on_signal() -> None:
-                with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                    async for signum in signals:
-                        log.info(
-                            "received %s: finishing the batch in hand", signal.Signals(signum).name
-                        )
-                        group.cancel_scope.cancel()
-                        return
-
-            group.start_soon(stop_on_signal)
+            group.start_soon(cancel_on_signal, group.cancel_scope, "finishing the batch in hand")
             await _load(poller)
             group.start_soon(poller.run)
     finally:
@@ -203,6 +193,18 @@ def setup_logging(settings: Settings) -> None:
     # One line per request would drown the one line per poll; retries log on their own.
     for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+async def cancel_on_signal(scope: anyio.CancelScope, doing: str | None = None) -> signal.Signals:
+    """Cancel `scope` at the first SIGTERM or SIGINT (logging what happens next); return it."""
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            received = signal.Signals(signum)
+            if doing is not None:
+                log.info("received %s: %s", received.name, doing)
+            scope.cancel()
+            return received
+    raise AssertionError("unreachable: a signal receiver never ends")
 
 
 def fail(message: str, status: int) -> int:
@@ -260,9 +262,19 @@ def run_backfill_command(
         return fail(str(exc), EXIT_SETTINGS)
     client = make_client(settings, Health(stream.name for stream in STREAMS))
 
-    async def go() -> Written:
-        async with client:
-            return await run_backfill(
+    received: list[signal.Signals] = []
+
+    async def go() -> Written | None:
+        # SIGTERM (a Kubernetes Job's end) and SIGINT both cancel the read mid-request, and the
+        # unfinished temporary file is removed on the way out.
+        written: Written | None = None
+        async with client, anyio.create_task_group() as group:
+
+            async def watch() -> None:
+                received.append(await cancel_on_signal(group.cancel_scope))
+
+            group.start_soon(watch)
+            written = await run_backfill(
                 client,
                 make_rules(settings),
                 state,
@@ -272,16 +284,21 @@ def run_backfill_command(
                 history_days=settings.history_days,
                 progress=sys.stderr.isatty(),
             )
+            group.cancel_scope.cancel()
+        return written
 
     tune_gc()
     try:
-        written = anyio.run(go)
+        done = anyio.run(go)
     except BackfillError as exc:
         return fail(f"{exc}; nothing written", EXIT_SETTINGS)
     except ConnectError as exc:
         return fail(f"cannot read Connect: {exc}; nothing written", 1)
-    except KeyboardInterrupt:
-        return fail("interrupted: nothing written", 130)
+    except KeyboardInterrupt:  # before the signal watch is up
+        return fail("interrupted: nothing written", 128 + signal.SIGINT)
+    if done is None:  # cancelled by a signal before the file was in place
+        return fail("interrupted: nothing written", 128 + (received or [signal.SIGINT])[0])
+    written = done
     history = written.history
     if written.first - step * US > history.origin:
         print(

@@ -8,6 +8,8 @@ time zone), every process the tests start included.
     .venv/bin/python -m tests.clock_sweep              # the whole suite (slow tests too) at each
     .venv/bin/python -m tests.clock_sweep --reduced    # poller, crash and fault tests, 2 instants
     .venv/bin/python -m tests.clock_sweep -- -k skew   # extra arguments go to pytest
+    .venv/bin/python -m tests.clock_sweep --at "2026-12-05 03:00:00" --repeat 5
+    .venv/bin/python -m tests.clock_sweep --now --repeat 5   # the real clock, five times
 
 At each instant the fast set runs as `pytest -q` does (two workers), then the slow set one test
 at a time, as `.ci/run` runs them.
@@ -33,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @dataclass(frozen=True)
 class Instant:
-    when: str  # UTC, as `faketime` reads it
+    when: str | None  # UTC, as `faketime` reads it; None: the real clock
     tz: str  # the local time zone of the run
     why: str
 
@@ -65,17 +67,10 @@ def run(instant: Instant, pytest_args: list[str]) -> tuple[int, float]:
 def pytest_at(instant: Instant, pytest_args: list[str]) -> tuple[int, float]:
     """pytest under faketime at `instant`; its exit status and wall seconds."""
     env = {**os.environ, "TZ": instant.tz}
-    command = [
-        "faketime",
-        f"{instant.when} UTC",
-        str(Path(sys.executable)),
-        "-m",
-        "pytest",
-        "-q",
-        "-p",
-        "no:cacheprovider",
-        *pytest_args,
-    ]
+    fake = [] if instant.when is None else ["faketime", f"{instant.when} UTC"]
+    # -rf names every failed test in the summary, so one failure in many runs is never lost.
+    pytest = [str(Path(sys.executable)), "-m", "pytest", "-q", "-rf", "-p", "no:cacheprovider"]
+    command = [*fake, *pytest, *pytest_args]
     started = time.monotonic()
     status = subprocess.run(command, cwd=ROOT, env=env, check=False).returncode
     return status, time.monotonic() - started
@@ -86,22 +81,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--reduced", action="store_true", help="poller, crash and fault tests at two instants"
     )
+    parser.add_argument("--at", action="append", metavar="WHEN", help="this UTC instant instead")
+    parser.add_argument("--now", action="store_true", help="the real clock instead (no faketime)")
+    parser.add_argument("--repeat", type=int, default=1, metavar="N", help="each instant N times")
     parser.add_argument("pytest_args", nargs="*", help="after --: arguments for pytest")
     args = parser.parse_args(argv)
-    if shutil.which("faketime") is None:
+    if not args.now and shutil.which("faketime") is None:
         print("clock_sweep: faketime not found (Debian package faketime)", file=sys.stderr)
         return 1
-    instants = REDUCED if args.reduced else INSTANTS
+    if args.now:
+        instants: tuple[Instant, ...] = (Instant(None, "UTC", "the real clock"),)
+    elif args.at:
+        instants = tuple(Instant(when, "UTC", "chosen") for when in args.at)
+    else:
+        instants = REDUCED if args.reduced else INSTANTS
+    instants = tuple(instant for instant in instants for _ in range(max(1, args.repeat)))
     pytest_args = [*(REDUCED_TESTS if args.reduced else ()), *args.pytest_args]
     results = []
     for instant in instants:
-        print(f"== {instant.when} UTC ({instant.tz}): {instant.why}", flush=True)
+        print(f"== {instant.when or 'now'} UTC ({instant.tz}): {instant.why}", flush=True)
         status, seconds = run(instant, pytest_args)
         results.append((instant, status, seconds))
     print("\nclock sweep:")
     for instant, status, seconds in results:
         verdict = "passed" if status == 0 else f"FAILED (pytest exit {status})"
-        print(f"  {instant.when} UTC {instant.tz:<17} {verdict:<24} {seconds:5.0f} s {instant.why}")
+        when = instant.when or "now"
+        print(f"  {when} UTC {instant.tz:<17} {verdict:<24} {seconds:5.0f} s {instant.why}")
     return 0 if all(status == 0 for _, status, _ in results) else 1
 
 
