@@ -35,7 +35,7 @@ from exporter.snapshot import DELETED, ContentInfo, MetadataView, Snapshot
 from exporter.store import Store
 from exporter.streams import STREAMS, Stream
 
-__all__ = ["Poller", "WalkAbandonedError"]
+__all__ = ["Poller", "WalkAbandonedError", "first_error"]
 
 log = logging.getLogger("exporter.poller")
 
@@ -55,11 +55,11 @@ def _when(seconds: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 
-def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The first real error of a slice task group, so callers see a ConnectError, not a group."""
+def first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first real error of a task group, so callers see a ConnectError, not a group."""
     for error in group.exceptions:
         if isinstance(error, BaseExceptionGroup):
-            return _first_error(error)
+            return first_error(error)
         if not isinstance(error, anyio.get_cancelled_exc_class()):
             return error
     return group
@@ -282,7 +282,7 @@ class Poller:
                     with anyio.CancelScope(shield=True):
                         await run_walk.notify()
         except BaseExceptionGroup as group_error:
-            raise _first_error(group_error) from None
+            raise first_error(group_error) from None
 
     # -- metadata -----------------------------------------------------------------------------
 

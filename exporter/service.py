@@ -20,7 +20,7 @@ from exporter.health import Health
 from exporter.http import ExporterHTTPServer
 from exporter.logs import configure_logging
 from exporter.model import US, Rules, UsageModel
-from exporter.poller import Poller
+from exporter.poller import Poller, first_error
 from exporter.settings import Settings, setting_error
 from exporter.store import SqliteStore, StateError, Store
 from exporter.streams import STREAMS
@@ -268,23 +268,26 @@ def run_backfill_command(
         # SIGTERM (a Kubernetes Job's end) and SIGINT both cancel the read mid-request, and the
         # unfinished temporary file is removed on the way out.
         written: Written | None = None
-        async with client, anyio.create_task_group() as group:
+        try:
+            async with client, anyio.create_task_group() as group:
 
-            async def watch() -> None:
-                received.append(await cancel_on_signal(group.cancel_scope))
+                async def watch() -> None:
+                    received.append(await cancel_on_signal(group.cancel_scope))
 
-            group.start_soon(watch)
-            written = await run_backfill(
-                client,
-                make_rules(settings),
-                state,
-                output=output,
-                step=step,
-                target=target,
-                history_days=settings.history_days,
-                progress=sys.stderr.isatty(),
-            )
-            group.cancel_scope.cancel()
+                group.start_soon(watch)
+                written = await run_backfill(
+                    client,
+                    make_rules(settings),
+                    state,
+                    output=output,
+                    step=step,
+                    target=target,
+                    history_days=settings.history_days,
+                    progress=sys.stderr.isatty(),
+                )
+                group.cancel_scope.cancel()
+        except BaseExceptionGroup as group_error:
+            raise first_error(group_error) from None
         return written
 
     tune_gc()
