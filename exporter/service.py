@@ -7,6 +7,7 @@ import logging
 import math
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -274,7 +275,8 @@ def run_backfill_command(
                 async def watch() -> None:
                     received.append(await cancel_on_signal(group.cancel_scope))
 
-                group.start_soon(watch)
+                if threading.current_thread() is threading.main_thread():  # not in the demo's
+                    group.start_soon(watch)
                 written = await run_backfill(
                     client,
                     make_rules(settings),
