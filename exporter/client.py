@@ -75,6 +75,11 @@ RETRY_STATUSES = frozenset({429, 502, 503, 504})  # what proxies answer when Con
 DEFAULT_MAX_RESPONSE_BYTES = 64 * 1024 * 1024  # ~20x a full 500-record page with long agents
 HITS_MIN_VERSION = (2025, 4, 0)
 HITS_FILTER_MIN_VERSION = (2026, 1, 0)
+# Hits come unpaged, one response per `from`..`to` window: `hit_pages` walks a range in windows
+# sized to hold about this many hits each, between these bounds (µs).
+US = 1_000_000
+HITS_PER_WINDOW = 5_000
+HIT_WINDOW_US = (1_000_000, 900 * 1_000_000, 86_400 * 1_000_000)  # least, first, most
 _VERSION = re.compile(r"\s*(\d+)\.(\d+)\.(\d+)")
 _MAX_BACKOFF_EXPONENT = 62  # keeps backoff_base * 2**attempt a finite float
 _clock = time.perf_counter  # a module name of its own, so tests can fake request durations
@@ -215,6 +220,10 @@ def _http_date(value: str | None) -> float | None:
     if parsed.tzinfo is None:  # RFC 5322 "-0000": UTC, with no claim about local time
         parsed = parsed.replace(tzinfo=UTC)
     return parsed.timestamp()
+
+
+def _hit_order(hit: Hit) -> tuple[int, str]:
+    return hit.timestamp, hit.id
 
 
 def _server_time(response: httpx.Response) -> float | None:
@@ -659,20 +668,61 @@ class ConnectClient:
             limit=limit,
         )
 
-    async def hits(self, *, start: int, end: int, content_guids: Sequence[str] = ()) -> Page[Hit]:
-        """All hits in `[start, end]` in one unpaged response (Connect >= 2025.04.0)."""
+    async def hits_unsupported(self) -> str | None:
+        """Why this server has no hits endpoint (None: it has one, Connect >= 2025.04.0)."""
         if self._settings is None:
             await self.server_settings()
         assert self._settings is not None
         shown = self._settings.version
         version = parse_version(shown)
         if version is None:
-            raise UnsupportedError(
+            return (
                 "hits need Connect 2025.04.0 or later, and this server does not report a usable "
                 f"version (server_settings.version is {shown!r}); hits are not read"
             )
         if version < HITS_MIN_VERSION:
-            raise UnsupportedError(f"hits need Connect 2025.04.0 or later; this server is {shown}")
+            return f"hits need Connect 2025.04.0 or later; this server is {shown}"
+        return None
+
+    async def hit_pages(self, *, start: int, end: int | None = None) -> AsyncIterator[Page[Hit]]:
+        """Hits with `start <= timestamp < end` µs (end None: up to Connect's now), sorted by
+        (timestamp, id), one Page per window of time.
+
+        The endpoint is not paged, so the range is read in consecutive windows on whole seconds
+        (Connect's `from`/`to` resolution), each sized from the last one's count; a window's
+        records outside it (its `to` second, read again by the next) are left to the next.
+        """
+        lo = start // US * US
+        span = HIT_WINDOW_US[1]
+        while True:
+            hi = lo + span if end is None else min(lo + span, -(-end // US) * US)
+            page = await self.hits(start=lo, end=hi)
+            keep = [
+                h
+                for h in page.records
+                if lo <= h.timestamp < hi
+                and start <= h.timestamp
+                and (end is None or h.timestamp < end)
+            ]
+            keep.sort(key=_hit_order)
+            yield Page(keep, page.malformed, page.server_time)
+            now = page.server_time if page.server_time is not None else time.time()
+            if (end is not None and hi >= end) or (end is None and hi > now * US):
+                return
+            count = max(len(keep), 1)
+            span = min(max(span * HITS_PER_WINDOW // count, HIT_WINDOW_US[0]), HIT_WINDOW_US[2])
+            span = min(span, 2 * (hi - lo)) // US * US  # widen gradually after a sparse window
+            lo = hi
+
+    async def hits(self, *, start: int, end: int, content_guids: Sequence[str] = ()) -> Page[Hit]:
+        """All hits in `[start, end]` in one unpaged response (Connect >= 2025.04.0)."""
+        unsupported = await self.hits_unsupported()
+        if unsupported is not None:
+            raise UnsupportedError(unsupported)
+        assert self._settings is not None
+        shown = self._settings.version
+        version = parse_version(shown)
+        assert version is not None
         params = {
             "from": format_query_time(start, ceil=False),
             "to": format_query_time(end, ceil=True),

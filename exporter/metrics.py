@@ -133,6 +133,13 @@ def _sessions_content(snap: Snapshot) -> list[str]:
     return [g for g, info in snap.content_info.items() if counts_sessions(info)]
 
 
+def _hits(snap: Snapshot) -> Samples:
+    """Only where the hits stream is read: a Connect without it shows no hits, not zeros."""
+    if "hits" not in snap.streams:
+        return ()
+    return _counted(snap, snap.usage.content_hits_total, lambda _info: True)
+
+
 def _excluded(snap: Snapshot) -> Samples:
     if not snap.counters_shown:
         return ()
@@ -177,6 +184,14 @@ FAMILIES: tuple[Family, ...] = (
         f"Content visits (excluding synthetic ones), counted once each {_POLL}.",
         ("content_guid",),
         lambda s: _counted(s, s.usage.content_visits_total, counts_visits),
+    ),
+    Family(
+        PREFIX + "content_hits_total",
+        "counter",
+        "Content hits, every content type, Shiny sessions at their start (excluding synthetic "
+        f"ones; Connect 2025.04.0 and later), counted once each {_POLL}.",
+        ("content_guid",),
+        _hits,
     ),
     Family(
         PREFIX + "active_users",

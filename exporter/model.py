@@ -4,6 +4,7 @@ Records carry no ids (see the reference), so the model identifies them itself:
 - a Shiny session by `(content_guid, user_guid, started)`, with the state open/closed/abandoned;
 - a visit by all of its fields but `data_version`, as a multiset: a walk that meets a key more
   often than the stored count has met new, identical visits;
+- a hit by its `id` (hits are the one stream that has ids);
 - a malformed record by a digest of its raw JSON, counted like a visit.
 These de-dup keys live in one key space per kind (`SPACES`). Keys are kept only for records at
 or after the counting epoch (older records change no counter, and the last-seen maps they feed
@@ -23,7 +24,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from exporter.records import ShinySession, Visit, share
+from exporter.records import Hit, ShinySession, Visit, share
 from exporter.viewers import STARTED, VISITED, ViewerEvent, ViewerLog, ViewerView, top_pairs
 
 US = 1_000_000
@@ -53,18 +54,22 @@ PairKey = tuple[str, str]  # (content_guid, user_guid)
 # Key spaces, and the stream whose walk start bounds each.
 SESSIONS_SPACE = "shiny"
 VISITS_SPACE = "visits"
+HITS_SPACE = "hits"
 LEGACY_SPACE = "legacy"  # digests from state files of schema 2 (see `_legacy_seen`)
 SPACES: dict[str, str] = {
     SESSIONS_SPACE: "shiny",
     VISITS_SPACE: "visits",
     "shiny:malformed": "shiny",
     "visits:malformed": "visits",
+    HITS_SPACE: "hits",
+    "hits:malformed": "hits",
     LEGACY_SPACE: "visits",
 }
 
 # Counter names.
 SESSIONS = "shiny_sessions"
 VISITS = "content_visits"
+HITS = "content_hits"
 ABANDONED_SESSIONS = "shiny_sessions_abandoned"
 EXCLUDED = "excluded"  # label "stream/reason"
 
@@ -234,6 +239,7 @@ class UsageView:
     shiny_sessions_active: Mapping[str, int] = field(default_factory=dict)
     shiny_sessions_abandoned_total: Mapping[str, int] = field(default_factory=dict)
     content_visits_total: Mapping[str, int] = field(default_factory=dict)
+    content_hits_total: Mapping[str, int] = field(default_factory=dict)
     active_users: Mapping[str, int] = field(default_factory=dict)  # window
     content_active_users: Mapping[tuple[str, str], int] = field(default_factory=dict)
     content_last_activity: Mapping[str, float] = field(default_factory=dict)
@@ -358,6 +364,15 @@ class UsageModel:
                 c: (list(n), self.duration_sums[c]) for c, n in self.duration_counts.items()
             },
         )
+
+    def add_streams(self, streams: Iterable[str]) -> None:
+        """Streams the state's first start did not read (an upgrade added them): their first
+        walk reads from the origin, as every stream's first walk did."""
+        if self.counting_since is None:
+            return
+        for stream in streams:
+            if stream not in self.hwm:
+                self.set_hwm(stream, self.counting_since + self.rules.overlap_us)
 
     def walk_start(self, stream: str) -> int:
         """Where the next walk of `stream` begins: the overlap re-reads late writes."""
@@ -599,6 +614,36 @@ class UsageModel:
             self._add(VISITS, content, count)
             walk.new_events += count
 
+    def apply_hits(self, hits: Sequence[Hit], walk: WalkTally, now_us: int = 0) -> None:
+        """Apply one page of hits, each counted once by its id. Hits repeat what the visits
+        and sessions say (a Shiny session is a hit at its start), so they feed only their own
+        counter: no last-seen time, no viewer, no active user."""
+        t0 = self.counting_since
+        assert t0 is not None, "start_counting() or a loaded state before applying records"
+        keys = self.keys[HITS_SPACE]
+        noted = self._delta.keys.setdefault(HITS_SPACE, {})
+        prefixes = self.rules.exclude_user_agents
+        added: dict[str, int] = {}
+        for hit in hits:
+            when = hit.timestamp
+            if when < walk.start_us or when < t0:
+                continue
+            key = (hit.id,)
+            if key in keys:
+                continue
+            keys[key] = (1, when)
+            noted[key] = (1, when, False)
+            agent = hit.user_agent
+            if agent and prefixes and agent.startswith(prefixes):
+                self._add(EXCLUDED, "hits/synthetic")
+                walk.excluded += 1
+                continue
+            added[hit.content_guid] = added.get(hit.content_guid, 0) + 1
+        walk.records += len(hits)
+        for content, count in added.items():
+            self._add(HITS, content, count)
+            walk.new_events += count
+
     def _legacy_seen(self, visit: Visit, key: VisitKey) -> KeyValue | None:
         """A visit a schema-2 state file keyed by digest: its count, now under its own key."""
         digest = legacy_digest(visit)
@@ -689,7 +734,12 @@ class UsageModel:
         last_activity = {c: t / US for c, t in self.content_last.items()}
         for content in active:
             last_activity[content] = now_s
-        totals: dict[str, dict[str, int]] = {SESSIONS: {}, VISITS: {}, ABANDONED_SESSIONS: {}}
+        totals: dict[str, dict[str, int]] = {
+            SESSIONS: {},
+            VISITS: {},
+            HITS: {},
+            ABANDONED_SESSIONS: {},
+        }
         excluded: dict[tuple[str, str], int] = {}
         for (name, label), value in self.counters.items():
             if name == EXCLUDED:
@@ -707,7 +757,14 @@ class UsageModel:
             else self.viewers.view(now_us, self.rules.top_viewers, self.rules.top_users)
         )
         usage_content = frozenset(
-            {*self.content_last, *totals[SESSIONS], *totals[VISITS], *durations, *active}
+            {
+                *self.content_last,
+                *totals[SESSIONS],
+                *totals[VISITS],
+                *totals[HITS],
+                *durations,
+                *active,
+            }
         )
         return UsageView(
             shiny_sessions_total=totals[SESSIONS],
@@ -715,6 +772,7 @@ class UsageModel:
             shiny_sessions_active=active,
             shiny_sessions_abandoned_total=totals[ABANDONED_SESSIONS],
             content_visits_total=totals[VISITS],
+            content_hits_total=totals[HITS],
             active_users=active_users,
             content_active_users=content_active,
             content_last_activity=last_activity,

@@ -105,6 +105,10 @@ class Poller:
         }
         self._polls[METADATA] = self.refresh_metadata
         self._stream_names = {s.name for s in self.streams}
+        # Streams known to be readable on this server; one with an `unsupported` check joins
+        # once it passes (a Connect without hits never shows their families).
+        self._readable = {s.name for s in self.streams if s.unsupported is None}
+        self._unsupported: dict[str, str] = {}  # stream -> why, as last logged
 
     @property
     def model(self) -> UsageModel:
@@ -166,8 +170,8 @@ class Poller:
             content_info=info,
             counting_since=None if model.counting_since is None else model.counting_since / US,
             windows_evaluated_at=now,
-            high_water_mark={s: v / US for s, v in model.hwm.items()},
-            streams=tuple(s.name for s in self.streams),
+            high_water_mark={s: v / US for s, v in model.hwm.items() if s in self._readable},
+            streams=tuple(s.name for s in self.streams if s.name in self._readable),
             taken_at=now,
         )
         self.published_at = time.monotonic()
@@ -180,6 +184,7 @@ class Poller:
         state = await anyio.to_thread.run_sync(committer.store.load)
         if state is not None:
             committer.model = UsageModel(committer.model.rules, state)
+            committer.model.add_streams(s.name for s in self.streams)
             log.info("restored state: counters continue from the state file")
         else:
             server_time = await self.client.server_time()
@@ -207,7 +212,7 @@ class Poller:
             return stream
         return next(s for s in self.streams if s.name == stream)
 
-    async def poll_stream(self, stream: Stream[Any] | str) -> WalkTally:
+    async def poll_stream(self, stream: Stream[Any] | str) -> WalkTally | None:
         """One complete walk of a stream from its high-water mark minus the overlap.
 
         A long range is cut into time slices read concurrently: on a Connect far away, round
@@ -218,6 +223,11 @@ class Poller:
         stream = self._stream(stream)
         committer = self.committer
         committer.check_writable()
+        if stream.unsupported is not None and not await self._readable_now(stream):
+            async with committer.lock:
+                self._walked(committer.model, stream)  # nothing to count: it is complete
+                await committer.commit()
+            return None
         walk_model = committer.model
         walk = walk_model.walk_tally(stream.name)
         begin_us = int(self.connect_now()) * US
@@ -243,11 +253,30 @@ class Poller:
                 stream.finish(model, walk, walk_now_us)
                 model.set_hwm(stream.name, walk_now_us - US)
                 model.prune_windows(walk_now_us)
-                model.complete_walks.add(stream.name)
-                if not model.counters_shown and model.complete_walks >= self._stream_names:
-                    model.take_baseline()  # the history is counted: the counters are whole
+                self._walked(model, stream)
                 await committer.commit()
         return walk  # poll_once publishes, once the poll's health is recorded too
+
+    def _walked(self, model: UsageModel, stream: Stream[Any]) -> None:
+        model.complete_walks.add(stream.name)
+        if not model.counters_shown and model.complete_walks >= self._stream_names:
+            model.take_baseline()  # the history is counted: the counters are whole
+
+    async def _readable_now(self, stream: Stream[Any]) -> bool:
+        """Whether this server serves `stream`, logged when that changes."""
+        assert stream.unsupported is not None
+        why = await stream.unsupported(self.client)
+        if why is None:
+            if stream.name in self._unsupported:
+                log.info("%s: the server now serves them; reading", stream.name)
+                del self._unsupported[stream.name]
+            self._readable.add(stream.name)
+            return True
+        if self._unsupported.get(stream.name) != why:
+            log.info("%s: not read: %s", stream.name, why, extra={"stream": stream.name})
+            self._unsupported[stream.name] = why
+        self._readable.discard(stream.name)
+        return False
 
     async def _walk(
         self,
@@ -342,7 +371,7 @@ class Poller:
                     "seconds": round(elapsed, 3),
                 },
             )
-        elif ok:
+        elif ok and name == METADATA:
             log.info("refreshed metadata in %.2fs", elapsed, extra={"stream": name})
         async with self.committer.lock:
             # Another stream's walk may hold applied pages: commit them before they are shown.

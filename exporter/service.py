@@ -24,7 +24,7 @@ from exporter.model import US, Rules, UsageModel
 from exporter.poller import Poller, first_error
 from exporter.settings import Settings, setting_error
 from exporter.store import SqliteStore, StateError, Store
-from exporter.streams import STREAMS
+from exporter.streams import HITS, STREAMS
 from exporter.webconfig import WebConfigError, load_web_config
 from exporter.wsgiserver import raise_open_file_limit
 
@@ -85,12 +85,14 @@ def make_rules(settings: Settings) -> Rules:
 def build(settings: Settings, store: Store) -> tuple[ConnectClient, Poller, ExporterRegistry]:
     """The client, the poller over `store`, and the registry that serves them."""
     tune_gc()
-    health = Health(stream.name for stream in STREAMS)
+    streams = [s for s in STREAMS if settings.hits_enabled or s is not HITS]
+    health = Health(stream.name for stream in streams)
     client = make_client(settings, health)
     poller = Poller(
         client,
         UsageModel(make_rules(settings)),
         store,
+        streams=streams,
         poll_interval=settings.poll_interval,
         metadata_interval=settings.metadata_interval,
         permissions_enabled=settings.permissions_enabled,

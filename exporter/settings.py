@@ -23,7 +23,20 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 ENV_PREFIX = "CONNECT_EXPORTER_"
 DEFAULT_PORT = 9741
 MAX_PORT = 65535  # neither Connect's 3232 nor Workbench's 8989
-DEFAULT_EXCLUDE_USER_AGENTS = ("ContentHealthMonitor/",)
+# User-agent prefixes of well-known uptime monitors and health checks: they fetch content on a
+# schedule and are not people. README lists who sends each.
+DEFAULT_EXCLUDE_USER_AGENTS = (
+    "ContentHealthMonitor/",  # Posit's Connect content health monitor
+    "Datadog/Synthetics",  # Datadog Synthetics API tests (seen in real Connect hits)
+    "Pingdom.com_bot",
+    "Site24x7",
+    "GoogleStackdriverMonitoring-UptimeChecks",
+    "Amazon-Route53-Health-Check-Service",
+    "ELB-HealthChecker/",
+    "kube-probe/",
+    "Blackbox Exporter/",  # Prometheus' blackbox_exporter
+    "Uptime-Kuma/",
+)
 # Upper bounds: far above any sensible value, low enough that every figure derived from a
 # setting (microsecond marks, sleeps, buffers) stays an ordinary number.
 DAY = 86400.0
@@ -130,6 +143,7 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     exclude_user_agents: Annotated[tuple[str, ...], NoDecode] = DEFAULT_EXCLUDE_USER_AGENTS
     permissions_enabled: bool = True
+    hits_enabled: bool = True  # read the hits stream where Connect has it (>= 2025.04.0)
     permissions_concurrency: int = Field(default=4, ge=1, le=64)
     catchup_concurrency: int = Field(default=8, ge=1, le=32)
     top_viewers: int = Field(default=5, ge=0, le=100)

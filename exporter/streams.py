@@ -2,13 +2,13 @@
 
 A stream says how to fetch a time range of records from Connect, what its records are sorted
 (and sliced) by, whether a range's first slice must reach back before it, how the model applies
-a page of them, and what a complete walk ends with.
+a page of them, what a complete walk ends with, and whether the server has it at all.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any, Generic, TypeVar
@@ -34,6 +34,8 @@ class Stream(Generic[R]):
     reaches_back: bool
     apply: Callable[[UsageModel, Sequence[R], WalkTally, int], None]  # (..., walk's now µs)
     finish: Callable[[UsageModel, WalkTally, int], None] = lambda _m, _w, _now: None
+    # Why this server cannot serve the stream (None: it can); None here: every server can.
+    unsupported: Callable[[ConnectClient], Awaitable[str | None]] | None = None
 
 
 def _finish_shiny(model: UsageModel, walk: WalkTally, now_us: int) -> None:
@@ -59,4 +61,13 @@ VISITS: Stream[Any] = Stream(
     apply=lambda model, records, walk, now_us: model.apply_visits(records, walk, now_us),
 )
 
-STREAMS: tuple[Stream[Any], ...] = (SHINY, VISITS)
+HITS: Stream[Any] = Stream(
+    name="hits",
+    fetch=lambda client, start, end: client.hit_pages(start=start or 0, end=end),
+    sort_key=attrgetter("timestamp"),
+    reaches_back=False,
+    apply=lambda model, records, walk, now_us: model.apply_hits(records, walk, now_us),
+    unsupported=lambda client: client.hits_unsupported(),  # Connect before 2025.04.0
+)
+
+STREAMS: tuple[Stream[Any], ...] = (SHINY, VISITS, HITS)

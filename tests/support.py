@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import aclosing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +25,10 @@ from exporter.client import ConnectClient
 from exporter.health import Health
 from exporter.model import US, USER_WINDOWS, WINDOW_SECONDS, Rules, UsageModel
 from exporter.poller import Poller
+from exporter.settings import DEFAULT_EXCLUDE_USER_AGENTS
 from exporter.simulator import SimServer, Simulator
 from exporter.store import SqliteStore
-from exporter.streams import STREAMS
+from exporter.streams import STREAMS, Stream
 
 FAR_FUTURE = 1e11
 # Where every simulator of the tests starts its clock: a fixed instant, never the wall clock, so
@@ -64,8 +65,9 @@ def make_poller(
     timeout: float = 5.0,
     catchup_concurrency: int = 4,
     history_days: float = 0.0,
+    streams: Sequence[Stream[Any]] = STREAMS,
 ) -> tuple[ConnectClient, Poller, SqliteStore]:
-    health = Health(s.name for s in STREAMS)
+    health = Health(s.name for s in streams)
     client = ConnectClient(
         connect.url,
         connect.sim.keys["admin"],
@@ -80,7 +82,7 @@ def make_poller(
         Rules(
             overlap_us=int(overlap * US),
             max_session_age_us=int(max_session_age * US),
-            exclude_user_agents=("ContentHealthMonitor/",),
+            exclude_user_agents=DEFAULT_EXCLUDE_USER_AGENTS,
             top_viewers=top_viewers,
             top_users=top_users,
             history_us=int(history_days * 86400 * US),
@@ -94,6 +96,7 @@ def make_poller(
         metadata_interval=60.0,
         catchup_concurrency=catchup_concurrency,
         health=health,
+        streams=streams,
     )
     return client, poller, store
 
@@ -132,6 +135,14 @@ def assert_counters_match_truth(poller: Poller, sim: Simulator) -> None:
         usage.excluded_events_total.get(("visits", "synthetic"), 0)
         == truth["totals"]["synthetic_visits"]
     )
+    if "hits" in snap.streams:  # a Connect with hits, read
+        assert dict(usage.content_hits_total) == truth["hits"]
+        assert (
+            usage.excluded_events_total.get(("hits", "synthetic"), 0)
+            == truth["totals"]["synthetic_hits"]
+        )
+    else:
+        assert not usage.content_hits_total
 
 
 class PageGate:

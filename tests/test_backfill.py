@@ -39,6 +39,7 @@ from exporter.model import (
     WINDOW_SECONDS,
     Rules,
 )
+from exporter.settings import DEFAULT_EXCLUDE_USER_AGENTS
 from exporter.simulator import SimConfig, SimServer, Simulator
 from exporter.snapshot import SHINY_APP_MODES
 from exporter.store import SqliteStore
@@ -94,7 +95,7 @@ def rules() -> Rules:
     return Rules(
         overlap_us=0,
         max_session_age_us=int(1e9 * US),
-        exclude_user_agents=("ContentHealthMonitor/",),
+        exclude_user_agents=DEFAULT_EXCLUDE_USER_AGENTS,
     )
 
 

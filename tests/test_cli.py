@@ -87,6 +87,13 @@ def assert_exposition_matches_truth(text: str, sim: Simulator) -> None:
         (("reason", "synthetic"), ("stream", "visits"))
     ]
     assert synthetic == truth["totals"]["synthetic_visits"]
+    # Hits (Connect >= 2025.04.0): each once, across restarts and kills like the other streams.
+    assert by_content(m.get("connect_usage_content_hits_total", {})) == truth["hits"]
+    if truth["hits"]:
+        hits_synthetic = m["connect_usage_excluded_events_total"][
+            (("reason", "synthetic"), ("stream", "hits"))
+        ]
+        assert hits_synthetic == truth["totals"]["synthetic_hits"]
 
 
 @pytest.fixture

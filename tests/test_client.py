@@ -38,7 +38,10 @@ from exporter.client import (
     parse_version,
 )
 from exporter.records import Group, Permission, ShinySession, parse_visit
-from tests.support import TUESDAY_AFTERNOON
+from exporter.simulator import SimConfig, Simulator
+from tests.support import TUESDAY_AFTERNOON, served
+
+US = 1_000_000
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SERVER = "https://connect.test"
@@ -999,6 +1002,42 @@ async def test_hits_content_filter_on_2026_01(
             "content_guid": f"{GUID_A}|b",
         }
     ]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("version", ["2025.04.0", "2026.03.0"])
+async def test_hit_pages_read_a_range_in_windows_each_hit_once_in_order(
+    version: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Small windows, so one range takes many requests: every hit of the range comes once, in
+    # (timestamp, id) order, whether Connect's ids are numbers (2025.04) or strings (2026.03).
+    monkeypatch.setattr(client_module, "HITS_PER_WINDOW", 40)
+    monkeypatch.setattr(client_module, "HIT_WINDOW_US", (US, 600 * US, 86400 * US))
+    sim = Simulator(
+        SimConfig(seed=5, content=12, users=30, history_days=1, sessions_per_day=400,
+                  visits_per_day=1200, connect_version=version),
+        now=TUESDAY_AFTERNOON,
+        paused=True,
+    )  # fmt: skip
+    with served(sim) as connect:
+        async with ConnectClient(connect.url, sim.keys["admin"], backoff_max=0.01) as client:
+            now = int(TUESDAY_AFTERNOON) * US
+            start, end = now - 86400 * US + 123_456, now - 3600 * US + 654_321
+            pages = await collect(client.hit_pages(start=start, end=end))
+            whole = await client.hits(start=start, end=end)
+            live = await collect(client.hit_pages(start=now - 7200 * US))  # to Connect's now
+    got = [h for page in pages for h in page.records]
+    expected = sorted(
+        (h for h in whole.records if start <= h.timestamp < end), key=lambda h: (h.timestamp, h.id)
+    )
+    assert len(pages) > 10
+    assert got == expected and len(got) > 500
+    assert len({h.id for h in got}) == len(got)
+    raw = sim.hits(start, end, None, string_ids=version >= "2026.03")
+    assert ('"id":"' in raw) == (version == "2026.03.0")
+    tail = [h for page in live for h in page.records]
+    assert tail and all(now - 7200 * US <= h.timestamp <= now for h in tail)
+    assert len({h.id for h in tail}) == len(tail)
 
 
 # --- concurrency ----------------------------------------------------------------------------

@@ -475,7 +475,7 @@ async def test_records_with_missing_extra_and_mistyped_fields(
     assert snap.usage.excluded_events_total[("shiny", "malformed")] == len(BAD_SHINY)
     m = r.exposition()["connect_usage_excluded_events_total"]
     assert m[(("reason", "malformed"), ("stream", "visits"))] == len(BAD_VISITS)
-    assert r.poller.health.poll_errors() == {"shiny": 0, "visits": 0, "metadata": 0}
+    assert r.poller.health.poll_errors() == {"shiny": 0, "visits": 0, "hits": 0, "metadata": 0}
     assert await r.poller.poll_all_once()
     assert_matches_truth(r.poller, sim)  # every good record exact, decorated ones included
     await r.close()
@@ -688,15 +688,15 @@ async def test_connect_down_longer_than_the_overlap(
         with loop.scope:
             await r.poller.run()
         monkeypatch.undo()
-        # Every loop failed and waited, doubling: 1, 2, 4, 8, 16, 16 s for the streams
+        # Every loop failed and waited, doubling: 1, 2, 4, 8, 16, 16 s for the three streams
         # (poll interval 1 s), 60, 120, 240, 300 s for metadata (interval 60 s); never a spin.
         errors = r.poller.health.poll_errors()
         streams = sorted(w for w in loop.waits if w < 60)
         meta = sorted(w for w in loop.waits if w >= 60)
-        assert len(streams) == errors["shiny"] + errors["visits"]
+        assert len(streams) == errors["shiny"] + errors["visits"] + errors["hits"]
         assert len(meta) == errors["metadata"]
         for waits, ladder, loops in (
-            (streams, [1.0, 2.0, 4.0, 8.0, 16.0], 2),
+            (streams, [1.0, 2.0, 4.0, 8.0, 16.0], 3),
             (meta, [60.0, 120.0, 240.0, 300.0], 1),
         ):
             assert set(waits) <= set(ladder), waits

@@ -34,6 +34,7 @@ FROZEN: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("connect_usage_shiny_sessions_active", "gauge", ("content_guid",)),
     ("connect_usage_shiny_sessions_abandoned_total", "counter", ("content_guid",)),
     ("connect_usage_content_visits_total", "counter", ("content_guid",)),
+    ("connect_usage_content_hits_total", "counter", ("content_guid",)),
     ("connect_usage_active_users", "gauge", ("window",)),
     ("connect_usage_content_active_users", "gauge", ("content_guid", "window")),
     ("connect_usage_content_last_activity_timestamp_seconds", "gauge", ("content_guid",)),
@@ -88,7 +89,7 @@ FROZEN: tuple[tuple[str, str, tuple[str, ...]], ...] = (
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 G = "6f300623-1e0c-48e6-a473-ddf630c0c0c3"
-STREAMS = ("shiny", "visits")
+STREAMS = ("shiny", "visits", "hits")
 
 
 def fully_populated() -> Snapshot:
@@ -101,6 +102,7 @@ def fully_populated() -> Snapshot:
             shiny_sessions_active={G: 1},
             shiny_sessions_abandoned_total={G: 1},
             content_visits_total={G: 1},
+            content_hits_total={G: 1},
             active_users=dict.fromkeys(USER_WINDOWS, 1),
             content_active_users={(G, w): 1 for w in CONTENT_WINDOWS},
             content_last_activity={G: 3.0},

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from exporter.model import ABANDONED, CLOSED, OPEN, US, Rules, UsageModel, WalkTally
-from exporter.records import ShinySession, Visit
+from exporter.records import Hit, ShinySession, Visit
 from exporter.store import SqliteStore
 
 T0 = 1_700_000_000 * US
@@ -376,3 +379,48 @@ def test_visits_count_exactly_once_across_commits_and_crashes(
             break
     assert m.view(times[-1] / US).content_visits_total == {"doc": len(listed)}
     store.close()
+
+
+def hit(hit_id: str, content: str, t: int, ua: str | None = "Mozilla/5.0") -> Hit:
+    return Hit(hit_id, content, "u1", t, "/", ua)
+
+
+def test_hits_count_once_by_id_across_walks_and_a_restore_and_feed_nothing_else(
+    tmp_path: Path,
+) -> None:
+    store = SqliteStore(tmp_path / "s.sqlite")
+    m = UsageModel(rules())
+    m.start_counting(T0, ("shiny", "visits", "hits"))
+    page = [
+        hit("7", "a", T0 - 1 * US),  # before the origin: never counted
+        hit("8", "a", T0 + 5 * US),
+        hit("9", "a", T0 + 5 * US),  # same time, same fields, another id: another hit
+        hit("10", "b", T0 + 6 * US, ua="ContentHealthMonitor/2025.04.0"),
+    ]
+    for _ in range(2):  # the overlap reads a page again
+        w = walk(m, "hits")
+        m.apply_hits(page, w, T0 + 10 * US)
+    m.set_hwm("hits", T0 + 7 * US)
+    store.commit(m.take_delta())
+    view = m.view(T0 / US + 10)
+    assert dict(view.content_hits_total) == {"a": 2}
+    assert dict(view.excluded_events_total) == {("hits", "synthetic"): 1}
+    # Hits repeat the visits and sessions: no activity, users or viewers of their own.
+    assert view.content_last_activity == {} and view.active_users["24h"] == 0
+    loaded = store.load()
+    store.close()
+    assert loaded is not None
+    again = UsageModel(rules(), loaded)
+    w = again.walk_tally("hits")
+    again.apply_hits([*page, hit("11", "b", T0 + 8 * US)], w, T0 + 20 * US)
+    assert (w.new_events, w.excluded) == (1, 0)
+    assert dict(again.view(T0 / US + 20).content_hits_total) == {"a": 2, "b": 1}
+
+
+def test_a_stream_the_first_start_did_not_read_starts_at_the_origin() -> None:
+    m = UsageModel(replace(rules(), history_us=86400 * US))
+    m.start_counting(T0, ("shiny", "visits"))
+    assert "hits" not in m.hwm
+    m.add_streams(("shiny", "visits", "hits"))
+    assert m.walk_start("hits") == m.counting_since == T0 - 86400 * US
+    assert m.hwm["shiny"] == T0 - 30 * 86400 * US + OVERLAP  # the others keep their marks

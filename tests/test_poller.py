@@ -16,16 +16,19 @@ from exporter import planner
 from exporter import poller as poller_module
 from exporter.collector import SnapshotCollector
 from exporter.model import US, VIEWER_WINDOWS, WINDOW_SECONDS, UsageModel
-from exporter.simulator import Simulator
+from exporter.simulator import SimConfig, Simulator
 from exporter.snapshot import DELETED_APP_MODE
+from exporter.streams import SHINY, VISITS
 from tests.support import (
     FAR_FUTURE,
+    TUESDAY_AFTERNOON,
     Connect,
     PageGate,
     assert_counters_match_truth,
     assert_matches_truth,
     eventually,
     make_poller,
+    served,
 )
 
 pytestmark = pytest.mark.anyio
@@ -429,6 +432,7 @@ async def test_a_failing_stream_does_not_stop_the_others(connect: Connect, tmp_p
     assert dict(snap.usage.shiny_sessions_total) == truth["sessions_started"]
     sim.faults.clear()
     assert await poller.poll_once("visits")
+    assert await poller.poll_once("hits")
     assert poller.health.up is True
     assert_matches_truth(poller, sim)
     await stop(client, store)
@@ -754,6 +758,8 @@ async def test_counters_stay_hidden_until_every_stream_has_been_walked_once(
     assert await poller.poll_once("shiny")
     assert not poller.snapshot.counters_shown
     assert await poller.poll_once("visits")
+    assert not poller.snapshot.counters_shown
+    assert await poller.poll_once("hits")
     assert poller.snapshot.counters_shown
     await stop(client, store)
 
@@ -780,4 +786,60 @@ async def test_every_item_has_its_counters_at_zero_from_the_first_scrape_that_kn
         assert not others & series[name], name
     assert others <= series["connect_usage_content_visits"]
     assert not shiny & series["connect_usage_content_visits"]
+    await stop(client, store)
+
+
+# --- hits -----------------------------------------------------------------------------------
+
+
+async def test_a_connect_without_hits_skips_them_cleanly(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Connect 2024.05 has no hits endpoint: the exporter is up and ready, its counters are
+    # whole after the other streams' first walks, and it shows no hits rather than zeros.
+    caplog.set_level(logging.INFO, logger="exporter.poller")
+    sim = Simulator(
+        SimConfig(seed=7, content=25, users=60, history_days=3, sessions_per_day=300,
+                  visits_per_day=900, connect_version="2024.05.0"),
+        now=TUESDAY_AFTERNOON,
+        paused=True,
+    )  # fmt: skip
+    with served(sim) as connect:
+        client, poller, store = await start(connect, tmp_path / "s.sqlite")
+        sim.clock.advance(600)
+        assert await poller.poll_all_once()
+        snap = poller.snapshot
+        assert snap.counters_shown and snap.streams == ("shiny", "visits")
+        assert poller.readiness() == (True, "ready")
+        assert poller.health.up and poller.health.poll_errors()["hits"] == 0
+        assert "hits" not in snap.high_water_mark
+        families = {f.name: f for f in SnapshotCollector(lambda: poller.snapshot).collect()}
+        assert families["connect_usage_content_hits"].samples == []
+        streams = {s.labels["stream"] for s in families["connect_usage_excluded_events"].samples}
+        assert streams == {"shiny", "visits"}
+        assert_matches_truth(poller, sim)
+        assert not [k for k in sim.requests if "hits" in k]  # never asked
+        said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("hits:")]
+        assert said == ["hits: not read: hits need Connect 2025.04.0 or later; this server is "
+                        "2024.05.0"]  # fmt: skip
+        await stop(client, store)
+
+
+async def test_hits_new_to_a_state_file_are_read_from_its_origin(
+    connect: Connect, tmp_path: Path
+) -> None:
+    # A state file from a version without the hits stream: the upgrade counts hits from the
+    # same origin as the other streams, so every counter starts from the same instant.
+    path = tmp_path / "s.sqlite"
+    client, poller, store = make_poller(connect, path, streams=(SHINY, VISITS), history_days=1)
+    await poller.load()
+    assert await poller.poll_all_once()
+    origin = poller.snapshot.counting_since
+    await stop(client, store)
+    connect.sim.clock.advance(900)
+    client, poller, store = await start(connect, path)
+    assert poller.snapshot.counting_since == origin
+    assert poller.snapshot.streams == ("shiny", "visits", "hits")
+    assert sum(poller.snapshot.usage.content_hits_total.values()) > 1000
+    assert_matches_truth(poller, connect.sim)
     await stop(client, store)

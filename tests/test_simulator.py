@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from exporter.simulator import SimConfig, SimServer, Simulator
+from exporter.simulator.core import SYNTHETIC_PREFIXES
 from exporter.simulator.timefmt import parse_rfc3339_us
 
 NOW = 1_750_000_000.0  # a Sunday afternoon, UTC
@@ -459,7 +460,7 @@ def recount(shiny: list[dict[str, Any]], visits: list[dict[str, Any]], f: int, t
         assert v is not None
         if not f <= v < t:
             continue
-        if (r.get("user_agent") or "").startswith("ContentHealthMonitor/"):
+        if (r.get("user_agent") or "").startswith(SYNTHETIC_PREFIXES):
             inc("synthetic_visits", g)
             continue
         inc("visits", g)

@@ -12,7 +12,15 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlencode
 
-from .core import ApiError, PageResult, Simulator, StreamQuery, bad_request, decode_cursor
+from .core import (
+    HITS_VERSION,
+    ApiError,
+    PageResult,
+    Simulator,
+    StreamQuery,
+    bad_request,
+    decode_cursor,
+)
 from .core import encode_cursor as _encode
 from .timefmt import parse_rfc3339_us, render_us
 from .world import Content, User
@@ -220,12 +228,13 @@ class Api:
 
     def _hits(self, query: Query, user: User, uidx: int) -> str:
         sim = self.sim
-        if sim.version < (2025, 4, 0):
+        if sim.version < HITS_VERSION:
             raise ApiError(404, CODE_NOT_FOUND, "The requested object does not exist.")
         if sim.version < (2026, 1, 0):
             query = {k: v for k, v in query.items() if k != "content_guid"}  # ignored before
         content = self._content_filter(query, user, uidx)
-        return sim.hits(_time(query, "from"), _time(query, "to"), content)
+        start, end = _time(query, "from"), _time(query, "to")
+        return sim.hits(start, end, content, string_ids=sim.version >= (2026, 3, 0))
 
     # -- metadata ---------------------------------------------------------------------------
     @staticmethod

@@ -22,7 +22,9 @@ from .timefmt import US, render_us, seconds_to_us, to_us
 from .traffic import TrafficGenerator
 from .world import Interner, World
 
-SYNTHETIC_PREFIX = "ContentHealthMonitor/"
+# The synthetic traffic the simulator makes: Posit's health monitor, and Datadog Synthetics.
+SYNTHETIC_PREFIXES = ("ContentHealthMonitor/", "Datadog/Synthetics")
+HITS_VERSION = (2025, 4, 0)  # the first Connect with the hits endpoint
 
 
 class ApiError(Exception):
@@ -213,7 +215,7 @@ class Simulator:
         t_us = to_us(time)
         w_us = t_us if written_at is None else max(t_us, to_us(written_at))
         dver = self.generator.visit_dver if data_version is None else int(data_version)
-        synthetic = int(user_agent is not None and user_agent.startswith(SYNTHETIC_PREFIX))
+        synthetic = int(user_agent is not None and user_agent.startswith(SYNTHETIC_PREFIXES))
         with self._lock:
             self.refresh()
             row = [
@@ -392,8 +394,12 @@ class Simulator:
 
             return self._page(v, q=q, pre=[], r=r, hi=hi, accept=accept, render=self.render_visit)
 
-    def hits(self, start: int | None, end: int | None, content: set[int] | None) -> str:
-        """Hits as a JSON array: every visit, and every Shiny session at its start."""
+    def hits(
+        self, start: int | None, end: int | None, content: set[int] | None, *, string_ids: bool
+    ) -> str:
+        """Hits as a JSON array: every visit, and every Shiny session at its start; ids are
+        numbers, or strings (`string_ids`, as Connect 2026.03 sends them)."""
+        quote = '"' if string_ids else ""
         with self._lock:
             now_us = self.refresh()
             items: list[tuple[int, int, str]] = []
@@ -415,7 +421,8 @@ class Simulator:
                         (
                             stream.t[p],
                             seq,
-                            f'{{"id":{seq},"user_guid":{self.user_ids.render(stream.user[p])},'
+                            f'{{"id":{quote}{seq}{quote},'
+                            f'"user_guid":{self.user_ids.render(stream.user[p])},'
                             f'"content_guid":{self.content_ids.json[stream.content[p]]},'
                             f'"timestamp":"{render_us(stream.t[p])}",'
                             f'"data":{{"path":{path},"user_agent":{ua}}}}}',
@@ -473,8 +480,9 @@ class Simulator:
         of now, ``sessions_running_at_end`` as of ``end`` (started before it, not ended before
         it); with ``buckets`` (upper bounds in seconds), ``sessions_ended_le`` counts the ended
         ones per item at or below each bound, then in all (``+Inf``). Visits by ``time``;
-        synthetic ones (``ContentHealthMonitor/``) apart and left out of ``visits`` and of
-        distinct users. Distinct users: known users with a visit in
+        synthetic ones (``SYNTHETIC_PREFIXES``) apart and left out of ``visits`` and of
+        distinct users. ``hits`` (Connect >= 2025.04.0, else empty): the non-synthetic visits
+        and the sessions started, per item. Distinct users: known users with a visit in
         range or a session whose ``[started, ended or ∞)`` meets the range.
         """
         f_us, t_us = seconds_to_us(start), seconds_to_us(end)
@@ -539,6 +547,11 @@ class Simulator:
                     users.add(u)
                     content_users.setdefault(g, set()).add(u)
             listed = sum(1 for c in self.world.content if c.deleted_us is None)
+            hits: dict[str, int] = {}
+            if self.version >= HITS_VERSION:  # a hit per visit and per session, at its start
+                for counts in (started_n, visits):
+                    for g, n in counts.items():
+                        hits[g] = hits.get(g, 0) + n
             return {
                 "from": start,
                 "to": end,
@@ -552,6 +565,7 @@ class Simulator:
                 "sessions_ended_le": ended_le,
                 "visits": visits,
                 "synthetic_visits": synthetic,
+                "hits": hits,
                 "distinct_users": len(users),
                 "content_distinct_users": {g: len(us) for g, us in content_users.items()},
                 "totals": {
@@ -562,6 +576,8 @@ class Simulator:
                     "sessions_running": sum(running.values()),
                     "visits": sum(visits.values()),
                     "synthetic_visits": sum(synthetic.values()),
+                    "hits": sum(hits.values()),
+                    "synthetic_hits": sum(synthetic.values()) if hits else 0,
                     "distinct_users": len(users),
                     "users": len(self.world.users),
                     "content": listed,

@@ -93,6 +93,7 @@ class TrafficGenerator:
         self.user_index = [users.add(u.guid) for u in world.users]
         self.monitor = self.user_index[world.monitor_user]
         self.monitor_ua = strings.add(f"ContentHealthMonitor/{_monitor_version(config)}")
+        self.datadog_ua = strings.add("Datadog/Synthetics")
         self.browsers = [strings.add(b) for b in BROWSERS]
         self.api_paths = [strings.add(p) for p in API_PATHS]
         self.doc_paths = [strings.add(p) for p in DOC_PATHS]
@@ -151,8 +152,11 @@ class TrafficGenerator:
                     ci = rng.choice(self.monitored)
                     c = content[ci]
                     var, ren = self.variants[ci][0] if self.variants[ci] else (-1, -1)
-                    row = [t, 0, written, ci, self.monitor, self.visit_dver, var, ren,
-                           c.bundle_id, self.doc_paths[0], self.monitor_ua, 1]  # fmt: skip
+                    # Posit's monitor (its own user) watches half the monitored items,
+                    # Datadog Synthetics (anonymous) the other half.
+                    user, ua = (self.monitor, self.monitor_ua) if ci % 2 else (-1, self.datadog_ua)
+                    row = [t, 0, written, ci, user, self.visit_dver, var, ren,
+                           c.bundle_id, self.doc_paths[0], ua, 1]  # fmt: skip
                     visit_rows.append(row)
                     continue
                 ci = rng.choices(self.other, cum_weights=self.other_cum)[0]
