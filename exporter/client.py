@@ -29,6 +29,7 @@ import httpx
 from exporter import __version__
 from exporter.records import (
     ENDPOINT_CONTENT,
+    ENDPOINT_GROUP_MEMBERS,
     ENDPOINT_GROUPS,
     ENDPOINT_HITS,
     ENDPOINT_PERMISSIONS,
@@ -752,6 +753,11 @@ class ConnectClient:
     async def groups(self) -> Page[Group]:
         return await self._offset_pages(ENDPOINT_GROUPS, parse_group)
 
+    async def group_members(self, group_guid: str) -> Page[User]:
+        """The users in a group (`NotFoundError` if it is gone)."""
+        path = f"v1/groups/{quote(group_guid, safe='')}/members"
+        return await self._offset_pages(ENDPOINT_GROUP_MEMBERS, parse_user, path=path)
+
     async def permissions(self, content_guid: str) -> Page[Permission]:
         path = f"v1/content/{quote(content_guid, safe='')}/permissions"
         raw, server_time = await self._request(ENDPOINT_PERMISSIONS, path, None, _check_array)
@@ -837,7 +843,9 @@ class ConnectClient:
             seen.add(cursor)
             query = {**params, "next": cursor}  # the filters ride along with every cursor
 
-    async def _offset_pages(self, template: str, parse: Callable[[object], T]) -> Page[T]:
+    async def _offset_pages(
+        self, template: str, parse: Callable[[object], T], *, path: str | None = None
+    ) -> Page[T]:
         records: list[T] = []
         malformed: list[MalformedRecord] = []
         server_time: float | None = None
@@ -846,7 +854,7 @@ class ConnectClient:
         for page_number in range(1, MAX_OFFSET_PAGES + 1):
             params = {"page_number": str(page_number), "page_size": str(OFFSET_PAGE_SIZE)}
             (raw, total, current), server_time = await self._request(
-                template, template, params, _offset_page_check
+                template, path or template, params, _offset_page_check
             )
             if current is not None and current != page_number:
                 raise PagingError(f"{template}: asked for page {page_number}, got page {current}")

@@ -34,10 +34,15 @@ def content_info(item: ContentItem) -> ContentInfo:
 
 
 async def read_metadata(
-    client: ConnectClient, *, permissions: bool = True, concurrency: int = 4
+    client: ConnectClient,
+    *,
+    permissions: bool = True,
+    concurrency: int = 4,
+    group_members: int = 0,
 ) -> MetadataView:
-    """Everything at once; permissions with one request per content item, `concurrency` at a
-    time (an item deleted between the listing and its request is skipped)."""
+    """Everything at once; permissions with one request per content item, and group members
+    (up to `group_members` memberships, 0: none) with one per group, `concurrency` at a time
+    (an item or group deleted between the listing and its request is skipped)."""
     settings = await client.server_settings()
     content_page = await client.content()
     users_page = await client.users()
@@ -55,8 +60,8 @@ async def read_metadata(
         items[key] = items.get(key, 0) + 1
     grants: dict[tuple[str, str, str], int] = {}
     access: dict[tuple[str, str, str, str], int] = {}
+    limiter = anyio.CapacityLimiter(concurrency)
     if permissions:
-        limiter = anyio.CapacityLimiter(concurrency)
 
         async def read(guid: str) -> None:
             async with limiter:
@@ -73,12 +78,36 @@ async def read_metadata(
         async with anyio.create_task_group() as group:
             for guid in content:
                 group.start_soon(read, guid)
+    members: dict[tuple[str, str], int] = {}
+    dropped: int | None = None
+    if group_members > 0:
+        found: list[tuple[str, str]] = []
+
+        async def read_members(guid: str) -> None:
+            async with limiter:
+                try:
+                    page = await client.group_members(guid)
+                except NotFoundError:
+                    return
+            for error in page.malformed:
+                log.warning("skipped a malformed group member: %s", error)
+            found.extend((guid, user.guid) for user in page.records)
+
+        async with anyio.create_task_group() as group:
+            for g in groups_page.records:
+                group.start_soon(read_members, g.guid)
+        # The cap keeps the same memberships from one refresh to the next: the first in order.
+        ordered = sorted(set(found))
+        members = dict.fromkeys(ordered[:group_members], 1)
+        dropped = len(ordered) - len(members)
     return MetadataView(
         content={guid: content_info(item) for guid, item in content.items()},
         content_items=items,
         users=users,
         user_info={(u.guid, u.username, u.role, user_state(u)): 1 for u in users_page.records},
         group_info={(g.guid, g.name): 1 for g in groups_page.records},
+        group_members=members,
+        group_members_dropped=dropped,
         permissions=grants,
         access=access,
         server_version=settings.version,

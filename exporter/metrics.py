@@ -252,6 +252,22 @@ FAMILIES: tuple[Family, ...] = (
         lambda s: _many(s.metadata.group_info),
     ),
     Family(
+        PREFIX + "group_member_info",
+        "gauge",
+        f"A user's membership of a Connect group (value 1), {_META}, up to "
+        "CONNECT_EXPORTER_GROUP_MEMBERS memberships; join user_guid on user_info.",
+        ("group_guid", "user_guid"),
+        lambda s: _many(s.metadata.group_members),
+    ),
+    Family(
+        PREFIX + "group_member_series_dropped",
+        "gauge",
+        "Group memberships left out of group_member_info by CONNECT_EXPORTER_GROUP_MEMBERS, "
+        f"{_META} (absent when members are not read).",
+        (),
+        lambda s: _scalar(s.metadata.group_members_dropped),
+    ),
+    Family(
         PREFIX + "content_permissions",
         "gauge",
         f"Permission grants on a content item by principal type and role, {_META}.",

@@ -79,6 +79,7 @@ class Poller:
         streams: Sequence[Stream[Any]] = STREAMS,
         permissions_enabled: bool = True,
         permissions_concurrency: int = 4,
+        group_members: int = 0,
         catchup_concurrency: int = 4,
         health: Health | None = None,
         clock: Callable[[], float] = time.time,
@@ -91,6 +92,7 @@ class Poller:
         self.metadata_interval = metadata_interval
         self.permissions_enabled = permissions_enabled
         self.permissions_concurrency = permissions_concurrency
+        self.group_members = group_members
         self.catchup_concurrency = catchup_concurrency
         self.metadata = MetadataView()
         self.clock = clock
@@ -321,6 +323,7 @@ class Poller:
             self.client,
             permissions=self.permissions_enabled,
             concurrency=self.permissions_concurrency,
+            group_members=self.group_members,
         )
         async with self.committer.lock:
             self.metadata = metadata

@@ -23,6 +23,7 @@ ENDPOINT_HITS = "v1/instrumentation/content/hits"
 ENDPOINT_CONTENT = "v1/content"
 ENDPOINT_USERS = "v1/users"
 ENDPOINT_GROUPS = "v1/groups"
+ENDPOINT_GROUP_MEMBERS = "v1/groups/{guid}/members"
 ENDPOINT_PERMISSIONS = "v1/content/{guid}/permissions"
 ENDPOINT_SERVER_SETTINGS = "server_settings"
 

@@ -97,6 +97,7 @@ def build(settings: Settings, store: Store) -> tuple[ConnectClient, Poller, Expo
         metadata_interval=settings.metadata_interval,
         permissions_enabled=settings.permissions_enabled,
         permissions_concurrency=settings.permissions_concurrency,
+        group_members=settings.group_members,
         catchup_concurrency=settings.catchup_concurrency,
         health=health,
     )

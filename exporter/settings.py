@@ -148,6 +148,7 @@ class Settings(BaseSettings):
     catchup_concurrency: int = Field(default=8, ge=1, le=32)
     top_viewers: int = Field(default=5, ge=0, le=100)
     top_users: int = Field(default=20, ge=0, le=1000)
+    group_members: int = Field(default=10_000, ge=0, le=1_000_000)  # series cap; 0: not read
     history_days: float = Field(default=30.0, ge=0, le=3660, allow_inf_nan=False)
     web_config_file: Path | None = None
     max_response_bytes: int = Field(default=64 * 1024 * 1024, ge=1024, le=MAX_RESPONSE_BYTES)

@@ -50,6 +50,9 @@ class MetadataView:
     # (guid, username, role, state) and (guid, name) -> 1: names to join per-user series on
     user_info: Mapping[tuple[str, str, str, str], int] = field(default_factory=dict)
     group_info: Mapping[tuple[str, str], int] = field(default_factory=dict)
+    # (group_guid, user_guid) -> 1 within the cap; None when members are not read
+    group_members: Mapping[tuple[str, str], int] = field(default_factory=dict)
+    group_members_dropped: int | None = None
     permissions: Mapping[tuple[str, str, str], int] = field(
         default_factory=dict
     )  # (content_guid, principal_type, role)

@@ -615,6 +615,13 @@ def content_detail() -> db.Dashboard:
                 w=24,
             )
         )
+        .with_panel(
+            tbl(
+                "Members of the groups with access (CONNECT_EXPORTER_GROUP_MEMBERS)",
+                _GROUP_MEMBERS_WITH_ACCESS.format(sel=sel, SEL=SEL),
+                w=24,
+            )
+        )
     )
 
 
@@ -657,6 +664,20 @@ _ACCESS_BY_NAME = (
     'max by (access_type) (connect_usage_content_info{{{sel}, access_type=~"all|logged_in"}}),'
     ' "name", "everyone ($1)", "access_type", "(.+)"),'
     ' "principal_type", "everyone", "", ""))'
+)
+
+
+# The users in each group that has a grant on the item, by group and user name.
+_GROUP_MEMBERS_WITH_ACCESS = (
+    "max by (group_name, username, role) ("
+    "connect_usage_group_member_info{{{SEL}}}"
+    " * on (group_guid) group_left (role) label_replace(max by (principal_guid, role) ("
+    'connect_usage_content_access_info{{{sel}, principal_type="group"}}),'
+    ' "group_guid", "$1", "principal_guid", "(.+)")'
+    " * on (group_guid) group_left (group_name)"
+    " max by (group_guid, group_name) (connect_usage_group_info{{{SEL}}})"
+    " * on (user_guid) group_left (username)"
+    " max by (user_guid, username) (connect_usage_user_info{{{SEL}}}))"
 )
 
 

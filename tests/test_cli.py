@@ -284,6 +284,15 @@ def test_run_once_writes_the_exposition_atomically(
     assert m["connect_usage_up"][()] == 1.0
     assert sim.keys["admin"] not in text + proc.stderr
     assert [p.name for p in out.parent.iterdir()] == ["connect.prom"]  # no temp file left behind
+    # Every option on (the defaults): promtool checks each family with its samples.
+    for family in (
+        "connect_usage_content_hits_total",
+        "connect_usage_group_member_info",
+        "connect_usage_content_access_info",
+        "connect_usage_content_viewer_sessions",
+        "connect_usage_user_visits",
+    ):
+        assert m.get(family), family
     promtool = executable("promtool")
     check = subprocess.run(
         [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60

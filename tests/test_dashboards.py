@@ -207,6 +207,40 @@ def test_access_by_name_joins_users_groups_and_everyone(tmp_path: Path) -> None:
         '{principal_type="group", name="Data Science", role="owner"}',
         '{principal_type="everyone", name="everyone (logged_in)"}',
     ]
+    assert_promql(tmp_path, expr, series, rows)
+
+
+def test_group_members_with_access_by_name(tmp_path: Path) -> None:
+    """The members of each group with a grant on the item, by group and user name, with the
+    group's role; a group without a grant on it shows none of its members."""
+    (expr,) = [e for _, title, e in all_queries() if title.startswith("Members of the groups")]
+    expr = gen.substitute(expr, {"job": ".+", "instance": ".+", "content": "c1"})
+    labels = 'job="e", instance="e:9741"'
+    series = {
+        f'connect_usage_content_access_info{{{labels}, content_guid="c1", principal_guid="g1", '
+        'principal_type="group", role="viewer"}': "1x3",
+        f'connect_usage_content_access_info{{{labels}, content_guid="c2", principal_guid="g2", '
+        'principal_type="group", role="viewer"}': "1x3",
+        f'connect_usage_group_info{{{labels}, group_guid="g1", group_name="Data Science"}}': "1x3",
+        f'connect_usage_group_info{{{labels}, group_guid="g2", group_name="Finance"}}': "1x3",
+        f'connect_usage_group_member_info{{{labels}, group_guid="g1", user_guid="u1"}}': "1x3",
+        f'connect_usage_group_member_info{{{labels}, group_guid="g1", user_guid="u2"}}': "1x3",
+        f'connect_usage_group_member_info{{{labels}, group_guid="g2", user_guid="u3"}}': "1x3",
+        **{
+            f'connect_usage_user_info{{{labels}, user_guid="u{i}", username="{name}", '
+            'role="viewer", state="active"}': "1x3"
+            for i, name in ((1, "alice"), (2, "bob"), (3, "carol"))
+        },
+    }
+    rows = [
+        '{group_name="Data Science", username="alice", role="viewer"}',
+        '{group_name="Data Science", username="bob", role="viewer"}',
+    ]
+    assert_promql(tmp_path, expr, series, rows)
+
+
+def assert_promql(tmp_path: Path, expr: str, series: dict[str, str], rows: list[str]) -> None:
+    """promtool evaluates `expr` over `series` at 2m: exactly `rows`, each of value 1."""
     test = {
         "rule_files": [],
         "evaluation_interval": "1m",
@@ -224,7 +258,7 @@ def test_access_by_name_joins_users_groups_and_everyone(tmp_path: Path) -> None:
             }
         ],
     }
-    path = tmp_path / "access.yml"
+    path = tmp_path / "query.yml"
     path.write_text(yaml.safe_dump(test))
     result = subprocess.run(
         [executable("promtool"), "test", "rules", str(path)],

@@ -49,3 +49,35 @@ async def test_read_metadata_counts_what_connect_lists(connect: Connect) -> None
     }
     assert {t for (_c, _p, t, _r) in meta.access} == {"user", "group"}
     assert meta.server_version == sim.config.connect_version
+
+
+async def test_group_members_are_read_as_connect_lists_them_within_the_cap(
+    connect: Connect,
+) -> None:
+    sim = connect.sim
+    world = sim.world
+    users = world.users
+
+    def truth() -> list[tuple[str, str]]:
+        return sorted({(g.guid, users[m].guid) for g in world.groups for m in g.members})
+
+    async with ConnectClient(connect.url, sim.keys["admin"]) as client:
+        off = await read_metadata(client, permissions=False)
+        whole = await read_metadata(client, permissions=False, group_members=1_000_000)
+        expected = truth()
+        assert len(expected) > 10
+        capped = await read_metadata(client, permissions=False, group_members=7)
+        # A member leaves a group and another joins: the next refresh says so.
+        group = world.groups[0]
+        left = group.members.pop(0)
+        joined = next(i for i in range(len(users)) if i not in group.members and i != left)
+        group.members.append(joined)
+        after = await read_metadata(client, permissions=False, group_members=1_000_000)
+    assert (off.group_members, off.group_members_dropped) == ({}, None)
+    assert whole.group_members == dict.fromkeys(expected, 1)
+    assert whole.group_members_dropped == 0
+    assert capped.group_members == dict.fromkeys(expected[:7], 1)  # the first, in order
+    assert capped.group_members_dropped == len(expected) - 7
+    assert after.group_members == dict.fromkeys(truth(), 1)
+    assert (group.guid, users[left].guid) not in after.group_members
+    assert (group.guid, users[joined].guid) in after.group_members

@@ -47,6 +47,8 @@ FROZEN: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("connect_usage_users", "gauge", ("role", "state")),
     ("connect_usage_user_info", "gauge", ("user_guid", "username", "role", "state")),
     ("connect_usage_group_info", "gauge", ("group_guid", "group_name")),
+    ("connect_usage_group_member_info", "gauge", ("group_guid", "user_guid")),
+    ("connect_usage_group_member_series_dropped", "gauge", ()),
     ("connect_usage_content_permissions", "gauge", ("content_guid", "principal_type", "role")),
     (
         "connect_usage_content_access_info",
@@ -120,6 +122,8 @@ def fully_populated() -> Snapshot:
             users={("viewer", "active"): 1},
             user_info={("u", "alice", "viewer", "active"): 1},
             group_info={("g", "Data Science"): 1},
+            group_members={("g", "u"): 1},
+            group_members_dropped=0,
             permissions={(G, "user", "viewer"): 1},
             access={(G, "u", "user", "viewer"): 1},
             server_version="2025.04.0",

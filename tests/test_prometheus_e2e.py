@@ -124,16 +124,20 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
 
 
 def choose_content(metrics_url: str) -> str:
-    """A Shiny app with permissions: the content-detail dashboard has something to show."""
+    """A Shiny app with a group among its grants: every panel of the content-detail dashboard,
+    the members of the groups with access included, has something to show."""
     with urllib.request.urlopen(metrics_url, timeout=10) as response:
         text = response.read().decode()
     shiny = set(re.findall(r'connect_usage_content_info\{[^}]*app_mode="shiny"[^}]*\}', text))
     guids = [re.search(r'content_guid="([^"]+)"', s)[1] for s in sorted(shiny)]  # type: ignore[index]
-    with_permissions = set(
-        re.findall(r'connect_usage_content_permissions\{content_guid="([^"]+)"', text)
+    with_group = set(
+        re.findall(
+            r'connect_usage_content_permissions\{content_guid="([^"]+)",principal_type="group"',
+            text,
+        )
     )
-    candidates = [g for g in guids if g in with_permissions]
-    assert candidates, "no Shiny content with permissions in the demo"
+    candidates = [g for g in guids if g in with_group]
+    assert candidates, "no Shiny content with a group's grant in the demo"
     return candidates[0]
 
 

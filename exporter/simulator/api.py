@@ -36,6 +36,7 @@ CODE_BAD_REQUEST = 3
 _PERMISSIONS = re.compile(r"^v1/content/([^/]+)/permissions$")
 _CONTENT_ITEM = re.compile(r"^v1/content/([^/]+)$")
 _USER_ITEM = re.compile(r"^v1/users/([^/]+)$")
+_GROUP_MEMBERS = re.compile(r"^v1/groups/([^/]+)/members$")
 
 
 @dataclass
@@ -146,6 +147,9 @@ class Api:
         m = _PERMISSIONS.match(route)
         if m:
             return 200, self._permissions(m.group(1), user, uidx)
+        m = _GROUP_MEMBERS.match(route)
+        if m:
+            return 200, self._group_members(m.group(1), query)
         m = _CONTENT_ITEM.match(route)
         if m:
             ci = self._content_index(m.group(1))
@@ -284,6 +288,22 @@ class Api:
                 "results": [self._user_json(u) for u in chunk],
                 "current_page": number,
                 "total": len(users),
+            }
+        )
+
+    def _group_members(self, guid: str, query: Query) -> str:
+        """The group's users, paged like `v1/users`."""
+        number, size = self._offset_page(query)
+        world = self.sim.world
+        group = next((g for g in world.groups if g.guid == guid), None)
+        if group is None:
+            raise ApiError(404, CODE_NOT_FOUND, "The requested object does not exist.")
+        chunk = group.members[(number - 1) * size : number * size]
+        return json.dumps(
+            {
+                "results": [self._user_json(world.users[m]) for m in chunk],
+                "current_page": number,
+                "total": len(group.members),
             }
         )
 
