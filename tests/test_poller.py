@@ -6,6 +6,7 @@ import logging
 import re
 import shutil
 import sqlite3
+from dataclasses import replace
 from pathlib import Path
 
 import anyio
@@ -842,4 +843,47 @@ async def test_hits_new_to_a_state_file_are_read_from_its_origin(
     assert poller.snapshot.streams == ("shiny", "visits", "hits")
     assert sum(poller.snapshot.usage.content_hits_total.values()) > 1000
     assert_matches_truth(poller, connect.sim)
+    await stop(client, store)
+
+
+# --- access -----------------------------------------------------------------------------------
+
+
+async def test_access_lists_follow_permission_changes_exactly(
+    connect: Connect, tmp_path: Path
+) -> None:
+    # Who has access is Connect's permission list of each item, as of the last metadata
+    # refresh: a grant added, one taken away and a role changed all show at the next one.
+    sim = connect.sim
+    world = sim.world
+
+    def truth() -> set[tuple[str, str, str, str]]:
+        return {
+            (world.content[ci].guid, p.principal_guid, p.principal_type, p.role)
+            for ci, grants in world.permissions_by_content.items()
+            if world.content[ci].deleted_us is None
+            for p in grants
+        }
+
+    def exposed() -> set[tuple[str, str, str, str]]:
+        families = {f.name: f for f in SnapshotCollector(lambda: poller.snapshot).collect()}
+        return {
+            tuple(s.labels[k] for k in ("content_guid", "principal_guid", "principal_type", "role"))  # type: ignore[misc]
+            for s in families["connect_usage_content_access_info"].samples
+        }
+
+    client, poller, store = await start(connect, tmp_path / "s.sqlite")
+    before = truth()
+    assert exposed() == before and len(before) > 20
+    ci = next(ci for ci, grants in world.permissions_by_content.items() if len(grants) >= 2)
+    grants = world.permissions_by_content[ci]
+    removed = grants.pop()  # a grant taken away
+    grants[0] = replace(grants[0], role="viewer" if grants[0].role == "owner" else "owner")
+    group = world.groups[-1]
+    grants.append(replace(removed, id=10**6, principal_guid=group.guid, principal_type="group"))
+    assert exposed() == before  # nothing changes until the next refresh
+    assert await poller.poll_once("metadata")
+    after = truth()
+    assert after != before and exposed() == after
+    assert (world.content[ci].guid, group.guid, "group", removed.role) in after
     await stop(client, store)
