@@ -18,7 +18,10 @@ What is written (see README, "History from day one"):
 - the server-wide series (active users, excluded events, the origin) on the grid throughout;
 - every item on the server at the first sample, every series at the last (the takeover);
 - counters never above what the service first showed (its baseline): events written late,
-  after the takeover, are the service's to count, never twice.
+  after the takeover, are the service's to count, never twice;
+- with top viewers or top users on, their series as the service would have shown them at each
+  grid step: a viewer's series are sampled on the grid while it is in its item's top N (at 0
+  too), and stop when it leaves it.
 """
 
 from __future__ import annotations
@@ -66,10 +69,12 @@ from exporter.model import (
     Rules,
     SessionKey,
     UsageModel,
+    UsageView,
     WalkTally,
 )
 from exporter.records import ShinySession, Visit
-from exporter.snapshot import DELETED, ContentInfo, counts_sessions, counts_visits
+from exporter.snapshot import DELETED, ContentInfo, Snapshot, counts_sessions, counts_visits
+from exporter.viewers import top_pairs
 
 log = logging.getLogger("exporter.backfill")
 
@@ -213,6 +218,20 @@ BACKFILLED = (
     EXCLUDED_TOTAL,
     COUNTING_SINCE,
 )
+# The top viewers and top users: gauges of the present, sampled on the grid while shown.
+VIEWER_FAMILIES = tuple(
+    _family(name)
+    for name in (
+        "content_viewer_sessions",
+        "content_viewer_session_seconds",
+        "content_viewer_visits",
+        "content_viewer_last_seen_timestamp_seconds",
+        "content_viewer_series_dropped",
+        "user_sessions",
+        "user_visits",
+        "user_series_dropped",
+    )
+)
 COUNTER_FAMILY = {
     SESSIONS: SESSIONS_TOTAL,
     VISITS: VISITS_TOTAL,
@@ -321,6 +340,12 @@ class _Writer:
         for key in gone:
             del self.live[key]
 
+    def drop(self, key: Any) -> None:
+        """The series is no longer shown: no more samples (Prometheus lets it go after its
+        lookback)."""
+        self.series.pop(key, None)
+        self.live.pop(key, None)
+
     def everything(self, i: int) -> None:
         """Every series at step `i` (the last one: the live exporter takes over from here)."""
         for s in self.series.values():
@@ -371,9 +396,12 @@ class Replay:
                 overlap_us=0,
                 max_session_age_us=rules.max_session_age_us,
                 exclude_user_agents=rules.exclude_user_agents,
+                top_viewers=rules.top_viewers,
+                top_users=rules.top_users,
             ),
             state,
         )
+        self.viewer_series: set[Any] = set()  # the viewer series shown at the last grid step
         # Each record is read once, in order: every one after the origin is new.
         self.walks = {
             s: WalkTally(start_us=replay_from, fresh_after=history.origin - 1) for s in self.streams
@@ -469,6 +497,8 @@ class Replay:
         for stream in self.streams:  # the server-wide series stay sampled throughout
             for reason in EXCLUDE_REASONS:
                 w.touch(("excluded", f"{stream}/{reason}"), i)
+        if model.viewers is not None and (last or not (now // US) % w.grid):
+            self._viewers(now, i)
         w.heartbeats(i, now // US)  # after the changes, which come with their old values
         if last:
             w.everything(i)
@@ -498,6 +528,28 @@ class Replay:
                 self._counter(EXCLUDED, label, counters.get((EXCLUDED, label), 0), i)
         if last:
             self.writer.everything(i)
+
+    def _viewers(self, now: int, i: int) -> None:
+        """The top viewers and users at `now`, rendered by the same families as live."""
+        model = self.model
+        assert model.viewers is not None
+        rules = model.rules
+        view = model.viewers.view(now, rules.top_viewers, rules.top_users)
+        pair_last = model.pair_last
+        last_seen = {
+            (c, u): pair_last[c][u] / US for c, u in top_pairs(view) if u in pair_last.get(c, {})
+        }
+        snap = Snapshot(usage=UsageView(viewers=view, viewer_last_seen=last_seen))
+        shown: set[Any] = set()
+        w = self.writer
+        for family in VIEWER_FAMILIES:
+            for values, value in family.samples(snap):
+                key = ("viewer", family.name, values)
+                shown.add(key)
+                w.set(key, family, values, _number(value), i, steady=True)
+        for key in self.viewer_series - shown:
+            w.drop(key)
+        self.viewer_series = shown
 
     def _sessions(self, delta: Delta) -> None:
         """Open sessions, as their keys change state: the active gauges and the windows."""
@@ -827,8 +879,9 @@ async def run_backfill(
         history = await history_range(client, state, history_days)
         content_page = await client.content()
         content = {item.guid: content_info(item) for item in content_page.records}
+        viewers = rules.top_viewers > 0 or rules.top_users > 0
         for family in FAMILIES:
-            if family in BACKFILLED:
+            if family in BACKFILLED or (viewers and family in VIEWER_FAMILIES):
                 out.write(family_header(family, OPENMETRICS))
         writer = _Writer(out, target, step)
         steps = (history.takeover // (step * US)) - (history.origin // (step * US))

@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from exporter.model import (
     DURATION_BUCKETS,
     US,
     USER_WINDOWS,
+    VIEWER_WINDOWS,
     WINDOW_SECONDS,
     Rules,
 )
@@ -54,6 +56,7 @@ from tests.prometheus import (
 from tests.support import (
     TUESDAY_AFTERNOON,
     Connect,
+    expected_viewers,
     make_poller,
     scrape_until,
     served,
@@ -121,7 +124,14 @@ async def first_start(connect: Connect, state_path: Path, days: float) -> dict[s
 
 
 async def backfill(
-    connect: Connect, state_path: Path | None, out: Path, *, step: int = 60, days: float = 1
+    connect: Connect,
+    state_path: Path | None,
+    out: Path,
+    *,
+    step: int = 60,
+    days: float = 1,
+    top_viewers: int = 0,
+    top_users: int = 0,
 ) -> Written:
     state = None
     if state_path is not None:
@@ -134,7 +144,7 @@ async def backfill(
     async with client:
         return await run_backfill(
             client,
-            rules(),
+            replace(rules(), top_viewers=top_viewers, top_users=top_users),
             state,
             output=out,
             step=step,
@@ -236,6 +246,64 @@ async def test_every_step_shows_the_truth_and_the_last_one_what_the_service_took
         }[family]
         samples = series[key(name, content_guid=guid)]
         assert samples[-1] == (takeover, value), label
+
+
+async def test_top_viewers_and_users_are_back_filled_as_the_service_shows_them(
+    busy: Connect, tmp_path: Path
+) -> None:
+    # At each grid step, the viewer and top-user series a scrape would have found are exactly
+    # the truth's top 3 viewers an item and top 5 users (ties by guid), with the caps' counts
+    # of what they leave out; a viewer that left the top has no sample there.
+    sim = busy.sim
+    await first_start(busy, tmp_path / "state.sqlite", days=1)
+    await backfill(busy, tmp_path / "state.sqlite", tmp_path / "h.om", top_viewers=3, top_users=5)
+    series = parse(tmp_path / "h.om")
+    takeover = int(TUESDAY_AFTERNOON)
+    origin = takeover - 86400
+    viewer_names = {
+        P + n
+        for n in (
+            "content_viewer_sessions", "content_viewer_session_seconds", "content_viewer_visits",
+            "content_viewer_last_seen_timestamp_seconds", "content_viewer_series_dropped",
+            "user_sessions", "user_visits", "user_series_dropped",
+        )
+    }  # fmt: skip
+    grid = list(range(origin, takeover + 1, HEARTBEAT))
+    dropped_some = 0
+    for step in [*grid[1::11], takeover]:
+        viewers, viewers_dropped, users, users_dropped = expected_viewers(
+            sim, step, origin, 3, 5, as_of=True
+        )
+        last_seen = sim.viewer_truth(0, step, as_of=step)["last_seen"]
+        want: dict[SeriesKey, float] = {}
+        for (content, user, window), (sessions, micros, visits) in viewers.items():
+            labels = {"content_guid": content, "user_guid": user, "window": window}
+            if sessions or micros:
+                want[key("content_viewer_sessions", **labels)] = sessions
+                want[key("content_viewer_session_seconds", **labels)] = micros / US
+            if visits:
+                want[key("content_viewer_visits", **labels)] = visits
+            pair = {"content_guid": content, "user_guid": user}
+            want[key("content_viewer_last_seen_timestamp_seconds", **pair)] = (
+                last_seen[content, user] / US
+            )
+        for (user, window), (sessions, visits) in users.items():
+            want[key("user_sessions", user_guid=user, window=window)] = sessions
+            want[key("user_visits", user_guid=user, window=window)] = visits
+        for window in VIEWER_WINDOWS:
+            want[key("content_viewer_series_dropped", window=window)] = viewers_dropped[window]
+            want[key("user_series_dropped", window=window)] = users_dropped[window]
+        got = {
+            k: v
+            for k, samples in series.items()
+            if k[0] in viewer_names
+            for t, v in samples
+            if t == step
+        }
+        assert got == want, step - origin
+        assert len(viewers) > 20 and len(users) == 15, step - origin
+        dropped_some += viewers_dropped["24h"] > 0
+    assert dropped_some  # the cap did leave viewers out
 
 
 async def test_samples_are_where_prometheus_looks_for_them(busy: Connect, tmp_path: Path) -> None:
@@ -621,13 +689,21 @@ def test_prometheus_shows_the_truth_across_the_back_fill_and_the_live_period(
             gen = load_generator()
             apps = {"content": next(iter(truth[last]["sessions"]))}
             documents = {"content": next(iter(truth[last]["visits"]))}
+            world = sim.world
+            granted = {  # an item a group may see: its members by name
+                "content": next(
+                    world.content[p.content].guid
+                    for p in world.permissions
+                    if p.principal_type == "group" and world.content[p.content].deleted_us is None
+                )
+            }
             empty = []
             for name, make in gen.DASHBOARDS.items():
                 for title, expr in gen.panel_queries(gen.to_dict(make())):
                     at = None if expr.startswith("up{") else last
                     if not any(
                         instant(api, gen.substitute(expr, DASHBOARD_VALUES | item), at)["result"]
-                        for item in (apps, documents)
+                        for item in (apps, documents, granted)
                     ):
                         empty.append(f"{name} / {title}: {expr}")
             assert not empty, empty

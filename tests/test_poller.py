@@ -16,7 +16,7 @@ from exporter import client as client_module
 from exporter import planner
 from exporter import poller as poller_module
 from exporter.collector import SnapshotCollector
-from exporter.model import US, VIEWER_WINDOWS, WINDOW_SECONDS, UsageModel
+from exporter.model import US, VIEWER_WINDOWS, UsageModel
 from exporter.simulator import SimConfig, Simulator
 from exporter.snapshot import DELETED_APP_MODE
 from exporter.streams import SHINY, VISITS
@@ -28,6 +28,7 @@ from tests.support import (
     assert_counters_match_truth,
     assert_matches_truth,
     eventually,
+    expected_viewers,
     make_poller,
     served,
 )
@@ -281,44 +282,6 @@ async def test_timeouts_cost_no_events(connect: Connect, tmp_path: Path) -> None
         sum(n for (_e, status), n in poller.health.requests().items() if status == "timeout") == 3
     )
     await stop(client, store)
-
-
-Viewers = dict[tuple[str, str, str], tuple[int, int, int]]
-TopUsers = dict[tuple[str, str], tuple[int, int]]
-
-
-def expected_viewers(
-    sim: Simulator, now_s: float, since_s: float, top_viewers: int, top_users: int
-) -> tuple[Viewers, dict[str, int], TopUsers, dict[str, int]]:
-    """The simulator's truth ranked as the exporter must: per window, each item's top viewers
-    and the server's top users by sessions + visits, ties by user guid; and how many each cap
-    leaves out."""
-    viewers: Viewers = {}
-    users: TopUsers = {}
-    viewers_dropped: dict[str, int] = {}
-    users_dropped: dict[str, int] = {}
-    now_us = int(now_s * US)
-    for window in VIEWER_WINDOWS:
-        start = max((now_us - WINDOW_SECONDS[window] * US) / US, since_s)  # counted from
-        figures = sim.viewer_truth(start, now_s + 86400)["figures"]
-        by_item: dict[str, list[tuple[int, str]]] = {}
-        totals: dict[str, list[int]] = {}
-        for (content, user), (sessions, _micros, visits) in figures.items():
-            by_item.setdefault(content, []).append((-(sessions + visits), user))
-            total = totals.setdefault(user, [0, 0])
-            total[0] += sessions
-            total[1] += visits
-        viewers_dropped[window] = 0
-        for content, rows in by_item.items():
-            rows.sort()
-            viewers_dropped[window] += max(0, len(rows) - top_viewers) if top_viewers else 0
-            for _weight, user in rows[:top_viewers]:
-                viewers[content, user, window] = tuple(figures[content, user])  # type: ignore[assignment]
-        ranked = sorted((-(t[0] + t[1]), u) for u, t in totals.items())
-        for _weight, user in ranked[:top_users]:
-            users[user, window] = (totals[user][0], totals[user][1])
-        users_dropped[window] = max(0, len(ranked) - top_users) if top_users else 0  # 0: off
-    return viewers, viewers_dropped, users, users_dropped
 
 
 def assert_viewers_match_truth(poller: poller_module.Poller, sim: Simulator) -> int:

@@ -432,12 +432,16 @@ class Simulator:
             return "[" + ",".join(x[2] for x in items) + "]"
 
     # -- ground truth -----------------------------------------------------------------------
-    def viewer_truth(self, start: float, end: float) -> dict[str, Any]:
+    def viewer_truth(
+        self, start: float, end: float, *, as_of: float | None = None
+    ) -> dict[str, Any]:
         """Per (content, user) of known users, as of the clock, for ``[start, end)`` (epoch
         seconds): ``figures`` = [sessions started, µs of sessions ended (whole durations),
         non-synthetic visits], only where sessions + visits > 0; ``last_seen`` (µs) over all
-        time = the latest session end (start while running) or non-synthetic visit."""
+        time = the latest session end (start while running) or non-synthetic visit; with
+        ``as_of``, as it was then: only what happened before it (what a back-fill shows)."""
         f_us, t_us = seconds_to_us(start), seconds_to_us(end)
+        before = None if as_of is None else seconds_to_us(as_of)
         with self._lock:
             now_us = self.refresh()
             cj, users = self.content_ids.values, self.user_ids
@@ -455,6 +459,10 @@ class Simulator:
                 ended = en <= now_us
                 if ended and f_us <= en < t_us:
                     row[1] += en - st
+                if before is not None:
+                    if st >= before:
+                        continue
+                    ended = en < before
                 seen = en if ended else st
                 last[key] = max(last.get(key, seen), seen)
             v = self.visits
@@ -465,7 +473,8 @@ class Simulator:
                 row = figures.setdefault(key, [0, 0, 0])
                 if f_us <= v.t[p] < t_us:
                     row[2] += 1
-                last[key] = max(last.get(key, v.t[p]), v.t[p])
+                if before is None or v.t[p] < before:
+                    last[key] = max(last.get(key, v.t[p]), v.t[p])
             return {
                 "figures": {k: r for k, r in figures.items() if r[0] + r[2] > 0},
                 "last_seen": last,
