@@ -71,11 +71,17 @@ def _median(values: list[float]) -> float:
 
 
 def ours(args: argparse.Namespace, job: dict[str, Any], checkout: Path | None) -> dict[str, Any]:
-    """This checkout's job with `--history-days`, `--top-viewers`, `--top-users` (a baseline
-    takes the job as it is)."""
+    """This checkout's job with `--history-days`, `--top-viewers`, `--top-users`, `--hits` (a
+    baseline takes the job as it is)."""
     if checkout is not None:
         return job
-    settings = {**job.get("settings", {}), "history_days": args.history_days}
+    settings = {
+        **job.get("settings", {}),
+        "history_days": args.history_days,
+        # Hits repeat the sessions and visits: off unless asked, so a side-by-side run does
+        # the work a baseline from before hits does.
+        "hits_enabled": args.hits,
+    }
     for name in ("top_viewers", "top_users"):
         if getattr(args, name) is not None:
             settings[name] = getattr(args, name)
@@ -333,6 +339,11 @@ def main(argv: list[str] | None = None) -> int:
         "--top-users 0 does the work a baseline from before viewers does",
     )
     p.add_argument("--top-users", type=int, help="this checkout's CONNECT_EXPORTER_TOP_USERS")
+    p.add_argument(
+        "--hits",
+        action="store_true",
+        help="this checkout reads the hits stream too (Connect 2025.04)",
+    )
     p.add_argument("--skip-sdk", action="store_true", help="no posit-sdk run (slow)")
     p.add_argument("--profile", help="write a pyinstrument profile of the catch-up here")
     p.add_argument(

@@ -175,12 +175,15 @@ def _build(job: dict[str, Any], state_dir: Path) -> Any:
 
 
 async def _poll_streams(poller: Any) -> None:
-    """Shiny and visits once, concurrently, as the service's loops run them."""
+    """Every event stream once (hits only if the job's settings read them), concurrently, as
+    the service's loops run them."""
     import anyio
 
+    # A baseline checkout from before streams were objects has the two streams only.
+    names = [s.name for s in getattr(poller, "streams", ())] or ["shiny", "visits"]
     async with anyio.create_task_group() as group:
-        group.start_soon(poller.poll_once, "shiny")
-        group.start_soon(poller.poll_once, "visits")
+        for name in names:
+            group.start_soon(poller.poll_once, name)
 
 
 def _stream_requests(poller: Any) -> int:

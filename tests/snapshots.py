@@ -18,7 +18,7 @@ from exporter.snapshot import ContentInfo, MetadataView, Snapshot
 from exporter.viewers import ViewerView
 
 NOW = 1_750_000_000.0
-STREAMS = ("shiny", "visits")
+STREAMS = ("shiny", "visits", "hits")
 
 
 def populated_snapshot(content: int, *, seed: int = 1) -> Snapshot:
@@ -64,6 +64,7 @@ def populated_snapshot(content: int, *, seed: int = 1) -> Snapshot:
             shiny_sessions_active={g: rng.randrange(0, 6) for g in guids},
             shiny_sessions_abandoned_total={g: rng.randrange(0, 20) for g in guids},
             content_visits_total={g: rng.randrange(0, 50_000) for g in guids},
+            content_hits_total={g: rng.randrange(0, 3_000_000) for g in guids},
             active_users={w: rng.randrange(100, 5000) for w in USER_WINDOWS},
             content_active_users={
                 (g, w): rng.randrange(0, 300) for g in guids for w in CONTENT_WINDOWS
@@ -87,6 +88,13 @@ def populated_snapshot(content: int, *, seed: int = 1) -> Snapshot:
                 (f"user-{i:06d}", f"user{i}", "viewer", "active"): 1 for i in range(content // 10)
             },
             group_info={(f"group-{i:04d}", f"Group {i}"): 1 for i in range(content // 100)},
+            # 50 members a group: 5,000 memberships with 10,000 items, under the default cap
+            group_members={
+                (f"group-{i:04d}", f"user-{(i * 50 + m) % 100_000:06d}"): 1
+                for i in range(content // 100)
+                for m in range(50)
+            },
+            group_members_dropped=0,
             permissions={
                 (g, t, r): rng.randrange(1, 30)
                 for g in guids
