@@ -152,6 +152,10 @@ class ResponseFormatError(ConnectError):
     """The body is not the JSON the endpoint promises (HTML, truncated, wrong shape)."""
 
 
+class ResponseTooLargeError(ResponseFormatError):
+    """The response alone is larger than CONNECT_EXPORTER_MAX_RESPONSE_BYTES."""
+
+
 class UnsupportedError(ConnectError):
     """This Connect version cannot answer the request (hits before 2025.04.0, …)."""
 
@@ -690,14 +694,21 @@ class ConnectClient:
         (timestamp, id), one Page per window of time.
 
         The endpoint is not paged, so the range is read in consecutive windows on whole seconds
-        (Connect's `from`/`to` resolution), each sized from the last one's count; a window's
-        records outside it (its `to` second, read again by the next) are left to the next.
+        (Connect's `from`/`to` resolution), each sized from the last one's count, and halved
+        when a window's response is too large; a window's records outside it (its `to` second,
+        read again by the next) are left to the next.
         """
         lo = start // US * US
         span = HIT_WINDOW_US[1]
         while True:
             hi = lo + span if end is None else min(lo + span, -(-end // US) * US)
-            page = await self.hits(start=lo, end=hi)
+            try:
+                page = await self.hits(start=lo, end=hi)
+            except ResponseTooLargeError:
+                if hi - lo <= HIT_WINDOW_US[0]:
+                    raise  # one second of hits is more than the limit: raise the limit
+                span = max(HIT_WINDOW_US[0], (hi - lo) // 2 // US * US)
+                continue
             keep = [
                 h
                 for h in page.records
@@ -735,7 +746,9 @@ class ConnectClient:
                     f"this server is {shown}"
                 )
             params["content_guid"] = "|".join(content_guids)
-        raw, server_time = await self._request(ENDPOINT_HITS, ENDPOINT_HITS, params, _check_array)
+        raw, server_time = await self._request(
+            ENDPOINT_HITS, ENDPOINT_HITS, params, _check_array, too_large_is_final=True
+        )
         return Page(*_parse_all(raw, parse_hit), server_time)
 
     # --- metadata ---------------------------------------------------------------------------
@@ -897,9 +910,13 @@ class ConnectClient:
         params: Mapping[str, str] | None,
         check: Callable[[Any], C],
         fast: Callable[[bytes], C | None] | None = None,
+        *,
+        too_large_is_final: bool = False,
     ) -> tuple[C, float | None]:
         """One GET with retries; `check` reads the decoded JSON. `fast`, if given, reads the raw
-        body first and returns None for anything it does not take, which `check` then reads."""
+        body first and returns None for anything it does not take, which `check` then reads.
+        `too_large_is_final`: a response alone too large raises ResponseTooLargeError at once
+        (the caller asks for less instead of asking again)."""
         attempts = self._max_retries + 1
         for attempt in range(attempts):
             retry_after: float | None = None
@@ -932,6 +949,9 @@ class ConnectClient:
                 status = response.status_code
                 if too_large is not None and 200 <= status < 300:
                     size_error = self._too_large_error(path, too_large)
+                    if too_large_is_final and isinstance(size_error, ResponseTooLargeError):
+                        self._observe(template, "invalid_response", _clock() - started)
+                        raise size_error
                     outcome, error, detail = "invalid_response", size_error, str(size_error)
                 elif 200 <= status < 300:
                     try:
@@ -981,6 +1001,8 @@ class ConnectClient:
         return self._jitter(min(step, self._backoff_max))
 
     def _too_large_error(self, path: str, exc: _TooLarge) -> ResponseFormatError:
+        """ResponseTooLargeError for a response too large alone; else (too large with the
+        others in flight) a ResponseFormatError, which a retry may get past."""
         limit = self._max_response_bytes
         if exc.shared:
             return ResponseFormatError(
@@ -993,7 +1015,7 @@ class ConnectClient:
             if exc.announced is not None
             else f"ran past {limit} bytes"
         )
-        return ResponseFormatError(
+        return ResponseTooLargeError(
             f"{path}: the response {size}, more than the limit of {limit} bytes "
             "(CONNECT_EXPORTER_MAX_RESPONSE_BYTES); refused unread"
         )

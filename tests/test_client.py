@@ -1040,6 +1040,38 @@ async def test_hit_pages_read_a_range_in_windows_each_hit_once_in_order(
     assert len({h.id for h in tail}) == len(tail)
 
 
+@pytest.mark.anyio
+async def test_hit_pages_halve_a_window_whose_response_is_too_large(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A day in one response is more than the budget: the window is halved until its response
+    # fits, never retried as it was, and the range still comes whole, each hit once.
+    monkeypatch.setattr(client_module, "HIT_WINDOW_US", (US, 86400 * US, 86400 * US))
+    sim = Simulator(
+        SimConfig(seed=5, content=12, users=30, history_days=1, sessions_per_day=400,
+                  visits_per_day=1200),
+        now=TUESDAY_AFTERNOON,
+        paused=True,
+    )  # fmt: skip
+    now = int(TUESDAY_AFTERNOON) * US
+    start, end = now - 86400 * US, now
+    with served(sim) as connect:
+        key = sim.keys["admin"]
+        async with (
+            ConnectClient(connect.url, key, max_response_bytes=40_000, max_retries=0) as small,
+            ConnectClient(connect.url, key) as big,
+        ):
+            pages = await collect(small.hit_pages(start=start, end=end))
+            whole = await big.hits(start=start, end=end)
+    got = [h for page in pages for h in page.records]
+    expected = sorted(
+        (h for h in whole.records if start <= h.timestamp < end), key=lambda h: (h.timestamp, h.id)
+    )
+    assert got == expected and len(got) > 1000
+    asked = sim.requests["v1/instrumentation/content/hits 200"] - 1  # but the big one's
+    assert asked > len(pages)  # some windows were refused and asked again, halved
+
+
 # --- concurrency ----------------------------------------------------------------------------
 
 
