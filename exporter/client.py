@@ -160,6 +160,16 @@ class UnsupportedError(ConnectError):
     """This Connect version cannot answer the request (hits before 2025.04.0, …)."""
 
 
+def first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first real error of a task group, so callers see a ConnectError, not a group."""
+    for error in group.exceptions:
+        if isinstance(error, BaseExceptionGroup):
+            return first_error(error)
+        if not isinstance(error, anyio.get_cancelled_exc_class()):
+            return error
+    return group
+
+
 def _connect_detail(code: int | None, error: str | None) -> str:
     if code is None and not error:
         return ""
@@ -700,6 +710,7 @@ class ConnectClient:
         """
         lo = start // US * US
         span = HIT_WINDOW_US[1]
+        before: set[bytes] = set()  # the last window's malformed records, met again at its end
         while True:
             hi = lo + span if end is None else min(lo + span, -(-end // US) * US)
             try:
@@ -717,7 +728,9 @@ class ConnectClient:
                 and (end is None or h.timestamp < end)
             ]
             keep.sort(key=_hit_order)
-            yield Page(keep, page.malformed, page.server_time)
+            malformed = [m for m in page.malformed if m.identity() not in before]
+            before = {m.identity() for m in page.malformed}
+            yield Page(keep, malformed, page.server_time)
             now = page.server_time if page.server_time is not None else time.time()
             if (end is not None and hi >= end) or (end is None and hi > now * US):
                 return

@@ -9,7 +9,7 @@ import logging
 
 import anyio
 
-from exporter.client import ConnectClient, NotFoundError
+from exporter.client import ConnectClient, NotFoundError, first_error
 from exporter.records import ContentItem, User
 from exporter.snapshot import ContentInfo, MetadataView
 
@@ -75,9 +75,12 @@ async def read_metadata(
                 principal = (perm.content_guid, perm.principal_guid, perm.principal_type)
                 access[(*principal, perm.role)] = 1
 
-        async with anyio.create_task_group() as group:
-            for guid in content:
-                group.start_soon(read, guid)
+        try:
+            async with anyio.create_task_group() as group:
+                for guid in content:
+                    group.start_soon(read, guid)
+        except BaseExceptionGroup as errors:
+            raise first_error(errors) from None
     members: dict[tuple[str, str], int] = {}
     dropped: int | None = None
     if group_members > 0:
@@ -93,9 +96,12 @@ async def read_metadata(
                 log.warning("skipped a malformed group member: %s", error)
             found.extend((guid, user.guid) for user in page.records)
 
-        async with anyio.create_task_group() as group:
-            for g in groups_page.records:
-                group.start_soon(read_members, g.guid)
+        try:
+            async with anyio.create_task_group() as group:
+                for g in groups_page.records:
+                    group.start_soon(read_members, g.guid)
+        except BaseExceptionGroup as errors:
+            raise first_error(errors) from None
         # The cap keeps the same memberships from one refresh to the next: the first in order.
         ordered = sorted(set(found))
         members = dict.fromkeys(ordered[:group_members], 1)

@@ -25,7 +25,7 @@ from typing import Any
 import anyio
 import anyio.abc
 
-from exporter.client import ConnectClient, ConnectError
+from exporter.client import ConnectClient, ConnectError, first_error
 from exporter.committer import CommitError, Committer, WalkAbandonedError
 from exporter.health import METADATA, Health
 from exporter.metadata import read_metadata
@@ -35,7 +35,7 @@ from exporter.snapshot import DELETED, ContentInfo, MetadataView, Snapshot
 from exporter.store import Store
 from exporter.streams import STREAMS, Stream
 
-__all__ = ["Poller", "WalkAbandonedError", "first_error"]
+__all__ = ["Poller", "WalkAbandonedError"]
 
 log = logging.getLogger("exporter.poller")
 
@@ -53,16 +53,6 @@ SLICE_BUFFER_PAGES = 64
 
 def _when(seconds: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
-
-
-def first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The first real error of a task group, so callers see a ConnectError, not a group."""
-    for error in group.exceptions:
-        if isinstance(error, BaseExceptionGroup):
-            return first_error(error)
-        if not isinstance(error, anyio.get_cancelled_exc_class()):
-            return error
-    return group
 
 
 class Poller:
@@ -106,7 +96,9 @@ class Poller:
             s.name: partial(self.poll_stream, s) for s in self.streams
         }
         self._polls[METADATA] = self.refresh_metadata
-        self._stream_names = {s.name for s in self.streams}
+        # The counters are whole once these have been walked: a stream some servers lack (hits)
+        # is not waited for, nor is its failure left to hide the others.
+        self._stream_names = {s.name for s in self.streams if s.unsupported is None}
         # Streams known to be readable on this server; one with an `unsupported` check joins
         # once it passes (a Connect without hits never shows their families).
         self._readable = {s.name for s in self.streams if s.unsupported is None}
@@ -160,6 +152,14 @@ class Poller:
         model = self.model
         view = model.view(now)
         meta = self.metadata
+        # A stream some servers lack shows once walked to the end since the start: its first
+        # walk after an upgrade counts from the origin, and partial totals must not be seen.
+        shown = tuple(
+            s.name
+            for s in self.streams
+            if s.name in self._readable
+            and (s.unsupported is None or s.name in model.complete_walks)
+        )
         info: dict[str, ContentInfo] = {}
         if meta.content is not None:
             info.update(meta.content)
@@ -172,8 +172,8 @@ class Poller:
             content_info=info,
             counting_since=None if model.counting_since is None else model.counting_since / US,
             windows_evaluated_at=now,
-            high_water_mark={s: v / US for s, v in model.hwm.items() if s in self._readable},
-            streams=tuple(s.name for s in self.streams if s.name in self._readable),
+            high_water_mark={s: v / US for s, v in model.hwm.items() if s in shown},
+            streams=shown,
             taken_at=now,
         )
         self.published_at = time.monotonic()

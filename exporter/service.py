@@ -15,13 +15,13 @@ from pathlib import Path
 import anyio
 from prometheus_client import generate_latest, write_to_textfile
 
-from exporter.client import ConnectClient, ConnectError
+from exporter.client import ConnectClient, ConnectError, first_error
 from exporter.collector import ExporterRegistry, build_registry
 from exporter.health import Health
 from exporter.http import ExporterHTTPServer
 from exporter.logs import configure_logging
 from exporter.model import US, Rules, UsageModel
-from exporter.poller import Poller, first_error
+from exporter.poller import Poller
 from exporter.settings import Settings, setting_error
 from exporter.store import SqliteStore, StateError, Store
 from exporter.streams import HITS, STREAMS

@@ -1072,6 +1072,29 @@ async def test_hit_pages_halve_a_window_whose_response_is_too_large(
     assert asked > len(pages)  # some windows were refused and asked again, halved
 
 
+@pytest.mark.anyio
+async def test_hit_pages_name_a_malformed_hit_at_a_window_boundary_once(
+    client: ConnectClient, mock: respx.MockRouter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `to` is inclusive to the second: a record at a window's end second comes back with the
+    # next window too. A good one is kept by its time; a malformed one has none, so the repeat
+    # is recognised by its raw record.
+    monkeypatch.setattr(client_module, "HIT_WINDOW_US", (US, 60 * US, 60 * US))
+    mock.get("server_settings").mock(return_value=ok({"version": "2025.04.0"}))
+    start = us(2025, 5, 1, 12)
+    bad = {"id": 3, "content_guid": GUID_A, "timestamp": "not a time"}
+
+    def hit(hit_id: int, second: int) -> dict[str, Any]:
+        when = f"2025-05-01T12:{second // 60:02d}:{second % 60:02d}Z"
+        return {"id": hit_id, "content_guid": GUID_A, "timestamp": when, "data": None}
+
+    windows = [[hit(1, 10), bad], [bad, hit(2, 70)]]
+    mock.get(HITS).mock(side_effect=[ok(w) for w in windows])
+    pages = await collect(client.hit_pages(start=start, end=start + 120 * US))
+    assert [[h.id for h in p.records] for p in pages] == [["1"], ["2"]]
+    assert [len(p.malformed) for p in pages] == [1, 0]
+
+
 # --- concurrency ----------------------------------------------------------------------------
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from exporter.client import ConnectClient
+from exporter.client import ConnectClient, ConnectError
 from exporter.metadata import read_metadata, user_state
 from exporter.records import User
 from tests.support import Connect
@@ -81,3 +81,15 @@ async def test_group_members_are_read_as_connect_lists_them_within_the_cap(
     assert after.group_members == dict.fromkeys(truth(), 1)
     assert (group.guid, users[left].guid) not in after.group_members
     assert (group.guid, users[joined].guid) in after.group_members
+
+
+async def test_a_failed_group_members_request_fails_the_refresh_with_its_own_error(
+    connect: Connect,
+) -> None:
+    # Not an exception group: the poller logs Connect's error as a failed poll of metadata.
+    sim = connect.sim
+    sim.faults.configure({"error_rate": {"500": 1.0}, "paths": ["/members"]})
+    async with ConnectClient(connect.url, sim.keys["admin"], max_retries=0) as client:
+        with pytest.raises(ConnectError) as caught:
+            await read_metadata(client, permissions=False, group_members=100)
+    assert "/members" in str(caught.value) and "HTTP 500" in str(caught.value)
