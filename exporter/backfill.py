@@ -19,9 +19,9 @@ What is written (see README, "History from day one"):
 - every item on the server at the first sample, every series at the last (the takeover);
 - counters never above what the service first showed (its baseline): events written late,
   after the takeover, are the service's to count, never twice;
-- with top viewers or top users on, their series as the service would have shown them at each
-  grid step: a viewer's series are sampled on the grid while it is in its item's top N (at 0
-  too), and stop when it leaves it.
+- with `--viewers` (rules with top viewers or top users), their series as the service would
+  have shown them at each grid step: a viewer's series are sampled on the grid while it is in
+  its item's top N (at 0 too), and stop when it leaves it.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import anyio
@@ -246,8 +247,10 @@ def run_backfill_command(
     job: str,
     instance: str,
     labels: list[str],
+    viewers: bool = False,
 ) -> int:
-    """`backfill`: the history before the takeover as OpenMetrics; one line when it fails."""
+    """`backfill`: the history before the takeover as OpenMetrics; one line when it fails.
+    `viewers`: the top viewers and users too (off: their series are sampled throughout)."""
     from exporter.backfill import BackfillError, Written, run_backfill, target_labels
 
     setup_logging(settings)
@@ -266,6 +269,9 @@ def run_backfill_command(
         return fail(str(exc), EXIT_SETTINGS)
     client = make_client(settings, Health(stream.name for stream in STREAMS))
 
+    rules = make_rules(settings)
+    if not viewers:
+        rules = replace(rules, top_viewers=0, top_users=0)
     received: list[signal.Signals] = []
 
     async def go() -> Written | None:
@@ -282,7 +288,7 @@ def run_backfill_command(
                     group.start_soon(watch)
                 written = await run_backfill(
                     client,
-                    make_rules(settings),
+                    rules,
                     state,
                     output=output,
                     step=step,

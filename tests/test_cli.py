@@ -618,6 +618,19 @@ def test_backfill_after_a_first_start_writes_the_history_and_says_how_to_load_it
     assert text.endswith("# EOF\n") and 'instance="exporter:9741"' in text
     assert connect.sim.keys["admin"] not in text + proc.stderr
     assert [p.name for p in out.parent.iterdir()] == ["history.om"]
+    assert "connect_usage_content_viewer_sessions" not in text  # only with --viewers
+    viewers = out.parent / "viewers.om"
+    proc = subprocess.run(
+        [*EXE, "backfill", "--output", str(viewers), "--instance", "exporter:9741", "--viewers"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    named = viewers.read_text()
+    for family in ("content_viewer_sessions", "content_viewer_visits", "user_visits"):
+        assert re.search(rf"^connect_usage_{family}{{", named, re.M), family
 
 
 @pytest.mark.parametrize(
