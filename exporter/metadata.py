@@ -6,14 +6,17 @@ None of it is an event; it is read whole on its own cadence and replaces the las
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable, Iterable
+from typing import TypeVar
 
 import anyio
 
-from exporter.client import ConnectClient, NotFoundError, first_error
+from exporter.client import ConnectClient, NotFoundError, Page, first_error
 from exporter.records import ContentItem, User
 from exporter.snapshot import ContentInfo, MetadataView
 
 log = logging.getLogger("exporter.metadata")
+T = TypeVar("T")
 
 
 def user_state(user: User) -> str:
@@ -31,6 +34,32 @@ def content_info(item: ContentItem) -> ContentInfo:
         access_type=item.access_type,
         owner=item.owner_username or item.owner_guid or "",
     )
+
+
+async def _each(
+    guids: Iterable[str],
+    fetch: Callable[[str], Awaitable[Page[T]]],
+    concurrency: int,
+) -> dict[str, Page[T]]:
+    """`fetch` of each guid, `concurrency` at a time; one gone meanwhile (404) is left out. A
+    failure raises as itself, not as an exception group."""
+    limiter = anyio.CapacityLimiter(concurrency)
+    pages: dict[str, Page[T]] = {}
+
+    async def one(guid: str) -> None:
+        async with limiter:
+            try:
+                pages[guid] = await fetch(guid)
+            except NotFoundError:
+                return
+
+    try:
+        async with anyio.create_task_group() as group:
+            for guid in guids:
+                group.start_soon(one, guid)
+    except BaseExceptionGroup as errors:
+        raise first_error(errors) from None
+    return pages
 
 
 async def read_metadata(
@@ -60,48 +89,23 @@ async def read_metadata(
         items[key] = items.get(key, 0) + 1
     grants: dict[tuple[str, str, str], int] = {}
     access: dict[tuple[str, str, str, str], int] = {}
-    limiter = anyio.CapacityLimiter(concurrency)
     if permissions:
-
-        async def read(guid: str) -> None:
-            async with limiter:
-                try:
-                    page = await client.permissions(guid)
-                except NotFoundError:
-                    return
+        pages = await _each(content, client.permissions, concurrency)
+        for page in pages.values():
             for perm in page.records:
-                key = (perm.content_guid, perm.principal_type, perm.role)
-                grants[key] = grants.get(key, 0) + 1
+                grant = (perm.content_guid, perm.principal_type, perm.role)
+                grants[grant] = grants.get(grant, 0) + 1
                 principal = (perm.content_guid, perm.principal_guid, perm.principal_type)
                 access[(*principal, perm.role)] = 1
-
-        try:
-            async with anyio.create_task_group() as group:
-                for guid in content:
-                    group.start_soon(read, guid)
-        except BaseExceptionGroup as errors:
-            raise first_error(errors) from None
     members: dict[tuple[str, str], int] = {}
     dropped: int | None = None
     if group_members > 0:
+        guids = [g.guid for g in groups_page.records]
         found: list[tuple[str, str]] = []
-
-        async def read_members(guid: str) -> None:
-            async with limiter:
-                try:
-                    page = await client.group_members(guid)
-                except NotFoundError:
-                    return
-            for error in page.malformed:
+        for guid, listed in (await _each(guids, client.group_members, concurrency)).items():
+            for error in listed.malformed:
                 log.warning("skipped a malformed group member: %s", error)
-            found.extend((guid, user.guid) for user in page.records)
-
-        try:
-            async with anyio.create_task_group() as group:
-                for g in groups_page.records:
-                    group.start_soon(read_members, g.guid)
-        except BaseExceptionGroup as errors:
-            raise first_error(errors) from None
+            found.extend((guid, member.guid) for member in listed.records)
         # The cap keeps the same memberships from one refresh to the next: the first in order.
         ordered = sorted(set(found))
         members = dict.fromkeys(ordered[:group_members], 1)

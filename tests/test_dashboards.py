@@ -184,9 +184,7 @@ def test_provisioning_points_at_the_generated_dashboards() -> None:
 def test_access_by_name_joins_users_groups_and_everyone(tmp_path: Path) -> None:
     """The content detail's access table, evaluated by promtool on a few series: each principal
     by name with its role, and an "everyone" row when access_type opens the item."""
-    (expr,) = [e for _, title, e in all_queries() if title.startswith("Who has access, by name")]
-    expr = gen.substitute(expr, {"job": ".+", "instance": ".+", "content": "c1"})
-    labels = 'job="e", instance="e:9741"'
+    expr, labels = panel_query("Who has access, by name")
     series = {
         f'connect_usage_content_access_info{{{labels}, content_guid="c1", principal_guid="u1", '
         'principal_type="user", role="viewer"}': "1x3",
@@ -213,9 +211,7 @@ def test_access_by_name_joins_users_groups_and_everyone(tmp_path: Path) -> None:
 def test_group_members_with_access_by_name(tmp_path: Path) -> None:
     """The members of each group with a grant on the item, by group and user name, with the
     group's role; a group without a grant on it shows none of its members."""
-    (expr,) = [e for _, title, e in all_queries() if title.startswith("Members of the groups")]
-    expr = gen.substitute(expr, {"job": ".+", "instance": ".+", "content": "c1"})
-    labels = 'job="e", instance="e:9741"'
+    expr, labels = panel_query("Members of the groups")
     series = {
         f'connect_usage_content_access_info{{{labels}, content_guid="c1", principal_guid="g1", '
         'principal_type="group", role="viewer"}': "1x3",
@@ -237,6 +233,14 @@ def test_group_members_with_access_by_name(tmp_path: Path) -> None:
         '{group_name="Data Science", username="bob", role="viewer"}',
     ]
     assert_promql(tmp_path, expr, series, rows)
+
+
+def panel_query(title: str) -> tuple[str, str]:
+    """The query of the one panel whose title starts so, for item c1; the target's labels."""
+    (expr,) = [e for _, t, e in all_queries() if t.startswith(title)]
+    return gen.substitute(expr, {"job": ".+", "instance": ".+", "content": "c1"}), (
+        'job="e", instance="e:9741"'
+    )
 
 
 def assert_promql(tmp_path: Path, expr: str, series: dict[str, str], rows: list[str]) -> None:
