@@ -49,6 +49,10 @@ COMMIT_EVERY = 0.5
 # Pages a reader may hold ahead of the apply before it waits: bounds the read-ahead of a walk
 # that is not sliced, and of a slice whose first page could not tell it was too large.
 SLICE_BUFFER_PAGES = 64
+# Records a walk's readers may hold ahead of the apply in the slices after the one being applied
+# (whose reader never waits: the apply waits for it). A catch-up's transient memory is this
+# read-ahead; 40 pages keep every reader busy against a slow Connect.
+READ_AHEAD_RECORDS = 20_000
 
 
 def _when(seconds: float) -> str:
@@ -438,6 +442,26 @@ class _Walk:
         self.model = model  # the model this walk applies to: a reload ends the walk
         self.changed = anyio.Condition()
         self._buffers: dict[Slice, tuple[Any, Any]] = {}
+        self.held = 0  # records read and not yet applied
+        self._waiting = 0  # readers waiting for the apply to take some of them
+
+    async def room(self, run: Slice) -> None:
+        """Wait while the read-ahead is full, unless the apply is waiting for `run`."""
+        if self.held < READ_AHEAD_RECORDS or self.plan.head() is run:
+            return
+        async with self.changed:
+            self._waiting += 1
+            try:
+                while self.held >= READ_AHEAD_RECORDS and self.plan.head() is not run:
+                    await self.changed.wait()
+            finally:
+                self._waiting -= 1
+
+    async def taken(self, records: int) -> None:
+        """The apply has taken `records` of the read-ahead."""
+        self.held -= records
+        if self._waiting:
+            await self.notify()
 
     def buffer(self, run: Slice) -> tuple[Any, Any]:
         """A slice's pages between its reader and the apply, made on first use."""
@@ -494,6 +518,7 @@ class _Walk:
         start = self.walk.start_us if run.first else run.lo
         key = stream.sort_key
         first_page = True
+        await self.room(run)
         pages = stream.fetch(self.poller.client, start, run.hi)
         async with aclosing(pages) as page_iter:  # type: ignore[type-var]
             async for page in page_iter:
@@ -510,9 +535,11 @@ class _Walk:
                     split = plan.cut(run, last) or plan.share_head(run, last)
                 if split:
                     await self.notify()
+                self.held += len(mine)
                 await send.send((page, mine, last))
                 if run.hi is not None and last is not None and last >= run.hi:
                     return  # split: the rest of this cursor belongs to the next slice
+                await self.room(run)
 
     async def apply_slice(self, run: Slice, group: anyio.abc.TaskGroup) -> None:
         """Apply one slice's pages as they arrive, committing every `COMMIT_EVERY` seconds.
@@ -563,5 +590,6 @@ class _Walk:
                             # The commit dropped the keys no later walk can meet; so goes
                             # this walk's tally of them.
                             walk.forget_before(model.walk_start(stream.name))
+                await self.taken(len(mine))
         if run.error is not None:
             raise run.error
