@@ -47,6 +47,7 @@ from exporter.records import (
     User,
     Visit,
     bound_shared_values,
+    decode_hits,
     decode_shiny_page,
     decode_visit_page,
     format_query_time,
@@ -319,6 +320,15 @@ def _check_array(body: Any) -> list[Any]:
     if not isinstance(body, list):
         raise ResponseFormatError(f"expected a JSON array, got a JSON {type(body).__name__}")
     return body
+
+
+def _checked_hits(body: Any) -> tuple[list[Hit], list[MalformedRecord]]:
+    return _parse_all(_check_array(body), parse_hit)
+
+
+def _typed_hits(body: bytes) -> tuple[list[Hit], list[MalformedRecord]] | None:
+    hits = decode_hits(body)
+    return None if hits is None else (hits, [])
 
 
 def _check_object(body: Any) -> dict[str, Any]:
@@ -759,10 +769,15 @@ class ConnectClient:
                     f"this server is {shown}"
                 )
             params["content_guid"] = "|".join(content_guids)
-        raw, server_time = await self._request(
-            ENDPOINT_HITS, ENDPOINT_HITS, params, _check_array, too_large_is_final=True
+        (records, malformed), server_time = await self._request(
+            ENDPOINT_HITS,
+            ENDPOINT_HITS,
+            params,
+            _checked_hits,
+            _typed_hits,
+            too_large_is_final=True,
         )
-        return Page(*_parse_all(raw, parse_hit), server_time)
+        return Page(records, malformed, server_time)
 
     # --- metadata ---------------------------------------------------------------------------
 

@@ -401,8 +401,22 @@ class _ShinyPage(msgspec.Struct, gc=False):
     paging: _Paging | None = None
 
 
+class _HitData(msgspec.Struct, kw_only=True, gc=False):
+    path: str | None = None
+    user_agent: str | None = None
+
+
+class _HitRow(msgspec.Struct, kw_only=True, gc=False):
+    id: str | _Int64
+    content_guid: _Guid
+    user_guid: str | None = None
+    timestamp: str
+    data: _HitData | None = None
+
+
 _visit_page = msgspec.json.Decoder(_VisitPage).decode
 _shiny_page = msgspec.json.Decoder(_ShinyPage).decode
+_hit_rows = msgspec.json.Decoder(list[_HitRow]).decode
 
 
 class _Page(Protocol[R]):
@@ -414,11 +428,11 @@ class _Refused(Exception):
     """A value on the page the checked parsers must judge."""
 
 
-def _typed(
-    decode: Callable[[bytes], _Page[R]], body: bytes, limit: int
-) -> tuple[list[R], str | None] | None:
-    """The page's rows and next cursor, or None for anything the checked reading must judge
-    instead (the client's page check refuses more than `limit` records)."""
+T = TypeVar("T")
+
+
+def _decoded(decode: Callable[[bytes], T], body: bytes) -> T | None:
+    """`decode(body)`, or None for anything the checked reading must judge instead."""
     if not body.isascii():
         # msgspec checks UTF-8 only in what it keeps: a bad byte in a skipped field or a key
         # would pass here while the checked reading refuses the page.
@@ -427,12 +441,20 @@ def _typed(
         except UnicodeDecodeError:
             return None
     try:
-        page = decode(body)
+        return decode(body)
     except (msgspec.MsgspecError, UnicodeDecodeError, RecursionError):
         # UnicodeDecodeError: a lone surrogate escape in a kept field (the checked path counts
         # that record malformed); RecursionError: nesting the stdlib reads but msgspec refuses.
         return None
-    if len(page.results) > limit:
+
+
+def _typed(
+    decode: Callable[[bytes], _Page[R]], body: bytes, limit: int
+) -> tuple[list[R], str | None] | None:
+    """The page's rows and next cursor, or None for anything the checked reading must judge
+    instead (the client's page check refuses more than `limit` records)."""
+    page = _decoded(decode, body)
+    if page is None or len(page.results) > limit:
         return None
     bound_shared_values()
     cursors = None if page.paging is None else page.paging.cursors
@@ -521,6 +543,28 @@ def decode_shiny_page(body: bytes, limit: int) -> tuple[list[ShinySession], str 
     return records, cursor
 
 
+def decode_hits(body: bytes) -> list[Hit] | None:
+    """A well-formed array of hits; None: read it the checked way."""
+    rows = _decoded(_hit_rows, body)
+    if rows is None:
+        return None
+    bound_shared_values()
+    try:
+        return [
+            Hit(
+                row.id if type(row.id) is str else str(row.id),
+                share(row.content_guid),
+                _share_opt(row.user_guid),
+                _us(row.timestamp),
+                None if row.data is None else _share_opt(row.data.path),
+                None if row.data is None else _share_opt(row.data.user_agent),
+            )
+            for row in rows
+        ]
+    except _Refused:
+        return None
+
+
 def parse_hit(raw: object) -> Hit:
     """`path`/`user_agent` live in the nested `data` object, which may be null or absent."""
     ep = ENDPOINT_HITS
@@ -535,11 +579,11 @@ def parse_hit(raw: object) -> Hit:
         raise MalformedRecord(ep, "data", f"expected an object or null, got {_describe(data)}")
     return Hit(
         hit_id,
-        _str(record, "content_guid", ep),
-        _opt_str(record, "user_guid", ep),
+        share(_str(record, "content_guid", ep)),
+        _share_opt(_opt_str(record, "user_guid", ep)),
         _time(record, "timestamp", ep),
-        _opt_str(data, "path", ep),
-        _opt_str(data, "user_agent", ep),
+        _share_opt(_opt_str(data, "path", ep)),
+        _share_opt(_opt_str(data, "user_agent", ep)),
     )
 
 

@@ -39,6 +39,7 @@ from exporter.records import (
     ShinySession,
     User,
     Visit,
+    decode_hits,
     decode_shiny_page,
     decode_visit_page,
     parse_content_item,
@@ -132,6 +133,17 @@ GOOD: dict[str, Callable[[], st.SearchStrategy[tuple[Any, Any]]]] = {
     "req_time": timestamps,
     "opt_time": lambda: st.none().map(lambda n: (n, n)) | timestamps(),
     "req_bool": lambda: st.booleans().map(lambda b: (b, b)),
+    "req_id": lambda: (
+        st.text(max_size=20).map(lambda s: (s, s))
+        | st.integers(min_value=-(2**63), max_value=2**63).map(lambda i: (i, str(i)))
+    ),
+    # a hit's nested `data`: null, or an object holding its path and user agent
+    "opt_data": lambda: (
+        st.none().map(lambda n: (n, (None, None)))
+        | st.tuples(GOOD["opt_str"](), GOOD["opt_str"]()).map(
+            lambda pu: ({"path": pu[0][0], "user_agent": pu[1][0]}, (pu[0][1], pu[1][1]))
+        )
+    ),
 }
 MISSING = object()  # the field is left out
 BAD: dict[str, st.SearchStrategy[Any]] = {
@@ -142,6 +154,8 @@ BAD: dict[str, st.SearchStrategy[Any]] = {
     "req_time": st.just(MISSING) | st.none() | not_a(str) | naive_times | no_digits,
     "opt_time": not_a(str) | naive_times | no_digits,
     "req_bool": st.just(MISSING) | st.none() | not_a(bool),
+    "req_id": st.just(MISSING) | st.none() | not_a(str, int),
+    "opt_data": not_a(dict),
 }
 
 
@@ -151,6 +165,7 @@ class Schema:
     cls: type
     fields: dict[str, str]  # JSON field -> kind
     renamed: dict[str, str]  # JSON field -> attribute, where they differ
+    make: Callable[..., Any] | None = None  # the record from the attributes; None: `cls`
 
 
 SCHEMAS = {
@@ -181,6 +196,19 @@ SCHEMAS = {
             "user_agent": "opt_str",
         },
         {},
+    ),
+    "hit": Schema(
+        parse_hit,
+        Hit,
+        {
+            "id": "req_id",
+            "content_guid": "req_str",
+            "user_guid": "opt_str",
+            "timestamp": "req_time",
+            "data": "opt_data",
+        },
+        {},
+        lambda data, **attrs: Hit(**attrs, path=data[0], user_agent=data[1]),
     ),
     "user": Schema(
         parse_user,
@@ -225,7 +253,7 @@ def good_records(draw: st.DrawFn, schema: Schema) -> tuple[dict[str, Any], Any]:
     extra = draw(st.dictionaries(st.text(max_size=10), json_values, max_size=3))
     for key, value in extra.items():
         raw.setdefault(key, value)
-    return raw, schema.cls(**attrs)
+    return raw, (schema.make or schema.cls)(**attrs)
 
 
 @st.composite
@@ -337,35 +365,64 @@ def test_any_json_gives_a_well_typed_record_or_malformed_record(name: str) -> No
 
 # --- a whole page in one typed decode: the same records as record by record, or None -------
 
-PAGE_DECODERS: dict[str, Callable[[bytes, int], Any]] = {
-    "shiny": decode_shiny_page,
-    "visit": decode_visit_page,
+
+@dataclass(frozen=True)
+class TypedReading:
+    """A typed decode of one endpoint's pages, and that endpoint's page shape."""
+
+    decode: Callable[[bytes, int], tuple[list[Any], str | None] | None]  # (body, limit)
+    page: Callable[[list[Any], str | None], Any]  # raw records, cursor -> the page's JSON
+    check: Callable[[Any, int], tuple[list[Any], str | None]]  # the client's page check
+
+
+def _cursor_page(raws: list[Any], cursor: str | None) -> Any:
+    return {"results": raws, "paging": {"cursors": {"next": cursor}}}
+
+
+def _cursor_check(page: Any, limit: int) -> tuple[list[Any], str | None]:
+    return client_module._cursor_page_check(limit)(page)
+
+
+def _decode_hits(body: bytes, _limit: int) -> tuple[list[Any], str | None] | None:
+    hits = decode_hits(body)
+    return None if hits is None else (hits, None)
+
+
+PAGE_DECODERS: dict[str, TypedReading] = {
+    "shiny": TypedReading(decode_shiny_page, _cursor_page, _cursor_check),
+    "visit": TypedReading(decode_visit_page, _cursor_page, _cursor_check),
+    # The hits endpoint is one unpaged array.
+    "hit": TypedReading(
+        _decode_hits,
+        lambda raws, _c: raws,
+        lambda page, _l: (client_module._check_array(page), None),
+    ),
 }
 
 
 def checked_reading(
-    body: bytes, parse: Callable[[object], Any], limit: int = 500
+    body: bytes, name: str, limit: int = 500
 ) -> tuple[list[Any], list[MalformedRecord], str | None] | None:
-    """The client's own checked reading of a cursor page (its decode order, its page check, its
+    """The client's own checked reading of a page (its decode order, its page check, its
     record loop); None where it refuses the page."""
     try:
         page = json.loads(body, object_pairs_hook=client_module._checked_text)
     except (ValueError, RecursionError):
         return None
     try:
-        raw, cursor = client_module._cursor_page_check(limit)(page)
+        raw, cursor = PAGE_DECODERS[name].check(page, limit)
     except ResponseFormatError:
         return None
-    records, malformed = client_module._parse_all(raw, parse)
+    records, malformed = client_module._parse_all(raw, SCHEMAS[name].parse)
     return records, malformed, cursor
 
 
 def assert_same_or_handed_back(body: bytes, name: str, limit: int = 500) -> None:
-    schema, decode = SCHEMAS[name], PAGE_DECODERS[name]
+    schema, decode = SCHEMAS[name], PAGE_DECODERS[name].decode
     typed = decode(body, limit)
     if typed is None:
         return
-    checked = checked_reading(body, schema.parse, limit)
+    checked = checked_reading(body, name, limit)
     assert checked is not None, "the typed decode took a page the client refuses"
     records, malformed, cursor = checked
     assert malformed == [], "the typed decode let a malformed record through"
@@ -387,7 +444,7 @@ def test_a_typed_page_decode_gives_the_same_records_or_hands_the_page_back(name:
     @EXAMPLES
     @given(st.lists(one, max_size=6), st.none() | st.text(max_size=8))
     def check(raws: list[Any], cursor: str | None) -> None:
-        body = json.dumps({"results": raws, "paging": {"cursors": {"next": cursor}}}).encode()
+        body = json.dumps(PAGE_DECODERS[name].page(raws, cursor)).encode()
         assert_same_or_handed_back(body, name)
         assert_same_or_handed_back(body, name, limit=2)
 
@@ -423,7 +480,8 @@ def test_a_typed_page_decode_of_spoiled_bytes_agrees_or_hands_the_page_back(name
         ),
     )
     def check(raws: list[Any], spoils: list[tuple[int, bytes, bool]]) -> None:
-        body = bytearray(json.dumps({"results": raws}, ensure_ascii=False).encode())
+        page = PAGE_DECODERS[name].page(raws, None)
+        body = bytearray(json.dumps(page, ensure_ascii=False).encode())
         for at, spoiler, replace in spoils:
             at %= len(body)
             body[at : at + (len(spoiler) if replace else 0)] = spoiler
@@ -435,7 +493,7 @@ def test_a_typed_page_decode_of_spoiled_bytes_agrees_or_hands_the_page_back(name
 @pytest.mark.parametrize("name", list(PAGE_DECODERS))
 def test_a_page_of_good_records_is_decoded_typed(name: str) -> None:
     """The typed decode must take the pages Connect sends: good records, ids within 64 bits."""
-    schema, decode = SCHEMAS[name], PAGE_DECODERS[name]
+    schema, reading = SCHEMAS[name], PAGE_DECODERS[name]
     fits = good_records(schema).filter(
         lambda case: all(type(v) is not int or abs(v) < 2**63 for v in case[0].values())
     )
@@ -444,10 +502,11 @@ def test_a_page_of_good_records_is_decoded_typed(name: str) -> None:
     @given(st.lists(fits, max_size=6))
     def check(cases: list[tuple[dict[str, Any], Any]]) -> None:
         try:  # an unknown field holding NaN is no JSON at all: that page is the stdlib's
-            body = json.dumps({"results": [raw for raw, _ in cases]}, allow_nan=False).encode()
+            page = reading.page([raw for raw, _ in cases], None)
+            body = json.dumps(page, allow_nan=False).encode()
         except ValueError:
             assume(False)
-        assert decode(body, 500) == ([expected for _, expected in cases], None)
+        assert reading.decode(body, 500) == ([expected for _, expected in cases], None)
 
     check()
 
