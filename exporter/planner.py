@@ -39,6 +39,7 @@ class Slice:
     read_done: bool = False  # every page is read (or the error is set)
     error: BaseException | None = None
     records: int = 0  # records of its own read so far
+    held: int = 0  # of those, read and not yet applied
 
 
 class Plan:

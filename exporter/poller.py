@@ -49,10 +49,10 @@ COMMIT_EVERY = 0.5
 # Pages a reader may hold ahead of the apply before it waits: bounds the read-ahead of a walk
 # that is not sliced, and of a slice whose first page could not tell it was too large.
 SLICE_BUFFER_PAGES = 64
-# Records a walk's readers may hold ahead of the apply in the slices after the one being applied
-# (whose reader never waits: the apply waits for it). A catch-up's transient memory is this
-# read-ahead; 40 pages keep every reader busy against a slow Connect.
-READ_AHEAD_RECORDS = 20_000
+# Records a walk's readers may hold in the slices after the one being applied, the nearest slices
+# first (see `_Walk._full`). A catch-up's transient memory is mostly this read-ahead (~200 B a
+# record); 160 pages keep the readers busy against a Connect 20 ms away.
+READ_AHEAD_RECORDS = 80_000
 
 
 def _when(seconds: float) -> str:
@@ -442,26 +442,34 @@ class _Walk:
         self.model = model  # the model this walk applies to: a reload ends the walk
         self.changed = anyio.Condition()
         self._buffers: dict[Slice, tuple[Any, Any]] = {}
-        self.held = 0  # records read and not yet applied
-        self._waiting = 0  # readers waiting for the apply to take some of them
+
+    def _full(self, run: Slice) -> bool:
+        """Whether `run`'s reader must wait: the slices between the head and `run` hold half
+        the read-ahead, or all the slices after the head hold all of it. The slice after the
+        head never waits (nor the head: the apply waits for it), so the slices the apply needs
+        first are read first."""
+        plan = self.plan
+        order = plan.order
+        if len(order) <= plan.applied + 1 or order[plan.applied + 1] is run or plan.head() is run:
+            return False
+        before = total = 0
+        for ahead in order[plan.applied + 1 :]:
+            if ahead is run:
+                before = total
+            total += ahead.held
+        return before >= READ_AHEAD_RECORDS // 2 or total >= READ_AHEAD_RECORDS
 
     async def room(self, run: Slice) -> None:
-        """Wait while the read-ahead is full, unless the apply is waiting for `run`."""
-        if self.held < READ_AHEAD_RECORDS or self.plan.head() is run:
+        """Wait while the read-ahead before `run` is full (woken when the head moves on)."""
+        if not self._full(run):
             return
         async with self.changed:
-            self._waiting += 1
-            try:
-                while self.held >= READ_AHEAD_RECORDS and self.plan.head() is not run:
-                    await self.changed.wait()
-            finally:
-                self._waiting -= 1
+            while self._full(run):
+                await self.changed.wait()
 
-    async def taken(self, records: int) -> None:
-        """The apply has taken `records` of the read-ahead."""
-        self.held -= records
-        if self._waiting:
-            await self.notify()
+    def taken(self, run: Slice, records: int) -> None:
+        """The apply has taken `records` of `run`'s."""
+        run.held -= records
 
     def buffer(self, run: Slice) -> tuple[Any, Any]:
         """A slice's pages between its reader and the apply, made on first use."""
@@ -535,7 +543,7 @@ class _Walk:
                     split = plan.cut(run, last) or plan.share_head(run, last)
                 if split:
                     await self.notify()
-                self.held += len(mine)
+                run.held += len(mine)
                 await send.send((page, mine, last))
                 if run.hi is not None and last is not None and last >= run.hi:
                     return  # split: the rest of this cursor belongs to the next slice
@@ -590,6 +598,6 @@ class _Walk:
                             # The commit dropped the keys no later walk can meet; so goes
                             # this walk's tally of them.
                             walk.forget_before(model.walk_start(stream.name))
-                await self.taken(len(mine))
+                self.taken(run, len(mine))
         if run.error is not None:
             raise run.error
