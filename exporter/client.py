@@ -588,6 +588,7 @@ class ConnectClient:
             else None
         )
         self._settings: ServerSettings | None = None
+        self._hits_busiest = 0.0  # the most hits a µs held in one window read so far
         ssl = _ssl_context(verify)
 
         def client(connections: int) -> httpx.AsyncClient:
@@ -714,7 +715,8 @@ class ConnectClient:
         (timestamp, id), one Page per window of time.
 
         The endpoint is not paged, so the range is read in consecutive windows on whole seconds
-        (Connect's `from`/`to` resolution), each sized from the last one's count, and halved
+        (Connect's `from`/`to` resolution), each sized from the last one's count and the
+        busiest window's rate so far (quiet nights do not grow one past a busy morning), and halved
         when a window's response is too large; a window's records outside it (its `to` second,
         read again by the next) are left to the next.
         """
@@ -745,8 +747,12 @@ class ConnectClient:
             if (end is not None and hi >= end) or (end is None and hi > now * US):
                 return
             count = max(len(keep), 1)
+            busiest = self._hits_busiest = max(self._hits_busiest, len(keep) / (hi - lo))
             span = min(max(span * HITS_PER_WINDOW // count, HIT_WINDOW_US[0]), HIT_WINDOW_US[2])
-            span = min(span, 2 * (hi - lo)) // US * US  # widen gradually after a sparse window
+            span = min(span, 2 * (hi - lo))  # widen gradually after a sparse window
+            if busiest:  # and never past what the busiest window so far would hold then
+                span = min(span, max(HIT_WINDOW_US[0], int(HITS_PER_WINDOW / busiest)))
+            span = span // US * US
             lo = hi
 
     async def hits(self, *, start: int, end: int, content_guids: Sequence[str] = ()) -> Page[Hit]:

@@ -1041,6 +1041,33 @@ async def test_hit_pages_read_a_range_in_windows_each_hit_once_in_order(
 
 
 @pytest.mark.anyio
+async def test_hit_windows_do_not_grow_past_the_busiest_rate_met(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Three days with their nights: windows widen through a quiet night, but never past what
+    # the busiest window so far held, so a busy morning does not come in one huge response.
+    monkeypatch.setattr(client_module, "HITS_PER_WINDOW", 40)
+    monkeypatch.setattr(client_module, "HIT_WINDOW_US", (US, 600 * US, 86400 * US))
+    sim = Simulator(
+        SimConfig(seed=5, content=12, users=30, history_days=3, sessions_per_day=400,
+                  visits_per_day=1200),
+        now=TUESDAY_AFTERNOON,
+        paused=True,
+    )  # fmt: skip
+    now = int(TUESDAY_AFTERNOON) * US
+    start = now - 3 * 86400 * US
+    with served(sim) as connect:
+        async with ConnectClient(connect.url, sim.keys["admin"], backoff_max=0.01) as client:
+            pages = await collect(client.hit_pages(start=start, end=now))
+            whole = await client.hits(start=start, end=now)
+    sizes = [len(page.records) for page in pages]
+    assert sum(sizes) == len([h for h in whole.records if h.timestamp < now]) > 3000
+    # The first busy window sets the rate (before it, a window may hold what the quiet hour
+    # before a morning let it widen to); after the first day, none holds much more than 40.
+    assert max(sizes[len(sizes) // 3 :]) <= 2 * 40
+
+
+@pytest.mark.anyio
 async def test_hit_pages_halve_a_window_whose_response_is_too_large(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
