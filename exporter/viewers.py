@@ -8,10 +8,12 @@ window. Figures per window: sessions started in it, the summed duration of sessi
 in it, visits in it; a viewer belongs to a window when its sessions plus visits there are above
 zero. Ranked by sessions + visits, ties by user guid.
 
-The figures are kept running: an event is added to each window's figures as it comes, and
-taken out when `view` finds it has left the window (each item's events are kept in time order,
-with the index of the first one still inside each window), so a view costs what changed since
-the last one, not the whole month.
+Only the events are kept (in time order per item, ~20 B each), not figures per (item, user): an
+item's top viewers are counted again from its events when it has changed (an event added, or
+one that has left a window), and kept until it changes again. The server-wide totals per user
+are kept running in arrays indexed by user: an event is added as it comes and taken out when a
+view finds it has left the window (each item keeps the index of the first event inside each
+window).
 """
 
 from __future__ import annotations
@@ -25,13 +27,16 @@ from dataclasses import dataclass, field
 STARTED = -1  # a session started (the value of its event)
 VISITED = -2  # a visit; any value >= 0 is a session's end and its duration in µs
 US = 1_000_000
-# Running figures are packed in one int: sessions, visits (24 bits each), then µs above them.
-# One int a (user, window) instead of a list of three: a third of the memory on a big server.
+# An item's figures while they are counted, packed in one int: sessions, visits (24 bits each),
+# then µs above them.
 _BITS = 24
 _MASK = (1 << _BITS) - 1
 _VISIT = 1 << _BITS
 _MICROS = 2 * _BITS
 _COUNTS = (1 << _MICROS) - 1  # the sessions and visits of packed figures
+# A user's server-wide totals in one 64-bit slot: sessions above, visits below.
+_TOTAL_BITS = 32
+_TOTAL_MASK = (1 << _TOTAL_BITS) - 1
 
 
 def _packed(value: int) -> int:
@@ -43,24 +48,28 @@ def _unpacked(figures: int) -> tuple[int, int, int]:
     return figures & _MASK, figures >> _MICROS, (figures >> _BITS) & _MASK
 
 
+def _total(value: int) -> int:
+    """An event's share of a user's totals (a session's end has none)."""
+    return 1 << _TOTAL_BITS if value == STARTED else 1 if value == VISITED else 0
+
+
 # (sessions started, µs of sessions ended, visits) in one window
 Figures = tuple[int, int, int]
 ViewerEvent = tuple[str, str, int, int]  # (content_guid, user_guid, time µs, value)
+Top = tuple[list[tuple[int, Figures]], int]  # (user index, figures) of the top N, and left out
 
 
 @dataclass(slots=True)
 class _Item:
-    """One content item's events in time order, and its running figures per window."""
+    """One content item's events in time order, and its top viewers as last counted."""
 
     times: array[int] = field(default_factory=lambda: array("q"))
     users: array[int] = field(default_factory=lambda: array("i"))
     values: array[int] = field(default_factory=lambda: array("q"))
-    # Per window: the index of the first event counted, and user index -> packed figures of
-    # the events from there on.
-    starts: dict[str, int] = field(default_factory=dict)
-    figures: dict[str, dict[int, int]] = field(default_factory=dict)
-    # Per window: its top viewers as last ranked and how many it left out; None: rank again.
-    top: dict[str, tuple[list[tuple[int, Figures]], int]] | None = None
+    # Per window (in the log's order): the index of its first event in the totals.
+    starts: list[int] = field(default_factory=list)
+    # Per window: its top viewers as last counted, and how many it left out; None: count again.
+    top: list[Top] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,13 +89,14 @@ class ViewerLog:
 
     def __init__(self, windows: Mapping[str, int], events: Iterable[ViewerEvent] = ()) -> None:
         self.windows = {w: s * US for w, s in windows.items()}  # window -> µs
+        self._spans = list(self.windows.values())
         self._index: dict[str, int] = {}
         self._guids: list[str] = []
         self.items: dict[str, _Item] = {}
-        # Per window: user index -> packed sessions and visits over every item's figures.
-        self._totals: dict[str, dict[int, int]] = {w: {} for w in self.windows}
+        # Per window: user index -> packed sessions and visits over every item's events.
+        self._totals: list[array[int]] = [array("q") for _ in self.windows]
         self._now = -(2**63)  # the `now` of the last view
-        self._thresholds = [(w, self._now - span) for w, span in self.windows.items()]
+        self._thresholds = [self._now - span for span in self._spans]
         for content, user, when, value in events:
             self.add(content, user, when, value)
 
@@ -98,14 +108,14 @@ class ViewerLog:
         if index is None:
             index = self._index[guid] = len(self._guids)
             self._guids.append(guid)
+            for totals in self._totals:
+                totals.append(0)
         return index
 
     def add(self, content: str, user: str, when: int, value: int) -> None:
         item = self.items.get(content)
         if item is None:
-            item = self.items[content] = _Item(
-                starts=dict.fromkeys(self.windows, 0), figures={w: {} for w in self.windows}
-            )
+            item = self.items[content] = _Item(starts=[0] * len(self._spans))
         times = item.times
         at = len(times) if not times or times[-1] <= when else bisect_right(times, when)
         times.insert(at, when)
@@ -114,69 +124,71 @@ class ViewerLog:
         item.values.insert(at, value)
         item.top = None
         starts = item.starts
-        packed = _packed(value)
-        for window, threshold in self._thresholds:
-            start = starts[window]
+        share = _total(value)
+        for w, threshold in enumerate(self._thresholds):
+            start = starts[w]
             if at < start:  # before the window as last evaluated: outside it
-                starts[window] = start + 1
+                starts[w] = start + 1
             elif when >= threshold:
-                self._count(window, item, user_index, packed)
+                self._totals[w][user_index] += share
             else:  # older than the window, yet no counted event is older: it starts after it
-                starts[window] = at + 1
+                starts[w] = at + 1
 
-    def _count(self, window: str, item: _Item, user: int, packed: int, sign: int = 1) -> None:
-        """Add (sign 1) or take out (-1) one event's packed figures for `user`."""
-        figures = item.figures[window]
-        row = figures.get(user, 0) + sign * packed
-        if row:
-            figures[user] = row
-        else:  # all zero (a zero-long session's end adds nothing and may find no row)
-            figures.pop(user, None)
-        counted = sign * (packed & _COUNTS)
-        if counted:  # a session's start or a visit: the server-wide totals move too
-            totals = self._totals[window]
-            total = totals.get(user, 0) + counted
-            if total:
-                totals[user] = total
-            else:
-                del totals[user]
-
-    def _advance(self, item: _Item, now_us: int) -> None:
-        """Take out of each window the events that have left it by `now_us`."""
-        times, users, values = item.times, item.users, item.values
-        for window, start in item.starts.items():
-            threshold = now_us - self.windows[window]
-            end = start
-            while end < len(times) and times[end] < threshold:
-                self._count(window, item, users[end], _packed(values[end]), -1)
-                end += 1
-            if end != start:
-                item.starts[window] = end
+    def _advance(self, item: _Item, thresholds: list[int]) -> None:
+        """Take out of each window's totals the events that have left it."""
+        times, users, values, starts = item.times, item.users, item.values, item.starts
+        for w, threshold in enumerate(thresholds):
+            end = starts[w]
+            if end < len(times) and times[end] < threshold:
+                totals = self._totals[w]
+                while end < len(times) and times[end] < threshold:
+                    totals[users[end]] -= _total(values[end])
+                    end += 1
+                starts[w] = end
                 item.top = None
 
     def _recount(self) -> None:
-        """Every window's figures from scratch, all events counted (before a first view, or
+        """Every window's totals from scratch, all events counted (before a first view, or
         when time went back)."""
-        self._totals = {w: {} for w in self.windows}
+        self._totals = [array("q", bytes(8 * len(self._guids))) for _ in self._spans]
         for item in self.items.values():
-            item.starts = dict.fromkeys(self.windows, 0)
-            item.figures = {w: {} for w in self.windows}
+            item.starts = [0] * len(self._spans)
             item.top = None
             for user, value in zip(item.users, item.values, strict=True):
-                for window in self.windows:
-                    self._count(window, item, user, _packed(value))
+                share = _total(value)
+                if share:
+                    for totals in self._totals:
+                        totals[user] += share
+
+    def _rank(self, item: _Item, n: int) -> list[Top]:
+        """Each window's top `n` viewers of `item`, counted from its events in the window."""
+        guids = self._guids
+        ranked: list[Top] = []
+        users, values = item.users, item.values
+        for start in item.starts:
+            figures: dict[int, int] = {}
+            get = figures.get
+            for user, value in zip(users[start:], values[start:], strict=True):
+                figures[user] = get(user, 0) + _packed(value)
+            members = [
+                (-((f & _MASK) + (f >> _BITS & _MASK)), u)
+                for u, f in figures.items()
+                if f & _COUNTS
+            ]
+            top = heapq.nsmallest(n, members, key=lambda r: (r[0], guids[r[1]]))
+            ranked.append(([(u, _unpacked(figures[u])) for _w, u in top], max(0, len(members) - n)))
+        return ranked
 
     def prune(self, before_us: int) -> None:
         """Forget the events before `before_us` that every window has let go (a view has
-        taken them out of its figures; the others go at a later prune)."""
+        taken them out of its totals; the others go at a later prune)."""
         for content, item in list(self.items.items()):
             times = item.times
-            cut = min(bisect_left(times, before_us), *item.starts.values())
+            cut = min(bisect_left(times, before_us), *item.starts)
             if cut == 0:
                 continue
             del times[:cut], item.users[:cut], item.values[:cut]
-            item.starts = {w: max(0, s - cut) for w, s in item.starts.items()}
-            item.top = None
+            item.starts = [max(0, s - cut) for s in item.starts]
             if not times:
                 del self.items[content]
 
@@ -193,41 +205,34 @@ class ViewerLog:
         if now_us < self._now:
             self._recount()
         self._now = now_us
-        self._thresholds = [(w, now_us - span) for w, span in self.windows.items()]
+        thresholds = self._thresholds = [now_us - span for span in self._spans]
         guids = self._guids
-
-        def rank(rows: Iterable[tuple[int, int]], n: int) -> list[tuple[int, int]]:
-            """(-weight, user index) pairs: the n heaviest, ties by user guid."""
-            return heapq.nsmallest(n, rows, key=lambda r: (r[0], guids[r[1]]))
-
+        windows = list(self.windows)
         viewers: dict[tuple[str, str, str], Figures] = {}
-        dropped = dict.fromkeys(self.windows, 0)
+        dropped = dict.fromkeys(windows, 0)
         for content, item in self.items.items():
-            self._advance(item, now_us)
+            self._advance(item, thresholds)
             if top_viewers <= 0:
                 continue
             if item.top is None:
-                item.top = {}
-                for window, figures in item.figures.items():
-                    members = [
-                        (-((f & _MASK) + (f >> _BITS & _MASK)), u)
-                        for u, f in figures.items()
-                        if f & _COUNTS
-                    ]
-                    top = [(u, _unpacked(figures[u])) for _w, u in rank(members, top_viewers)]
-                    item.top[window] = (top, max(0, len(members) - top_viewers))
-            for window, (top, left_out) in item.top.items():
+                item.top = self._rank(item, top_viewers)
+            for window, (top, left_out) in zip(windows, item.top, strict=True):
                 dropped[window] += left_out
                 for user, figures_of in top:
                     viewers[content, guids[user], window] = figures_of
         users: dict[tuple[str, str], tuple[int, int]] = {}
-        users_dropped = dict.fromkeys(self.windows, 0)
+        users_dropped = dict.fromkeys(windows, 0)
         if top_users > 0:
-            for window, totals in self._totals.items():
-                rows = [(-((t & _MASK) + (t >> _BITS)), u) for u, t in totals.items()]
-                for _weight, user in rank(rows, top_users):
-                    sessions, _micros, visits = _unpacked(totals[user])
-                    users[guids[user], window] = (sessions, visits)
+            for window, totals in zip(windows, self._totals, strict=True):
+                rows = [
+                    (-((t >> _TOTAL_BITS) + (t & _TOTAL_MASK)), u)
+                    for u, t in enumerate(totals)
+                    if t
+                ]
+                ranked = heapq.nsmallest(top_users, rows, key=lambda r: (r[0], guids[r[1]]))
+                for _weight, user in ranked:
+                    total = totals[user]
+                    users[guids[user], window] = (total >> _TOTAL_BITS, total & _TOTAL_MASK)
                 users_dropped[window] = max(0, len(rows) - top_users)
         return ViewerView(viewers, dropped, users, users_dropped)
 

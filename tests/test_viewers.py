@@ -1,4 +1,4 @@
-"""ViewerLog's running figures against a brute-force count over the same events."""
+"""ViewerLog's figures against a brute-force count over the same events."""
 
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ event = st.tuples(
     top_viewers=st.integers(1, 3),
     top_users=st.integers(1, 3),
 )
-def test_running_figures_equal_a_recount_as_events_come_and_time_moves(
+def test_figures_equal_a_brute_force_count_as_events_come_and_time_moves(
     batches: list[tuple[list[tuple[str, str, int, int]], int]], top_viewers: int, top_users: int
 ) -> None:
     """Events in any order, views at times going forward and back, prunes between them."""
