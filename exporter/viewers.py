@@ -56,7 +56,10 @@ def _total(value: int) -> int:
 # (sessions started, µs of sessions ended, visits) in one window
 Figures = tuple[int, int, int]
 ViewerEvent = tuple[str, str, int, int]  # (content_guid, user_guid, time µs, value)
-Top = tuple[list[tuple[int, Figures]], int]  # (user index, figures) of the top N, and left out
+ViewerKey = tuple[str, str, str]  # (content_guid, user_guid, window)
+# An item's top N in one window, as the view shows them (the same objects from one view to the
+# next while the item does not change), and how many it left out.
+Top = tuple[list[tuple[ViewerKey, Figures]], int]
 
 
 @dataclass(slots=True)
@@ -77,7 +80,7 @@ class ViewerView:
     """The top viewers of each item and the top users of the server, per window."""
 
     # (content_guid, user_guid, window) -> figures, for each item's top N
-    viewers: Mapping[tuple[str, str, str], Figures] = field(default_factory=dict)
+    viewers: Mapping[ViewerKey, Figures] = field(default_factory=dict)
     viewers_dropped: Mapping[str, int] = field(default_factory=dict)  # window -> left out now
     # (user_guid, window) -> (sessions, visits), for the server's top N users
     users: Mapping[tuple[str, str], tuple[int, int]] = field(default_factory=dict)
@@ -160,12 +163,12 @@ class ViewerLog:
                     for totals in self._totals:
                         totals[user] += share
 
-    def _rank(self, item: _Item, n: int) -> list[Top]:
+    def _rank(self, content: str, item: _Item, n: int) -> list[Top]:
         """Each window's top `n` viewers of `item`, counted from its events in the window."""
         guids = self._guids
         ranked: list[Top] = []
         users, values = item.users, item.values
-        for start in item.starts:
+        for window, start in zip(self.windows, item.starts, strict=True):
             figures: dict[int, int] = {}
             get = figures.get
             for user, value in zip(users[start:], values[start:], strict=True):
@@ -176,7 +179,8 @@ class ViewerLog:
                 if f & _COUNTS
             ]
             top = heapq.nsmallest(n, members, key=lambda r: (r[0], guids[r[1]]))
-            ranked.append(([(u, _unpacked(figures[u])) for _w, u in top], max(0, len(members) - n)))
+            rows = [((content, guids[u], window), _unpacked(figures[u])) for _w, u in top]
+            ranked.append((rows, max(0, len(members) - n)))
         return ranked
 
     def prune(self, before_us: int) -> None:
@@ -208,18 +212,17 @@ class ViewerLog:
         thresholds = self._thresholds = [now_us - span for span in self._spans]
         guids = self._guids
         windows = list(self.windows)
-        viewers: dict[tuple[str, str, str], Figures] = {}
+        viewers: dict[ViewerKey, Figures] = {}
         dropped = dict.fromkeys(windows, 0)
         for content, item in self.items.items():
             self._advance(item, thresholds)
             if top_viewers <= 0:
                 continue
             if item.top is None:
-                item.top = self._rank(item, top_viewers)
-            for window, (top, left_out) in zip(windows, item.top, strict=True):
+                item.top = self._rank(content, item, top_viewers)
+            for window, (shown, left_out) in zip(windows, item.top, strict=True):
                 dropped[window] += left_out
-                for user, figures_of in top:
-                    viewers[content, guids[user], window] = figures_of
+                viewers.update(shown)
         users: dict[tuple[str, str], tuple[int, int]] = {}
         users_dropped = dict.fromkeys(windows, 0)
         if top_users > 0:
