@@ -82,6 +82,7 @@ HITS_FILTER_MIN_VERSION = (2026, 1, 0)
 US = 1_000_000
 HITS_PER_WINDOW = 5_000
 HIT_WINDOW_US = (1_000_000, 900 * 1_000_000, 86_400 * 1_000_000)  # least, first, most
+HIT_RATE_MIN_US = 60 * 1_000_000  # the shortest window whose count sizes later ones
 _VERSION = re.compile(r"\s*(\d+)\.(\d+)\.(\d+)")
 _MAX_BACKOFF_EXPONENT = 62  # keeps backoff_base * 2**attempt a finite float
 _clock = time.perf_counter  # a module name of its own, so tests can fake request durations
@@ -747,7 +748,9 @@ class ConnectClient:
             if (end is not None and hi >= end) or (end is None and hi > now * US):
                 return
             count = max(len(keep), 1)
-            busiest = self._hits_busiest = max(self._hits_busiest, len(keep) / (hi - lo))
+            if hi - lo >= HIT_RATE_MIN_US:  # a shorter window says too little about the rate
+                self._hits_busiest = max(self._hits_busiest, len(keep) / (hi - lo))
+            busiest = self._hits_busiest
             span = min(max(span * HITS_PER_WINDOW // count, HIT_WINDOW_US[0]), HIT_WINDOW_US[2])
             span = min(span, 2 * (hi - lo))  # widen gradually after a sparse window
             if busiest:  # and never past what the busiest window so far would hold then
