@@ -39,6 +39,11 @@ from tests.support import (
 EXE = [sys.executable, "-m", "exporter"]
 
 
+def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """The exporter's command line, run to its end (two minutes at the most)."""
+    return subprocess.run([*EXE, *args], env=env, capture_output=True, text=True, timeout=120)
+
+
 def env_for(url: str | None, key: str | None, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CONNECT_")}
     if url is not None:
@@ -271,13 +276,7 @@ def test_run_once_writes_the_exposition_atomically(
     sim, url = live_connect
     out = tmp_path / "textfile" / "connect.prom"
     env = env_for(url, sim.keys["admin"], CONNECT_EXPORTER_STATE_PATH=str(tmp_path / "s.sqlite"))
-    proc = subprocess.run(
-        [*EXE, "run", "--once", "--output", str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = cli("run", "--once", "--output", str(out), env=env)
     assert proc.returncode == 0, proc.stderr
     text = out.read_text()
     m = parse(text)
@@ -306,9 +305,7 @@ def test_viewer_key_fails_with_what_it_lacks(
 ) -> None:
     sim, url = live_connect
     env = env_for(url, sim.keys["viewer"], CONNECT_EXPORTER_STATE_PATH=str(tmp_path / "s.sqlite"))
-    proc = subprocess.run(
-        [*EXE, "run", "--once"], env=env, capture_output=True, text=True, timeout=120
-    )
+    proc = cli("run", "--once", env=env)
     assert proc.returncode != 0
     assert "publisher or administrator" in proc.stderr
     assert sim.keys["viewer"] not in proc.stderr + proc.stdout
@@ -389,13 +386,7 @@ def test_sigkill_at_random_moments_loses_and_doubles_nothing(
     sim.clock.pause()
     env = env_for(url, sim.keys["admin"], CONNECT_EXPORTER_STATE_PATH=str(state))
     out = tmp_path / "final.prom"
-    proc2 = subprocess.run(
-        [*EXE, "run", "--once", "--output", str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc2 = cli("run", "--once", "--output", str(out), env=env)
     assert proc2.returncode == 0, proc2.stderr
     assert_exposition_matches_truth(out.read_text(), sim)
     m = parse(out.read_text())
@@ -596,13 +587,7 @@ def test_backfill_after_a_first_start_writes_the_history_and_says_how_to_load_it
     assert first.returncode == 0, first.stderr
     out = tmp_path / "out" / "history.om"
     out.parent.mkdir()
-    proc = subprocess.run(
-        [*EXE, "backfill", "--output", str(out), "--instance", "exporter:9741"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = cli("backfill", "--output", str(out), "--instance", "exporter:9741", env=env)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stderr.splitlines()
     assert re.fullmatch(
@@ -620,12 +605,8 @@ def test_backfill_after_a_first_start_writes_the_history_and_says_how_to_load_it
     assert [p.name for p in out.parent.iterdir()] == ["history.om"]
     assert "connect_usage_content_viewer_sessions" not in text  # only with --viewers
     viewers = out.parent / "viewers.om"
-    proc = subprocess.run(
-        [*EXE, "backfill", "--output", str(viewers), "--instance", "exporter:9741", "--viewers"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    proc = cli(
+        "backfill", "--output", str(viewers), "--instance", "exporter:9741", "--viewers", env=env
     )
     assert proc.returncode == 0, proc.stderr
     named = viewers.read_text()

@@ -1004,6 +1004,13 @@ async def test_hits_content_filter_on_2026_01(
     ]
 
 
+def hits_sim(days: int, version: str = SimConfig.connect_version) -> Simulator:
+    """A small paused Connect with `days` of traffic, hits included (2025.04 and later)."""
+    config = SimConfig(seed=5, content=12, users=30, history_days=days, sessions_per_day=400,
+                       visits_per_day=1200, connect_version=version)  # fmt: skip
+    return Simulator(config, now=TUESDAY_AFTERNOON, paused=True)
+
+
 @pytest.mark.anyio
 @pytest.mark.parametrize("version", ["2025.04.0", "2026.03.0"])
 async def test_hit_pages_read_a_range_in_windows_each_hit_once_in_order(
@@ -1013,12 +1020,7 @@ async def test_hit_pages_read_a_range_in_windows_each_hit_once_in_order(
     # (timestamp, id) order, whether Connect's ids are numbers (2025.04) or strings (2026.03).
     monkeypatch.setattr(client_module, "HITS_PER_WINDOW", 40)
     monkeypatch.setattr(client_module, "HIT_WINDOW_US", (US, 600 * US, 86400 * US))
-    sim = Simulator(
-        SimConfig(seed=5, content=12, users=30, history_days=1, sessions_per_day=400,
-                  visits_per_day=1200, connect_version=version),
-        now=TUESDAY_AFTERNOON,
-        paused=True,
-    )  # fmt: skip
+    sim = hits_sim(1, version)
     with served(sim) as connect:
         async with ConnectClient(connect.url, sim.keys["admin"], backoff_max=0.01) as client:
             now = int(TUESDAY_AFTERNOON) * US
@@ -1048,12 +1050,7 @@ async def test_hit_windows_do_not_grow_past_the_busiest_rate_met(
     # the busiest window so far held, so a busy morning does not come in one huge response.
     monkeypatch.setattr(client_module, "HITS_PER_WINDOW", 40)
     monkeypatch.setattr(client_module, "HIT_WINDOW_US", (US, 600 * US, 86400 * US))
-    sim = Simulator(
-        SimConfig(seed=5, content=12, users=30, history_days=3, sessions_per_day=400,
-                  visits_per_day=1200),
-        now=TUESDAY_AFTERNOON,
-        paused=True,
-    )  # fmt: skip
+    sim = hits_sim(3)
     now = int(TUESDAY_AFTERNOON) * US
     start = now - 3 * 86400 * US
     with served(sim) as connect:
@@ -1074,12 +1071,7 @@ async def test_hit_pages_halve_a_window_whose_response_is_too_large(
     # A day in one response is more than the budget: the window is halved until its response
     # fits, never retried as it was, and the range still comes whole, each hit once.
     monkeypatch.setattr(client_module, "HIT_WINDOW_US", (US, 86400 * US, 86400 * US))
-    sim = Simulator(
-        SimConfig(seed=5, content=12, users=30, history_days=1, sessions_per_day=400,
-                  visits_per_day=1200),
-        now=TUESDAY_AFTERNOON,
-        paused=True,
-    )  # fmt: skip
+    sim = hits_sim(1)
     now = int(TUESDAY_AFTERNOON) * US
     start, end = now - 86400 * US, now
     with served(sim) as connect:

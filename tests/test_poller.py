@@ -644,6 +644,14 @@ async def test_a_commit_failing_behind_a_walk_stops_it_and_loses_nothing(
     await stop(client, store)
 
 
+def small_slices(monkeypatch: pytest.MonkeyPatch, records: int) -> None:
+    """Pages of 20 records and slices of `records`, so that the ~3,600 records of 3 days make
+    slices of many pages."""
+    monkeypatch.setattr(client_module, "MAX_PAGE_LIMIT", 20)
+    monkeypatch.setattr(planner, "PAGE_RECORDS", 20)
+    monkeypatch.setattr(planner, "SLICE_RECORDS", records)
+
+
 async def test_a_slow_head_slice_is_dealt_out_to_idle_readers_exactly(
     connect: Connect, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -652,10 +660,7 @@ async def test_a_slow_head_slice_is_dealt_out_to_idle_readers_exactly(
     # Whether a reader is idle at the moment the head reader looks depends on timing (about 1
     # walk in 10 never shares): up to three walks, each exact, until one shares.
     sim = connect.sim
-    monkeypatch.setattr(planner, "SLICE_RECORDS", 100_000)
-    # Pages of 20 records, so that the ~3,600 records of 3 days make slices of many pages.
-    monkeypatch.setattr(client_module, "MAX_PAGE_LIMIT", 20)
-    monkeypatch.setattr(planner, "PAGE_RECORDS", 20)
+    small_slices(monkeypatch, 100_000)
     shared: list[tuple[int, int]] = []
     original = planner.Plan.share_head
 
@@ -688,9 +693,7 @@ async def test_the_read_ahead_of_a_catchup_is_bounded_and_exact(
     # Small pages and slices, so that 3 days (~3,600 records a stream) make many of each; the
     # readers may hold READ_AHEAD_RECORDS records past the slice being applied.
     sim = connect.sim
-    monkeypatch.setattr(client_module, "MAX_PAGE_LIMIT", 20)
-    monkeypatch.setattr(planner, "PAGE_RECORDS", 20)
-    monkeypatch.setattr(planner, "SLICE_RECORDS", 100)
+    small_slices(monkeypatch, 100)
     monkeypatch.setattr(poller_module, "READ_AHEAD_RECORDS", 60)
     held: list[int] = []  # records held past the slice being applied, at each page applied
     original = poller_module._Walk.taken
