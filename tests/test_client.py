@@ -1652,6 +1652,18 @@ async def test_ssl_cert_file_is_honoured_by_every_connection(
 
 
 @pytest.mark.anyio
+async def test_skip_verify_holds_for_every_connection(
+    tls_connect: tuple[str, str, list[int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url, key, expected = tls_connect
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    client = ConnectClient(url, key, verify=False, max_concurrency=3)
+    sizes = await _concurrent_reads(client)
+    assert sorted(sizes)[1:] == sorted(expected)
+
+
+@pytest.mark.anyio
 async def test_a_certificate_from_an_unknown_ca_is_refused_naming_verification(
     tls_connect: tuple[str, str, list[int]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
