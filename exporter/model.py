@@ -285,6 +285,9 @@ class UsageModel:
             else None
         )
         self._delta = Delta()
+        # Visits newer than every key when their walk began, applied since the last delta: their
+        # keys are made when a later walk could meet them (`_key_fresh`), not one by one.
+        self._fresh: list[Visit] = []
 
     def empty_like(self) -> UsageModel:
         """A model with the same rules and no data."""
@@ -303,6 +306,7 @@ class UsageModel:
         later walk can return: a long walk meets most of its keys after the mark has passed
         them, so they go from memory now and the delta says where the bound lies.
         """
+        self._key_fresh(self._key_bound(SPACES[VISITS_SPACE]))
         delta, self._delta = self._delta, Delta()
         for space, keys in self.keys.items():
             bound = self._key_bound(SPACES[space])
@@ -322,8 +326,31 @@ class UsageModel:
         noted = None if value is None else (value[0], value[1], pinned)
         self._delta.keys.setdefault(space, {})[key] = noted
 
+    def _key_fresh(self, bound: int) -> None:
+        """Key the fresh visits from `bound` on (a walk can meet them again); forget the others.
+
+        Each fresh visit is new, and an identical one (same time, same fields) a twin: its key
+        counts how often the walks listed it. In a catch-up most fresh visits fall below the
+        bound by the next delta, so they never cost a key.
+        """
+        fresh, self._fresh = self._fresh, []
+        keys = self.visits
+        noted = None
+        for visit in fresh:
+            when = visit.time
+            if when < bound:
+                continue
+            if noted is None:
+                noted = self._delta.keys.setdefault(VISITS_SPACE, {})
+            key = visit[:-1]
+            stored = keys.get(key)
+            count = 1 if stored is None else stored[0] + 1
+            keys[key] = (count, when)
+            noted[key] = (count, when, False)
+
     def walk_tally(self, stream: str) -> WalkTally:
         """The tally a new walk of `stream` starts with."""
+        self._key_fresh(self._key_bound(SPACES[VISITS_SPACE]))
         newest = max((t for _n, t in self.visits.values()), default=-1)
         fresh_after = max(newest, self._legacy_until, (self.counting_since or 0) - 1)
         return WalkTally(start_us=self.walk_start(stream), fresh_after=fresh_after)
@@ -560,6 +587,7 @@ class UsageModel:
         keys = self.visits
         tally = walk.visit_counts
         remember = walk.visit_order.append
+        fresh = self._fresh.append
         noted = self._delta.keys.setdefault(VISITS_SPACE, {})
         prefixes = self.rules.exclude_user_agents
         viewers = self.viewers is not None
@@ -574,12 +602,8 @@ class UsageModel:
             new = False
             if when > fresh_after:
                 # Newer than every key there was when the walk began: no re-read, so each one
-                # is new, and an identical one (same time, same fields) a twin of this walk.
-                key = visit[:-1]
-                stored = keys.get(key)
-                count = 1 if stored is None else stored[0] + 1
-                keys[key] = (count, when)
-                noted[key] = (count, when, False)
+                # is new; keyed later (`_key_fresh`).
+                fresh(visit)
                 new = True
             elif when >= t0:
                 key = visit[:-1]

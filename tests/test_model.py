@@ -304,6 +304,22 @@ def test_identical_visits_split_across_commits_keep_the_count_of_the_whole_walk(
     assert m.view((T0 + 600 * US) / US).content_visits_total == {"doc": 2}
 
 
+def test_fresh_visits_are_keyed_only_where_a_later_walk_can_meet_them() -> None:
+    # A catch-up's visits are fresh (newer than every key): counted as they come, keyed at the
+    # delta only from the next walk's start on; the rest never cost a key.
+    m = model()
+    w = walk(m, "visits")
+    early, late = visit("doc", "u1", T0 + 10 * US), visit("doc", "u2", T0 + 500 * US)
+    m.apply_visits([early, late, late], w)
+    m.set_hwm("visits", T0 + 500 * US)  # the next walk starts at 380 s
+    assert m.take_delta().keys["visits"] == {late[:-1]: (2, T0 + 500 * US, False)}
+    assert list(m.visits) == [late[:-1]]
+    assert m.view((T0 + 600 * US) / US).content_visits_total == {"doc": 3}
+    again = walk(m, "visits")
+    m.apply_visits([late, late], again)  # the overlap re-reads the twins: known
+    assert m.view((T0 + 600 * US) / US).content_visits_total == {"doc": 3}
+
+
 def test_a_walk_without_a_delta_still_leaves_keys_for_the_next() -> None:
     m = model()
     v = visit("doc", "u1", T0 + 5 * US)
