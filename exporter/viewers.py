@@ -21,7 +21,7 @@ from __future__ import annotations
 import heapq
 from array import array
 from bisect import bisect_left, bisect_right
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import ItemsView, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 STARTED = -1  # a session started (the value of its event)
@@ -57,9 +57,11 @@ def _total(value: int) -> int:
 Figures = tuple[int, int, int]
 ViewerEvent = tuple[str, str, int, int]  # (content_guid, user_guid, time µs, value)
 ViewerKey = tuple[str, str, str]  # (content_guid, user_guid, window)
-# An item's top N in one window, as the view shows them (the same objects from one view to the
-# next while the item does not change), and how many it left out.
-Top = tuple[list[tuple[ViewerKey, Figures]], int]
+# An item's top N in one window, in rank order: user index, sessions, µs and visits for each,
+# in one array (the same object from one view to the next while the item does not change); and
+# how many the cap left out.
+Top = tuple["array[int]", int]
+_ROW = 4  # numbers a row of a `Top`
 
 
 @dataclass(slots=True)
@@ -72,7 +74,54 @@ class _Item:
     # Per window (in the log's order): the index of its first event in the totals.
     starts: list[int] = field(default_factory=list)
     # Per window: its top viewers as last counted, and how many it left out; None: count again.
-    top: list[Top] | None = None
+    top: tuple[Top, ...] | None = None
+
+
+class TopViewers(Mapping[ViewerKey, Figures]):
+    """Every item's top viewers per window, as the log counted them for one view: the items'
+    rows are shared with the log (an item counted again gets new ones), read as a mapping."""
+
+    def __init__(
+        self, windows: Sequence[str], guids: Sequence[str], tops: list[tuple[str, tuple[Top, ...]]]
+    ) -> None:
+        self._windows = windows
+        self._guids = guids  # the log's user index: only ever appended to
+        self._tops = tops
+        self._index: dict[ViewerKey, Figures] | None = None
+
+    def items(self) -> ItemsView[ViewerKey, Figures]:
+        return _TopItems(self)
+
+    def rows(self) -> Iterator[tuple[ViewerKey, Figures]]:
+        """Each row, made as it is read."""
+        guids, windows = self._guids, self._windows
+        for content, tops in self._tops:
+            for window, (rows, _left_out) in zip(windows, tops, strict=True):
+                for i in range(0, len(rows), _ROW):
+                    user, sessions, micros, visits = rows[i : i + _ROW]
+                    yield (content, guids[user], window), (sessions, micros, visits)
+
+    def __iter__(self) -> Iterator[ViewerKey]:
+        return (key for key, _figures in self.rows())
+
+    def __len__(self) -> int:
+        return sum(len(rows) for _c, tops in self._tops for rows, _l in tops) // _ROW
+
+    def __getitem__(self, key: ViewerKey) -> Figures:
+        if self._index is None:
+            self._index = dict(self.rows())
+        return self._index[key]
+
+
+class _TopItems(ItemsView[ViewerKey, Figures]):
+    """`TopViewers.items()`: its rows, not a lookup per key."""
+
+    def __init__(self, view: TopViewers) -> None:
+        super().__init__(view)
+        self._view = view
+
+    def __iter__(self) -> Iterator[tuple[ViewerKey, Figures]]:
+        return self._view.rows()
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,12 +212,12 @@ class ViewerLog:
                     for totals in self._totals:
                         totals[user] += share
 
-    def _rank(self, content: str, item: _Item, n: int) -> list[Top]:
+    def _rank(self, item: _Item, n: int) -> tuple[Top, ...]:
         """Each window's top `n` viewers of `item`, counted from its events in the window."""
         guids = self._guids
         ranked: list[Top] = []
         users, values = item.users, item.values
-        for window, start in zip(self.windows, item.starts, strict=True):
+        for start in item.starts:
             figures: dict[int, int] = {}
             get = figures.get
             for user, value in zip(users[start:], values[start:], strict=True):
@@ -179,9 +228,12 @@ class ViewerLog:
                 if f & _COUNTS
             ]
             top = heapq.nsmallest(n, members, key=lambda r: (r[0], guids[r[1]]))
-            rows = [((content, guids[u], window), _unpacked(figures[u])) for _w, u in top]
+            rows = array("q")
+            for _weight, u in top:
+                rows.append(u)
+                rows.extend(_unpacked(figures[u]))
             ranked.append((rows, max(0, len(members) - n)))
-        return ranked
+        return tuple(ranked)
 
     def prune(self, before_us: int) -> None:
         """Forget the events before `before_us` that every window has let go (a view has
@@ -212,17 +264,17 @@ class ViewerLog:
         thresholds = self._thresholds = [now_us - span for span in self._spans]
         guids = self._guids
         windows = list(self.windows)
-        viewers: dict[ViewerKey, Figures] = {}
+        tops: list[tuple[str, tuple[Top, ...]]] = []
         dropped = dict.fromkeys(windows, 0)
         for content, item in self.items.items():
             self._advance(item, thresholds)
             if top_viewers <= 0:
                 continue
             if item.top is None:
-                item.top = self._rank(content, item, top_viewers)
-            for window, (shown, left_out) in zip(windows, item.top, strict=True):
+                item.top = self._rank(item, top_viewers)
+            tops.append((content, item.top))
+            for window, (_rows, left_out) in zip(windows, item.top, strict=True):
                 dropped[window] += left_out
-                viewers.update(shown)
         users: dict[tuple[str, str], tuple[int, int]] = {}
         users_dropped = dict.fromkeys(windows, 0)
         if top_users > 0:
@@ -237,7 +289,7 @@ class ViewerLog:
                     total = totals[user]
                     users[guids[user], window] = (total >> _TOTAL_BITS, total & _TOTAL_MASK)
                 users_dropped[window] = max(0, len(rows) - top_users)
-        return ViewerView(viewers, dropped, users, users_dropped)
+        return ViewerView(TopViewers(windows, guids, tops), dropped, users, users_dropped)
 
 
 def top_pairs(view: ViewerView) -> set[tuple[str, str]]:
