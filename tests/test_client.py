@@ -1631,34 +1631,26 @@ async def _concurrent_reads(client: ConnectClient) -> list[int]:
 
 
 @pytest.mark.anyio
-async def test_every_connection_verifies_connect_against_the_ca_bundle(
-    tls_connect: tuple[str, str, list[int]], pki: Path
+@pytest.mark.parametrize("trust", ["ca bundle", "SSL_CERT_FILE", "skip verify"])
+async def test_every_connection_trusts_connect_as_configured(
+    tls_connect: tuple[str, str, list[int]],
+    pki: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    trust: str,
 ) -> None:
-    url, key, expected = tls_connect
-    client = ConnectClient(url, key, verify=str(pki / "ca.crt"), max_concurrency=3)
-    sizes = await _concurrent_reads(client)
-    assert sorted(sizes)[1:] == sorted(expected)
-
-
-@pytest.mark.anyio
-async def test_ssl_cert_file_is_honoured_by_every_connection(
-    tls_connect: tuple[str, str, list[int]], pki: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    url, key, expected = tls_connect
-    monkeypatch.setenv("SSL_CERT_FILE", str(pki / "ca.crt"))
-    client = ConnectClient(url, key, max_concurrency=3)  # verify=True: the default trust
-    sizes = await _concurrent_reads(client)
-    assert sorted(sizes)[1:] == sorted(expected)
-
-
-@pytest.mark.anyio
-async def test_skip_verify_holds_for_every_connection(
-    tls_connect: tuple[str, str, list[int]], monkeypatch: pytest.MonkeyPatch
-) -> None:
+    """A CA bundle, SSL_CERT_FILE with the default trust, or skip-verify: the same for every
+    connection (each lane of requests in flight at once)."""
     url, key, expected = tls_connect
     monkeypatch.delenv("SSL_CERT_FILE", raising=False)
     monkeypatch.delenv("SSL_CERT_DIR", raising=False)
-    client = ConnectClient(url, key, verify=False, max_concurrency=3)
+    verify: bool | str = True
+    if trust == "ca bundle":
+        verify = str(pki / "ca.crt")
+    elif trust == "SSL_CERT_FILE":
+        monkeypatch.setenv("SSL_CERT_FILE", str(pki / "ca.crt"))
+    else:
+        verify = False
+    client = ConnectClient(url, key, verify=verify, max_concurrency=3)
     sizes = await _concurrent_reads(client)
     assert sorted(sizes)[1:] == sorted(expected)
 
