@@ -349,7 +349,8 @@ class UsageModel:
             noted[key] = (count, when, False)
 
     def walk_tally(self, stream: str) -> WalkTally:
-        """The tally a new walk of `stream` starts with."""
+        """The tally a new walk of `stream` starts with; keys the fresh visits it can meet (a
+        change to the model, made where the others are)."""
         self._key_fresh(self._key_bound(SPACES[VISITS_SPACE]))
         newest = max((t for _n, t in self.visits.values()), default=-1)
         fresh_after = max(newest, self._legacy_until, (self.counting_since or 0) - 1)

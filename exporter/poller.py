@@ -234,8 +234,9 @@ class Poller:
                 self._walked(committer.model, stream)  # nothing to count: it is complete
                 await committer.commit()
             return None
-        walk_model = committer.model
-        walk = walk_model.walk_tally(stream.name)
+        async with committer.lock:  # the tally keys the visits a walk can meet: a change
+            walk_model = committer.model
+            walk = walk_model.walk_tally(stream.name)
         begin_us = int(self.connect_now()) * US
         plan = Plan(walk.start_us)
         readers = 1
