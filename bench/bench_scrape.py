@@ -30,7 +30,7 @@ from prometheus_client.metrics_core import Metric  # noqa: E402
 
 from exporter.collector import TEXT, SnapshotCollector, SnapshotRenderer, build_registry  # noqa: E402
 from exporter.health import Health  # noqa: E402
-from exporter.http import ExporterHTTPServer  # noqa: E402
+from exporter.http import ExporterHTTPServer, _Rendered  # noqa: E402
 from tests.snapshots import populated_snapshot  # noqa: E402
 
 
@@ -79,9 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     ours = first_render()
     assert ours == reference, "renderer output differs from prometheus_client's"
     b = timed(first_render, args.repeat)
-    warm = SnapshotRenderer()
-    warm.render(snap, TEXT)
-    b_warm = timed(lambda: warm.render(snap, TEXT), args.repeat)
+    def cached_form() -> object:
+        # What the endpoint keeps: the render compressed piece by piece, never whole.
+        return _Rendered.compress(SnapshotRenderer().pieces(snap, TEXT))
+
+    b_gzip = timed(cached_form, args.repeat)
 
     def gzip_of() -> bytes:
         compressor = zlib.compressobj(1, zlib.DEFLATED, 31)
@@ -113,8 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = [
         ("(a) prometheus_client, static families", a),
         ("(b) ours, first render of a new snapshot", b),
-        ("    ours, re-render, label cache warm", b_warm),
-        ("    gzip (level 1) of the render", gz),
+        ("    gzip (level 1) of the whole render", gz),
+        ("    render and gzip piece by piece (cached)", b_gzip),
         ("(c) cached scrape over HTTP, plain", c_plain),
         ("(c) cached scrape over HTTP, gzip", c_gzip),
     ]

@@ -13,7 +13,7 @@ the two together.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from itertools import accumulate
+from itertools import accumulate, islice
 from typing import Any
 
 from prometheus_client import PlatformCollector, ProcessCollector
@@ -116,7 +116,15 @@ def escape_label_value(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
+def _escaped(value: str) -> str:
+    """`escape_label_value`, without copying the values (guids, names) that need none."""
+    if "\\" in value or "\n" in value or '"' in value:
+        return escape_label_value(value)
+    return value
+
+
 _SMALL: tuple[str, ...] = tuple(f"{i}.0" for i in range(1024))
+_PIECE = 4096  # samples (histograms: series) a piece of `SnapshotRenderer.pieces`
 
 
 def sample_value(value: float) -> str:
@@ -135,56 +143,59 @@ def sample_value(value: float) -> str:
 class SnapshotRenderer:
     """Writes a snapshot's families as exposition text, identical to prometheus_client's encoders.
 
-    Escaped label texts are kept across snapshots (content changes rarely, snapshots every
-    poll), up to a bound. Not thread-safe; one caller at a time.
+    Label texts are made per sample from a template per label-name tuple; nothing is kept per
+    series (on a big server half a million of them). Not thread-safe; one caller at a time.
     """
-
-    _LABELS_MAX = 1_000_000
 
     def __init__(self) -> None:
         self._headers = {
             kind: tuple(family_header(f, kind) for f in FAMILIES) for kind in (TEXT, OPENMETRICS)
         }
-        self._labels: dict[tuple[tuple[str, ...], tuple[str, ...]], str] = {}
+        # Per label-name tuple: the order the names sort in, and the text to fill with values.
+        self._forms: dict[tuple[str, ...], tuple[tuple[int, ...], Callable[..., str]]] = {}
 
     def render(self, snap: Snapshot, kind: str = TEXT) -> bytes:
         """Every family of `snap` in `kind` (`TEXT` or `OPENMETRICS`, the latter without EOF)."""
-        if len(self._labels) > self._LABELS_MAX:
-            self._labels.clear()
-        parts: list[str] = []
+        return "".join(self.pieces(snap, kind)).encode()
+
+    def pieces(self, snap: Snapshot, kind: str = TEXT) -> Iterator[str]:
+        """`render`'s text in pieces of at most `_PIECE` samples, so a caller that compresses
+        or writes them never holds the whole text (tens of MB on a big server)."""
         for family, header in zip(FAMILIES, self._headers[kind], strict=True):
-            parts.append(header)
-            parts.append(self._body(family, snap))
-        return "".join(parts).encode()
+            yield header
+            lines = self._lines(family, snap)
+            while batch := list(islice(lines, _PIECE)):
+                yield "".join(batch)
 
     def _label_text(self, names: tuple[str, ...], values: tuple[str, ...]) -> str:
         """`a="x",b="y"` with label names sorted, as the encoders sort them."""
-        key = (names, values)
-        text = self._labels.get(key)
-        if text is None:
-            pairs = sorted(zip(names, values, strict=True))
-            text = self._labels[key] = ",".join(f'{k}="{escape_label_value(v)}"' for k, v in pairs)
-        return text
+        form = self._forms.get(names)
+        if form is None:
+            order = tuple(sorted(range(len(names)), key=names.__getitem__))
+            template = ",".join(f'{names[i]}="{{}}"' for i in order)
+            form = self._forms[names] = (order, template.format)
+        order, fill = form
+        return fill(*[_escaped(values[i]) for i in order])
 
-    def _body(self, family: Family, snap: Snapshot) -> str:
+    def _lines(self, family: Family, snap: Snapshot) -> Iterator[str]:
+        """A family's samples as text, one string a series (a histogram's lines in one)."""
         names = family.labels
         label_text = self._label_text
         if family.type != "histogram":
             name = family.name
             if not names:
-                return "".join(f"{name} {sample_value(v)}\n" for _labels, v in family.samples(snap))
-            return "".join(
-                [
-                    f"{name}{{{label_text(names, k)}}} {sample_value(v)}\n"
-                    for k, v in family.samples(snap)
-                ]
+                return (f"{name} {sample_value(v)}\n" for _labels, v in family.samples(snap))
+            return (
+                f"{name}{{{label_text(names, k)}}} {sample_value(v)}\n"
+                for k, v in family.samples(snap)
             )
+        return self._histograms(family, snap)
+
+    def _histograms(self, family: Family, snap: Snapshot) -> Iterator[str]:
         le = _le(family.buckets)
-        out: list[str] = []
         for labels, value in family.samples(snap):
             histogram_check(family, labels, value)
-            out.append(self._histogram(family, names, labels, value, le))
-        return "".join(out)
+            yield self._histogram(family, family.labels, labels, value, le)
 
     def _histogram(
         self,

@@ -118,22 +118,40 @@ def _fast_kind(encoder: Callable[..., bytes]) -> str | None:
 
 @dataclass(slots=True)
 class _Rendered:
-    """One format of one snapshot: its text, and its gzip stream up to a sync flush."""
+    """One format of one snapshot, held only as gzip: the stream up to a sync flush and the
+    compressor left there (copied per scrape to compress the runtime tail). A plain scrape
+    decompresses it: on a big server the plain text is ten times the size."""
 
-    plain: bytes
-    gzip_prefix: bytes | None = None
-    gzip_state: Any = None  # zlib compressor after a Z_SYNC_FLUSH, copied per scrape
+    gzip_prefix: bytes
+    gzip_state: Any
+    length: int  # of the plain text
+
+    @classmethod
+    def compress(cls, pieces: Iterable[str]) -> _Rendered:
+        compressor = zlib.compressobj(_GZIP_LEVEL, zlib.DEFLATED, 31)
+        out: list[bytes] = []
+        length = 0
+        for piece in pieces:
+            data = piece.encode()
+            length += len(data)
+            out.append(compressor.compress(data))
+        out.append(compressor.flush(zlib.Z_SYNC_FLUSH))
+        return cls(b"".join(out), compressor, length)
+
+    def plain(self) -> bytes:
+        return zlib.decompressobj(31).decompress(self.gzip_prefix)
 
 
 class MetricsEndpoint:
     """`/metrics`: the snapshot's text rendered once per snapshot, runtime metrics per scrape.
 
     The poller swaps an immutable `Snapshot`, so its text is cached keyed by that object's
-    identity and the format; the first scrape after a swap renders it (a scrape never waits for a
-    poll, only for a render already under way). `process_*`/`python_*` are rendered fresh on every
-    scrape and appended; with gzip, a copy of the compressor left after the cached prefix
-    compresses them, so the answer is one ordinary gzip stream. A registry that is not an
-    `ExporterRegistry`, the `dots` escaping and `name[]` filters use prometheus_client's encoders.
+    identity and the format, as gzip (`_Rendered`); the first scrape after a swap renders it (a
+    scrape never waits for a poll, only for a render already under way). `process_*`/`python_*`
+    are rendered fresh on every scrape and appended; with gzip, a copy of the compressor left
+    after the cached prefix compresses them, so the answer is one ordinary gzip stream. A
+    registry that is not an `ExporterRegistry`, the `dots` escaping and `name[]` filters use
+    prometheus_client's encoders.
     """
 
     def __init__(self, registry: CollectorRegistry) -> None:
@@ -158,23 +176,20 @@ class MetricsEndpoint:
                 source = self._registry.restricted_registry(params["name[]"])
             output = encoder(source)
             return headers, [gzip.compress(output, _GZIP_LEVEL) if gzipped else output]
-        rendered = self.rendered(kind, gzipped=gzipped)
+        rendered = self.rendered(kind)
         tail = encoder(self._exporter.runtime)
         if not gzipped:
-            return headers, [rendered.plain, tail]
+            return headers, [rendered.plain(), tail]
         compressor = rendered.gzip_state.copy()
-        return headers, [
-            rendered.gzip_prefix or b"",
-            compressor.compress(tail) + compressor.flush(),
-        ]
+        return headers, [rendered.gzip_prefix, compressor.compress(tail) + compressor.flush()]
 
-    def rendered(self, kind: str, *, gzipped: bool = False) -> _Rendered:
-        """The current snapshot's text in `kind`, rendering it (and its gzip) at most once."""
+    def rendered(self, kind: str) -> _Rendered:
+        """The current snapshot in `kind`, rendered and compressed at most once."""
         assert self._exporter is not None
         snap = self._exporter.get_snapshot()
         current, entries = self._state
         entry = entries.get(kind) if current is snap else None
-        if entry is not None and (entry.gzip_state is not None or not gzipped):
+        if entry is not None:
             return entry
         with self._lock:
             current, entries = self._state
@@ -183,11 +198,7 @@ class MetricsEndpoint:
                 self._state = (snap, entries)
             entry = entries.get(kind)
             if entry is None:
-                entry = entries[kind] = _Rendered(self._renderer.render(snap, kind))
-            if gzipped and entry.gzip_state is None:
-                compressor = zlib.compressobj(_GZIP_LEVEL, zlib.DEFLATED, 31)
-                prefix = compressor.compress(entry.plain) + compressor.flush(zlib.Z_SYNC_FLUSH)
-                entry.gzip_prefix, entry.gzip_state = prefix, compressor
+                entry = entries[kind] = _Rendered.compress(self._renderer.pieces(snap, kind))
             return entry
 
 

@@ -20,6 +20,7 @@ from exporter.collector import (
     build_registry,
 )
 from exporter.health import Health
+from exporter.metrics import FAMILIES
 from exporter.model import (
     CONTENT_WINDOWS,
     DURATION_BUCKETS,
@@ -290,10 +291,21 @@ def test_renderer_matches_both_golden_files() -> None:
 def test_renderer_is_byte_identical_to_prometheus_client(make: object) -> None:
     snapshot = make()  # type: ignore[operator]
     renderer = SnapshotRenderer()
-    for _ in range(2):  # the second pass runs on the label cache
+    for _ in range(2):  # the second pass runs on the label templates
         assert renderer.render(snapshot, TEXT) == reference(snapshot)
         om = renderer.render(snapshot, OPENMETRICS) + b"# EOF\n"
         assert om == reference(snapshot, openmetrics_latest)
+
+
+def test_renderer_pieces_are_bounded_and_make_the_text(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("exporter.collector._PIECE", 7)
+    snapshot = populated_snapshot(150, seed=3)
+    pieces = list(SnapshotRenderer().pieces(snapshot, OPENMETRICS))
+    assert "".join(pieces).encode() + b"# EOF\n" == reference(snapshot, openmetrics_latest)
+    bodies = [p for p in pieces if not p.startswith("#")]
+    series = [p.count("_count{") if "_bucket{" in p else p.count("\n") for p in bodies]
+    assert max(series) == 7  # a histogram's series count as one: its lines stay together
+    assert len(bodies) > len(FAMILIES)
 
 
 def test_renderer_label_cache_follows_changed_content() -> None:

@@ -280,13 +280,13 @@ def test_snapshot_rendered_once_per_snapshot_and_format(monkeypatch: pytest.Monk
     current = Swappable(handcrafted())
     endpoint = MetricsEndpoint(build_registry(current, Health(("shiny", "visits"))))
     renders: list[str] = []
-    real = SnapshotRenderer.render
+    real = SnapshotRenderer.pieces
 
-    def counting(self: SnapshotRenderer, snap: Snapshot, kind: str = TEXT) -> bytes:
+    def counting(self: SnapshotRenderer, snap: Snapshot, kind: str = TEXT) -> Iterator[str]:
         renders.append(kind)
         return real(self, snap, kind)
 
-    monkeypatch.setattr(SnapshotRenderer, "render", counting)
+    monkeypatch.setattr(SnapshotRenderer, "pieces", counting)
     om = "application/openmetrics-text; version=1.0.0"
     for _ in range(3):
         endpoint(_environ())
