@@ -293,9 +293,10 @@ def _opt_time(raw: dict[str, Any], key: str, endpoint: str) -> int | None:
 
 _tuple_new = tuple.__new__  # builds a NamedTuple from a ready tuple, skipping its `__new__`
 
-# One str object per distinct guid, path, user agent, id: the JSON decoders make a new one for
-# every record, and a catch-up holds tens of thousands of records read ahead of the apply, and
-# the model a guid per (content, user) pair. Cleared when it grows past the bound, so endless
+# One str object per distinct guid, path, user agent, id, role: the JSON decoders make a new one
+# for every record, and a catch-up holds tens of thousands of records read ahead of the apply,
+# the model a guid per (content, user) pair, and the metadata a guid or two per user, item,
+# group and permission. Cleared when it grows past the bound, so endless
 # distinct values (paths with query strings) cannot grow it without limit.
 _SHARED_MAX = 500_000
 _shared: dict[object, object] = {}
@@ -607,13 +608,13 @@ def parse_content_item(raw: object) -> ContentItem:
         if owner_guid is None:
             owner_guid = _opt_str(owner, "guid", ep)
     return ContentItem(
-        guid=_str(record, "guid", ep),
+        guid=share(_str(record, "guid", ep)),
         name=_str(record, "name", ep),
         title=_opt_str(record, "title", ep),
-        app_mode=_opt_str(record, "app_mode", ep) or "unknown",
-        access_type=_opt_str(record, "access_type", ep) or "unknown",
-        owner_guid=owner_guid,
-        owner_username=owner_username,
+        app_mode=share(_opt_str(record, "app_mode", ep) or "unknown"),
+        access_type=share(_opt_str(record, "access_type", ep) or "unknown"),
+        owner_guid=_share_opt(owner_guid),
+        owner_username=_share_opt(owner_username),
         content_category=_opt_str(record, "content_category", ep),
     )
 
@@ -623,9 +624,9 @@ def parse_user(raw: object) -> User:
     ep = ENDPOINT_USERS
     record = _require_dict(raw, ep)
     return User(
-        guid=_str(record, "guid", ep),
+        guid=share(_str(record, "guid", ep)),
         username=_str(record, "username", ep),
-        role=_str(record, "user_role", ep),
+        role=share(_str(record, "user_role", ep)),
         locked=_bool(record, "locked", ep),
         confirmed=_bool(record, "confirmed", ep),
         active_time=_opt_time(record, "active_time", ep),
@@ -635,17 +636,17 @@ def parse_user(raw: object) -> User:
 def parse_group(raw: object) -> Group:
     ep = ENDPOINT_GROUPS
     record = _require_dict(raw, ep)
-    return Group(guid=_str(record, "guid", ep), name=_str(record, "name", ep))
+    return Group(guid=share(_str(record, "guid", ep)), name=_str(record, "name", ep))
 
 
 def parse_permission(raw: object) -> Permission:
     ep = ENDPOINT_PERMISSIONS
     record = _require_dict(raw, ep)
     return Permission(
-        content_guid=_str(record, "content_guid", ep),
-        principal_guid=_str(record, "principal_guid", ep),
-        principal_type=_str(record, "principal_type", ep),
-        role=_str(record, "role", ep),
+        content_guid=share(_str(record, "content_guid", ep)),
+        principal_guid=share(_str(record, "principal_guid", ep)),
+        principal_type=share(_str(record, "principal_type", ep)),
+        role=share(_str(record, "role", ep)),
     )
 
 

@@ -553,6 +553,14 @@ def test_groups_permissions_and_server_settings() -> None:
     with pytest.raises(MalformedRecord) as caught:
         parse_permission({"content_guid": "c", "principal_guid": "p", "principal_type": "user"})
     assert (caught.value.endpoint, caught.value.field) == ("v1/content/{guid}/permissions", "role")
+    # A 100,000-user server's metadata repeats each guid, role and mode many times over; the
+    # parsers keep one str object per value, the one the event parsers share too.
+    user = load("client_users_page1.json")["results"][0]
+    granted = {"content_guid": "c", "principal_guid": user["guid"], "principal_type": "user"}
+    twice = [json.loads(json.dumps(granted | {"role": "viewer"})) for _ in range(2)]
+    first, second = (parse_permission(r) for r in twice)
+    assert first.principal_guid is second.principal_guid is parse_user(user).guid
+    assert first.role is second.role is parse_user(user | {"user_role": "viewer"}).role
     assert parse_server_settings({"version": "2025.04.0", "build": "x"}) == ServerSettings(
         "2025.04.0"
     )
