@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     ours = first_render()
     assert ours == reference, "renderer output differs from prometheus_client's"
     b = timed(first_render, args.repeat)
+
     def cached_form() -> object:
         # What the endpoint keeps: the render compressed piece by piece, never whole.
         return _Rendered.compress(SnapshotRenderer().pieces(snap, TEXT))

@@ -259,9 +259,38 @@ async def _catchup(job: dict[str, Any], state_dir: Path) -> dict[str, Any]:
     }
     if job.get("truth"):
         result["truth"] = _truth_check(poller, job["url"])
+    if job.get("serve"):
+        result.update(await _serve(poller))
     if job.get("profile"):
         result["profile"] = job["profile"]
     return result
+
+
+async def _serve(poller: Any) -> dict[str, Any]:
+    """What the service does next: read the metadata, publish, and answer Prometheus' scrape
+    (OpenMetrics, gzip) of two snapshots, as each poll makes a new one."""
+    from exporter.collector import build_registry
+    from exporter.http import MetricsEndpoint
+
+    await poller.refresh_metadata()
+    endpoint = MetricsEndpoint(build_registry(lambda: poller.snapshot, poller.health))
+    environ = {
+        "HTTP_ACCEPT": "application/openmetrics-text;version=1.0.0,text/plain;q=0.5",
+        "HTTP_ACCEPT_ENCODING": "gzip",
+    }
+    sizes = []
+    for _ in range(2):
+        poller.publish()
+        _headers, chunks = endpoint(environ)
+        sizes.append(sum(map(len, chunks)))
+    rendered = endpoint.rendered("openmetrics")
+    now_rss, peak_rss = rss_kb()
+    return {
+        "served_rss_kb": now_rss,
+        "served_peak_rss_kb": peak_rss,
+        "exposition_bytes": rendered.length,
+        "gzip_bytes": sizes[-1],
+    }
 
 
 async def _steady(job: dict[str, Any], state_dir: Path) -> dict[str, Any]:
