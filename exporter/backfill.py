@@ -71,10 +71,10 @@ from exporter.model import (
     UsageModel,
     UsageView,
     WalkTally,
+    last_seen,
 )
 from exporter.records import ShinySession, Visit
 from exporter.snapshot import DELETED, ContentInfo, Snapshot, counts_sessions, counts_visits
-from exporter.viewers import top_pairs
 
 log = logging.getLogger("exporter.backfill")
 
@@ -120,9 +120,11 @@ class TrailingWindows:
     key inside it, re-pushed with the key's newer time when an old entry comes up.
     """
 
-    def __init__(self, windows: Sequence[str], last: dict[Any, Any], group: Any) -> None:
+    def __init__(
+        self, windows: Sequence[str], last_of: Callable[[Any], int | None], group: Any
+    ) -> None:
         self.windows = tuple(windows)
-        self.last = last
+        self.last_of = last_of  # key -> its latest time, or None
         self.group = group  # key -> its group (the content of a pair, or one group for users)
         self.heaps: dict[str, list[tuple[int, Any]]] = {w: [] for w in windows}
         self.inside: dict[str, set[Any]] = {w: set() for w in windows}
@@ -175,12 +177,6 @@ class TrailingWindows:
                 inside.discard(key)
                 if not self.open.get(key):
                     self._count(window, key, -1)
-
-    def last_of(self, key: Any) -> int | None:
-        if isinstance(key, tuple):
-            users = self.last.get(key[0])
-            return None if users is None else users.get(key[1])
-        return self.last.get(key)
 
     def take(self) -> set[Any]:
         changed, self.changed = self.changed, set()
@@ -406,8 +402,9 @@ class Replay:
         self.walks = {
             s: WalkTally(start_us=replay_from, fresh_after=history.origin - 1) for s in self.streams
         }
-        self.users = TrailingWindows(USER_WINDOWS, self.model.user_last, lambda _u: "")
-        self.pairs = TrailingWindows(CONTENT_WINDOWS, self.model.pair_last, lambda k: k[0])
+        self.users = TrailingWindows(USER_WINDOWS, self.model.user_last.get, lambda _u: "")
+        pair_last = self.model.pair_last
+        self.pairs = TrailingWindows(CONTENT_WINDOWS, lambda k: pair_last.get(*k), lambda k: k[0])
         self.open: dict[str, int] = {}  # content -> sessions open now
         self.sessions: dict[SessionKey, bool] = {}  # open now?
         self.abandon_at: list[tuple[int, SessionKey]] = []  # sessions still open at takeover
@@ -535,11 +532,9 @@ class Replay:
         assert model.viewers is not None
         rules = model.rules
         view = model.viewers.view(now, rules.top_viewers, rules.top_users)
-        pair_last = model.pair_last
-        last_seen = {
-            (c, u): pair_last[c][u] / US for c, u in top_pairs(view) if u in pair_last.get(c, {})
-        }
-        snap = Snapshot(usage=UsageView(viewers=view, viewer_last_seen=last_seen))
+        snap = Snapshot(
+            usage=UsageView(viewers=view, viewer_last_seen=last_seen(model.pair_last, view))
+        )
         shown: set[Any] = set()
         w = self.writer
         for family in VIEWER_FAMILIES:

@@ -122,7 +122,7 @@ class _Rendered:
     compressor left there (copied per scrape to compress the runtime tail). A plain scrape
     decompresses it: on a big server the plain text is ten times the size."""
 
-    gzip_prefix: bytes
+    gzip_prefix: list[bytes]  # as the compressor gave it: joining would hold it twice
     gzip_state: Any
     length: int  # of the plain text
 
@@ -134,12 +134,14 @@ class _Rendered:
         for piece in pieces:
             data = piece.encode()
             length += len(data)
-            out.append(compressor.compress(data))
+            if chunk := compressor.compress(data):
+                out.append(chunk)
         out.append(compressor.flush(zlib.Z_SYNC_FLUSH))
-        return cls(b"".join(out), compressor, length)
+        return cls(out, compressor, length)
 
-    def plain(self) -> bytes:
-        return zlib.decompressobj(31).decompress(self.gzip_prefix)
+    def plain(self) -> list[bytes]:
+        decompressor = zlib.decompressobj(31)
+        return [decompressor.decompress(chunk) for chunk in self.gzip_prefix]
 
 
 class MetricsEndpoint:
@@ -179,9 +181,9 @@ class MetricsEndpoint:
         rendered = self.rendered(kind)
         tail = encoder(self._exporter.runtime)
         if not gzipped:
-            return headers, [rendered.plain(), tail]
+            return headers, [*rendered.plain(), tail]
         compressor = rendered.gzip_state.copy()
-        return headers, [rendered.gzip_prefix, compressor.compress(tail) + compressor.flush()]
+        return headers, [*rendered.gzip_prefix, compressor.compress(tail) + compressor.flush()]
 
     def rendered(self, kind: str) -> _Rendered:
         """The current snapshot in `kind`, rendered and compressed at most once."""

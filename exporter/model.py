@@ -24,6 +24,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from exporter.lastseen import PairLastSeen
 from exporter.records import Hit, ShinySession, Visit, share
 from exporter.viewers import STARTED, VISITED, ViewerEvent, ViewerLog, ViewerView, top_pairs
 
@@ -250,6 +251,12 @@ class UsageView:
     usage_content: frozenset[str] = frozenset()  # every content item with usage
 
 
+def last_seen(pair_last: PairLastSeen, view: ViewerView) -> dict[tuple[str, str], float]:
+    """(content, user) -> latest activity in seconds, for each viewer in some window's top N."""
+    found = ((pair, pair_last.get(*pair)) for pair in top_pairs(view))
+    return {pair: when / US for pair, when in found if when is not None}
+
+
 class UsageModel:
     """Counters, histograms, de-dup keys and last-seen maps, with exactly-once rules."""
 
@@ -274,10 +281,11 @@ class UsageModel:
         self._legacy_until = max((t for _n, t in self._legacy.values()), default=-1)
         intern = share
         self.user_last = {intern(u): t for u, t in state.user_last.items()}
-        self.pair_last = {
-            intern(c): {intern(u): t for u, t in users.items()}
+        self.pair_last = PairLastSeen(
+            (intern(c), intern(u), t)
             for c, users in state.pair_last.items()
-        }
+            for u, t in users.items()
+        )
         self.content_last = state.content_last
         self.viewers = (
             ViewerLog({w: WINDOW_SECONDS[w] for w in VIEWER_WINDOWS}, state.viewer_events)
@@ -421,12 +429,8 @@ class UsageModel:
         for user in [u for u, t in self.user_last.items() if t < cutoff and u not in open_users]:
             del self.user_last[user]
             delta.user_last[user] = None
-        for content, users in list(self.pair_last.items()):
-            for user in [u for u, t in users.items() if t < cutoff and u not in open_users]:
-                del users[user]
-                delta.pair_last[content, user] = None
-            if not users:
-                del self.pair_last[content]
+        for pair in self.pair_last.forget_before(cutoff, open_users):
+            delta.pair_last[pair] = None
         if self.viewers is not None:
             self.viewers.prune(cutoff)
             delta.viewer_horizon = cutoff
@@ -438,7 +442,7 @@ class UsageModel:
         content_last, user_last, pair_last = self.content_last, self.user_last, self.pair_last
         delta = self._delta
         changed_content, changed_users = delta.content_last, delta.user_last
-        changed_pairs = delta.pair_last
+        pairs: list[tuple[str, str, int]] = []
         for content, user, when, _new in events:
             if content_last.get(content, -1) < when:
                 content_last[content] = changed_content[content] = when
@@ -448,13 +452,10 @@ class UsageModel:
                 if user not in user_last:
                     user = share(user)
                 user_last[user] = changed_users[user] = when
-            users = pair_last.get(content)
-            if users is None:
-                users = pair_last[content] = {}
-            if users.get(user, -1) < when:
-                if user not in users:
-                    user = share(user)
-                users[user] = changed_pairs[content, user] = when
+            pairs.append((content, user, when))
+        changed_pairs = delta.pair_last
+        for content, user, when in pair_last.seen_all(pairs):
+            changed_pairs[content, user] = when
 
     def _viewed(self, events: list[ViewerEvent]) -> None:
         """Events of known users, each once (see exporter.viewers)."""
@@ -466,7 +467,7 @@ class UsageModel:
 
     def pair_count(self) -> int:
         """Tracked (content, user) pairs: what the windowed per-content gauges cost in memory."""
-        return sum(map(len, self.pair_last.values()))
+        return len(self.pair_last)
 
     def is_synthetic(self, user_agent: str | None) -> bool:
         prefixes = self.rules.exclude_user_agents
@@ -744,14 +745,15 @@ class UsageModel:
             open_by_content.setdefault(content, []).append(user)
         content_active: dict[tuple[str, str], int] = {}
         # One sort per content and a bisection per window, not a loop per pair and window.
-        for content, users in self.pair_last.items():
-            lasts = sorted(users.values())
+        pair_last = self.pair_last
+        for content, times in pair_last.times():
+            lasts = sorted(times)
             total = len(lasts)
             running = open_by_content.get(content, ())
             for window, threshold in content_thresholds:
                 count = total - bisect_left(lasts, threshold)
                 for user in running:  # an open session makes its user active now
-                    seen = users.get(user)
+                    seen = pair_last.get(content, user)
                     if seen is not None and seen < threshold:
                         count += 1
                 if count:
@@ -803,10 +805,6 @@ class UsageModel:
             content_last_activity=last_activity,
             excluded_events_total=excluded,
             viewers=viewers,
-            viewer_last_seen={
-                (c, u): self.pair_last[c][u] / US
-                for c, u in top_pairs(viewers)
-                if u in self.pair_last.get(c, {})
-            },
+            viewer_last_seen=last_seen(pair_last, viewers),
             usage_content=usage_content,
         )

@@ -453,7 +453,7 @@ def test_windows_count_what_a_brute_force_count_does(events: list[tuple[str, int
     """Users seen in a trailing window, or held by an open session, as the replay's now moves
     on (times in seconds; the model's map holds each user's latest time)."""
     last: dict[Any, int] = {}
-    counted = TrailingWindows(USER_WINDOWS, last, lambda _u: "")
+    counted = TrailingWindows(USER_WINDOWS, last.get, lambda _u: "")
     now, opened = 100_000, dict.fromkeys(range(6), 0)
     for kind, user, amount in events:
         if kind == "tick":

@@ -1,0 +1,121 @@
+"""Each content item's users and the latest time each was seen there, held compactly.
+
+The model keeps a (content, user) pair for every user an item has seen over the largest window
+plus an hour: half a million pairs on a 100,000-user server. A dict per item keyed by guid with
+an int per value costs ~90 B a pair and leaves the allocator fragmented as the dicts grow; here
+each item has two arrays, its users' indexes in ascending order and their times (12 B a pair),
+and a user's guid is kept once for every item.
+"""
+
+from __future__ import annotations
+
+from array import array
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator
+
+
+class _Users:
+    """One item's users (indexes, ascending) and the latest time of each, in µs."""
+
+    __slots__ = ("times", "users")
+
+    def __init__(self) -> None:
+        self.users = array("i")
+        self.times = array("q")
+
+
+class PairLastSeen:
+    """content guid -> user guid -> latest µs, for the model's windowed per-item gauges."""
+
+    def __init__(self, pairs: Iterable[tuple[str, str, int]] = ()) -> None:
+        self._index: dict[str, int] = {}  # user guid -> its index; only ever added to
+        self._guids: list[str] = []
+        self._items: dict[str, _Users] = {}
+        self.seen_all(pairs)
+
+    def seen(self, content: str, user: str, when: int) -> bool:
+        """Note `user` on `content` at `when`; whether that is its latest time now."""
+        return bool(self.seen_all([(content, user, when)]))
+
+    def seen_all(self, pairs: Iterable[tuple[str, str, int]]) -> list[tuple[str, str, int]]:
+        """`seen` of each (content, user, µs); those that are now the pair's latest."""
+        items, index, guids = self._items, self._index, self._guids
+        latest: list[tuple[str, str, int]] = []
+        for pair in pairs:
+            content, user, when = pair
+            item = items.get(content)
+            if item is None:
+                item = items[content] = _Users()
+            i = index.get(user)
+            if i is None:
+                i = index[user] = len(guids)
+                guids.append(user)
+            users = item.users
+            at = bisect_left(users, i)
+            if at < len(users) and users[at] == i:
+                if item.times[at] < when:
+                    item.times[at] = when
+                    latest.append(pair)
+            else:
+                users.insert(at, i)
+                item.times.insert(at, when)
+                latest.append(pair)
+        return latest
+
+    def get(self, content: str, user: str) -> int | None:
+        """The latest time of `user` on `content`, or None."""
+        item = self._items.get(content)
+        index = self._index.get(user)
+        if item is None or index is None:
+            return None
+        at = bisect_left(item.users, index)
+        if at < len(item.users) and item.users[at] == index:
+            return item.times[at]
+        return None
+
+    def times(self) -> Iterator[tuple[str, array[int]]]:
+        """Each item and its users' latest times (in the order of the users' indexes)."""
+        for content, item in self._items.items():
+            yield content, item.times
+
+    def users_of(self, content: str) -> dict[str, int]:
+        """`content`'s users and their latest times."""
+        item = self._items.get(content)
+        if item is None:
+            return {}
+        guids = self._guids
+        return {guids[u]: t for u, t in zip(item.users, item.times, strict=True)}
+
+    def forget_before(self, cutoff: int, keep: Iterable[str] = ()) -> list[tuple[str, str]]:
+        """Drop the pairs last seen before `cutoff`, except those of the users in `keep`;
+        the (content, user) pairs dropped."""
+        kept = {self._index[u] for u in keep if u in self._index}
+        guids = self._guids
+        dropped: list[tuple[str, str]] = []
+        for content, item in list(self._items.items()):
+            users, times = item.users, item.times
+            if min(times) >= cutoff:
+                continue
+            stay = [i for i, t in enumerate(times) if t >= cutoff or users[i] in kept]
+            dropped.extend(
+                (content, guids[users[i]])
+                for i, t in enumerate(times)
+                if t < cutoff and users[i] not in kept
+            )
+            if not stay:
+                del self._items[content]
+                continue
+            item.users = array("i", [users[i] for i in stay])
+            item.times = array("q", [times[i] for i in stay])
+        return dropped
+
+    def as_dict(self) -> dict[str, dict[str, int]]:
+        """Every pair, as content -> user -> µs."""
+        return {content: self.users_of(content) for content in self._items}
+
+    def __len__(self) -> int:
+        """How many pairs."""
+        return sum(len(item.users) for item in self._items.values())
+
+    def __bool__(self) -> bool:
+        return bool(self._items)

@@ -1,0 +1,72 @@
+"""`PairLastSeen` against a plain dict of dicts, under any sequence of sightings and prunes."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from exporter.lastseen import PairLastSeen
+
+CONTENT = ["c0", "c1", "c2"]
+USERS = [f"u{i}" for i in range(7)]
+
+steps = st.lists(
+    st.one_of(
+        st.tuples(
+            st.just("seen"),
+            st.sampled_from(CONTENT),
+            st.sampled_from(USERS),
+            st.integers(0, 50),
+        ),
+        st.tuples(
+            st.just("prune"),
+            st.integers(0, 50),
+            st.frozensets(st.sampled_from(USERS), max_size=3),
+        ),
+    ),
+    max_size=80,
+)
+
+
+@given(steps)
+def test_pairs_hold_what_a_dict_of_dicts_holds(ops: list[tuple[object, ...]]) -> None:
+    pairs = PairLastSeen()
+    want: dict[str, dict[str, int]] = {}
+    for op in ops:
+        if op[0] == "seen":
+            _kind, content, user, when = op
+            assert isinstance(content, str) and isinstance(user, str) and isinstance(when, int)
+            users = want.setdefault(content, {})
+            latest = users.get(user, -1) < when
+            if latest:
+                users[user] = when
+            assert pairs.seen(content, user, when) == latest
+        else:
+            _kind, cutoff, keep = op
+            assert isinstance(cutoff, int) and isinstance(keep, frozenset)
+            gone = sorted(
+                (c, u)
+                for c, users in want.items()
+                for u, t in users.items()
+                if t < cutoff and u not in keep
+            )
+            for c, u in gone:
+                del want[c][u]
+            want = {c: users for c, users in want.items() if users}
+            assert sorted(pairs.forget_before(cutoff, keep)) == gone
+        assert pairs.as_dict() == want
+        assert len(pairs) == sum(map(len, want.values()))
+        assert bool(pairs) == bool(want)
+        for content in CONTENT:
+            assert sorted(dict(pairs.times()).get(content, [])) == sorted(
+                want.get(content, {}).values()
+            )
+            for user in USERS:
+                assert pairs.get(content, user) == want.get(content, {}).get(user)
+
+
+def test_loaded_pairs_keep_the_latest_time() -> None:
+    pairs = PairLastSeen([("c", "u", 5), ("c", "u", 3), ("d", "u", 1), ("c", "v", 9)])
+    assert pairs.as_dict() == {"c": {"u": 5, "v": 9}, "d": {"u": 1}}
+    assert pairs.users_of("c") == {"u": 5, "v": 9}
+    assert pairs.users_of("nothing") == {}
