@@ -13,7 +13,7 @@ import anyio
 
 from exporter.client import ConnectClient, NotFoundError, Page, first_error
 from exporter.records import ContentItem, User
-from exporter.snapshot import ContentInfo, MetadataView
+from exporter.snapshot import ContentInfo, InfoRows, MetadataView
 
 log = logging.getLogger("exporter.metadata")
 T = TypeVar("T")
@@ -114,7 +114,7 @@ async def read_metadata(
         content={guid: content_info(item) for guid, item in content.items()},
         content_items=items,
         users=users,
-        user_info={(u.guid, u.username, u.role, user_state(u)): 1 for u in users_page.records},
+        user_info=InfoRows((u.guid, u.username, u.role, user_state(u)) for u in users_page.records),
         group_info={(g.guid, g.name): 1 for g in groups_page.records},
         group_members=members,
         group_members_dropped=dropped,

@@ -6,7 +6,7 @@ scrape never waits for a poll and never sees a half-applied batch.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import ItemsView, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from exporter.model import UsageView
@@ -40,6 +40,54 @@ class ContentInfo:
 DELETED = ContentInfo(DELETED_NAME, DELETED_NAME, DELETED_APP_MODE, "", "")  # gone from Connect
 
 
+class InfoRows(Mapping[tuple[str, ...], int]):
+    """An info family's label values (each series 1), one list per label: a tuple and a dict
+    entry per row would cost ~110 B more each, and a big server has 100,000 users. A row whose
+    first `key` values were already given is left out (the first one wins)."""
+
+    def __init__(self, rows: Iterable[tuple[str, ...]] = (), key: int = 1) -> None:
+        columns: list[list[str]] = []
+        seen: set[tuple[str, ...]] = set()
+        for row in rows:
+            identity = row[:key]
+            if identity in seen:
+                continue
+            seen.add(identity)
+            if not columns:
+                columns = [[] for _ in row]
+            for column, value in zip(columns, row, strict=True):
+                column.append(value)
+        self._columns = tuple(columns)
+        self._rows: frozenset[tuple[str, ...]] | None = None  # made on the first lookup
+
+    def __iter__(self) -> Iterator[tuple[str, ...]]:
+        return zip(*self._columns, strict=True) if self._columns else iter(())
+
+    def __len__(self) -> int:
+        return len(self._columns[0]) if self._columns else 0
+
+    def __getitem__(self, row: tuple[str, ...]) -> int:
+        if self._rows is None:
+            self._rows = frozenset(self)
+        if row not in self._rows:
+            raise KeyError(row)
+        return 1
+
+    def items(self) -> ItemsView[tuple[str, ...], int]:
+        return _InfoItems(self)
+
+
+class _InfoItems(ItemsView[tuple[str, ...], int]):
+    """`InfoRows.items()`: each row with its 1, no lookup per row."""
+
+    def __init__(self, rows: InfoRows) -> None:
+        super().__init__(rows)
+        self._rows = rows
+
+    def __iter__(self) -> Iterator[tuple[tuple[str, ...], int]]:
+        return ((row, 1) for row in self._rows)
+
+
 @dataclass(frozen=True, slots=True)
 class MetadataView:
     """What the slower refresh knows about content, users and permissions."""
@@ -48,7 +96,7 @@ class MetadataView:
     content_items: Mapping[tuple[str, str], int] = field(default_factory=dict)  # mode, access
     users: Mapping[tuple[str, str], int] = field(default_factory=dict)  # (role, state)
     # (guid, username, role, state) and (guid, name) -> 1: names to join per-user series on
-    user_info: Mapping[tuple[str, str, str, str], int] = field(default_factory=dict)
+    user_info: Mapping[tuple[str, ...], int] = field(default_factory=dict)
     group_info: Mapping[tuple[str, str], int] = field(default_factory=dict)
     # (group_guid, user_guid) -> 1 within the cap; None when members are not read
     group_members: Mapping[tuple[str, str], int] = field(default_factory=dict)

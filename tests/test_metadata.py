@@ -7,6 +7,7 @@ import pytest
 from exporter.client import ConnectClient, ConnectError
 from exporter.metadata import read_metadata, user_state
 from exporter.records import User
+from exporter.snapshot import InfoRows
 from tests.support import Connect
 
 pytestmark = pytest.mark.anyio
@@ -19,6 +20,23 @@ def test_locked_wins_over_unconfirmed() -> None:
     assert user_state(user(True, False)) == "locked"
     assert user_state(user(False, False)) == "unconfirmed"
     assert user_state(user(False, True)) == "active"
+
+
+def test_info_rows_are_a_mapping_of_rows_to_one_the_first_of_a_guid_winning() -> None:
+    rows = InfoRows(
+        [
+            ("u1", "alice", "viewer", "active"),
+            ("u2", "bob", "publisher", "locked"),
+            ("u1", "alice2", "viewer", "active"),  # listed again (a page shifted): left out
+        ]
+    )
+    want = {("u1", "alice", "viewer", "active"): 1, ("u2", "bob", "publisher", "locked"): 1}
+    assert rows == want and dict(rows.items()) == want and len(rows) == 2
+    assert rows[("u2", "bob", "publisher", "locked")] == 1
+    assert ("u1", "alice2", "viewer", "active") not in rows
+    with pytest.raises(KeyError):
+        rows[("u3", "carol", "viewer", "active")]
+    assert InfoRows() == {} and not InfoRows() and list(InfoRows().items()) == []
 
 
 async def test_read_metadata_counts_what_connect_lists(connect: Connect) -> None:
