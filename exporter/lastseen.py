@@ -4,7 +4,7 @@ The model keeps a (content, user) pair for every user an item has seen over the 
 plus an hour: half a million pairs on a 100,000-user server. A dict per item keyed by guid with
 an int per value costs ~90 B a pair and leaves the allocator fragmented as the dicts grow; here
 each item has two arrays, its users' indexes in ascending order and their times (12 B a pair),
-and a user's guid is kept once for every item.
+and a user's guid is kept once for every item (in a `UserIndex` the viewer log shares).
 """
 
 from __future__ import annotations
@@ -12,6 +12,28 @@ from __future__ import annotations
 from array import array
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator
+
+
+class UserIndex:
+    """Each user guid's index, in the order first met; only ever added to. One for the model's
+    last-seen pairs and its viewer log, so a guid and its index are kept once."""
+
+    __slots__ = ("guids", "ids")
+
+    def __init__(self) -> None:
+        self.ids: dict[str, int] = {}
+        self.guids: list[str] = []
+
+    def of(self, guid: str) -> int:
+        """`guid`'s index, a new one if it has none yet."""
+        index = self.ids.get(guid)
+        if index is None:
+            index = self.ids[guid] = len(self.guids)
+            self.guids.append(guid)
+        return index
+
+    def __len__(self) -> int:
+        return len(self.guids)
 
 
 class _Users:
@@ -27,9 +49,10 @@ class _Users:
 class PairLastSeen:
     """content guid -> user guid -> latest µs, for the model's windowed per-item gauges."""
 
-    def __init__(self, pairs: Iterable[tuple[str, str, int]] = ()) -> None:
-        self._index: dict[str, int] = {}  # user guid -> its index; only ever added to
-        self._guids: list[str] = []
+    def __init__(
+        self, pairs: Iterable[tuple[str, str, int]] = (), users: UserIndex | None = None
+    ) -> None:
+        self.users = UserIndex() if users is None else users
         self._items: dict[str, _Users] = {}
         self.seen_all(pairs)
 
@@ -39,7 +62,7 @@ class PairLastSeen:
 
     def seen_all(self, pairs: Iterable[tuple[str, str, int]]) -> list[tuple[str, str, int]]:
         """`seen` of each (content, user, µs); those that are now the pair's latest."""
-        items, index, guids = self._items, self._index, self._guids
+        items, index, guids = self._items, self.users.ids, self.users.guids
         latest: list[tuple[str, str, int]] = []
         for pair in pairs:
             content, user, when = pair
@@ -65,7 +88,7 @@ class PairLastSeen:
     def get(self, content: str, user: str) -> int | None:
         """The latest time of `user` on `content`, or None."""
         item = self._items.get(content)
-        index = self._index.get(user)
+        index = self.users.ids.get(user)
         if item is None or index is None:
             return None
         at = bisect_left(item.users, index)
@@ -83,14 +106,14 @@ class PairLastSeen:
         item = self._items.get(content)
         if item is None:
             return {}
-        guids = self._guids
+        guids = self.users.guids
         return {guids[u]: t for u, t in zip(item.users, item.times, strict=True)}
 
     def forget_before(self, cutoff: int, keep: Iterable[str] = ()) -> list[tuple[str, str]]:
         """Drop the pairs last seen before `cutoff`, except those of the users in `keep`;
         the (content, user) pairs dropped."""
-        kept = {self._index[u] for u in keep if u in self._index}
-        guids = self._guids
+        ids, guids = self.users.ids, self.users.guids
+        kept = {ids[u] for u in keep if u in ids}
         dropped: list[tuple[str, str]] = []
         for content, item in list(self._items.items()):
             users, times = item.users, item.times

@@ -24,7 +24,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from exporter.lastseen import PairLastSeen
+from exporter.lastseen import PairLastSeen, UserIndex
 from exporter.records import Hit, ShinySession, Visit, share
 from exporter.viewers import STARTED, VISITED, ViewerEvent, ViewerLog, ViewerView, top_pairs
 
@@ -281,14 +281,18 @@ class UsageModel:
         self._legacy_until = max((t for _n, t in self._legacy.values()), default=-1)
         intern = share
         self.user_last = {intern(u): t for u, t in state.user_last.items()}
+        people = UserIndex()
         self.pair_last = PairLastSeen(
-            (intern(c), intern(u), t)
-            for c, users in state.pair_last.items()
-            for u, t in users.items()
+            (
+                (intern(c), intern(u), t)
+                for c, users in state.pair_last.items()
+                for u, t in users.items()
+            ),
+            people,
         )
         self.content_last = state.content_last
         self.viewers = (
-            ViewerLog({w: WINDOW_SECONDS[w] for w in VIEWER_WINDOWS}, state.viewer_events)
+            ViewerLog({w: WINDOW_SECONDS[w] for w in VIEWER_WINDOWS}, state.viewer_events, people)
             if rules.top_viewers > 0 or rules.top_users > 0
             else None
         )

@@ -24,6 +24,8 @@ from bisect import bisect_left, bisect_right
 from collections.abc import ItemsView, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from exporter.lastseen import UserIndex
+
 STARTED = -1  # a session started (the value of its event)
 VISITED = -2  # a visit; any value >= 0 is a session's end and its duration in µs
 US = 1_000_000
@@ -139,11 +141,15 @@ class ViewerView:
 class ViewerLog:
     """Events of known users per content item over the largest window."""
 
-    def __init__(self, windows: Mapping[str, int], events: Iterable[ViewerEvent] = ()) -> None:
+    def __init__(
+        self,
+        windows: Mapping[str, int],
+        events: Iterable[ViewerEvent] = (),
+        users: UserIndex | None = None,
+    ) -> None:
         self.windows = {w: s * US for w, s in windows.items()}  # window -> µs
         self._spans = list(self.windows.values())
-        self._index: dict[str, int] = {}
-        self._guids: list[str] = []
+        self._users = UserIndex() if users is None else users
         self.items: dict[str, _Item] = {}
         # Per window: user index -> packed sessions and visits over every item's events.
         self._totals: list[array[int]] = [array("q") for _ in self.windows]
@@ -156,12 +162,11 @@ class ViewerLog:
         return sum(len(item.times) for item in self.items.values())
 
     def _user(self, guid: str) -> int:
-        index = self._index.get(guid)
-        if index is None:
-            index = self._index[guid] = len(self._guids)
-            self._guids.append(guid)
+        index = self._users.of(guid)
+        missing = index + 1 - len(self._totals[0])
+        if missing > 0:  # new, here or where the index is shared
             for totals in self._totals:
-                totals.append(0)
+                totals.frombytes(bytes(8 * missing))
         return index
 
     def add(self, content: str, user: str, when: int, value: int) -> None:
@@ -202,7 +207,7 @@ class ViewerLog:
     def _recount(self) -> None:
         """Every window's totals from scratch, all events counted (before a first view, or
         when time went back)."""
-        self._totals = [array("q", bytes(8 * len(self._guids))) for _ in self._spans]
+        self._totals = [array("q", bytes(8 * len(self._users))) for _ in self._spans]
         for item in self.items.values():
             item.starts = [0] * len(self._spans)
             item.top = None
@@ -214,7 +219,7 @@ class ViewerLog:
 
     def _rank(self, item: _Item, n: int) -> tuple[Top, ...]:
         """Each window's top `n` viewers of `item`, counted from its events in the window."""
-        guids = self._guids
+        guids = self._users.guids
         ranked: list[Top] = []
         users, values = item.users, item.values
         for start in item.starts:
@@ -249,7 +254,7 @@ class ViewerLog:
                 del self.items[content]
 
     def events(self) -> Iterator[ViewerEvent]:
-        guids = self._guids
+        guids = self._users.guids
         for content, item in self.items.items():
             for when, user, value in zip(item.times, item.users, item.values, strict=True):
                 yield content, guids[user], when, value
@@ -262,7 +267,7 @@ class ViewerLog:
             self._recount()
         self._now = now_us
         thresholds = self._thresholds = [now_us - span for span in self._spans]
-        guids = self._guids
+        guids = self._users.guids
         windows = list(self.windows)
         tops: list[tuple[str, tuple[Top, ...]]] = []
         dropped = dict.fromkeys(windows, 0)

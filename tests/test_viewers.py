@@ -5,6 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
+from exporter.lastseen import UserIndex
 from exporter.viewers import STARTED, US, VISITED, ViewerLog
 
 WINDOWS = {"24h": 86400, "7d": 7 * 86400}
@@ -62,14 +63,22 @@ event = st.tuples(
     batches=st.lists(st.tuples(st.lists(event, max_size=8), st.integers(0, 10 * 24)), max_size=8),
     top_viewers=st.integers(1, 3),
     top_users=st.integers(1, 3),
+    shared=st.booleans(),
 )
 def test_figures_equal_a_brute_force_count_as_events_come_and_time_moves(
-    batches: list[tuple[list[tuple[str, str, int, int]], int]], top_viewers: int, top_users: int
+    batches: list[tuple[list[tuple[str, str, int, int]], int]],
+    top_viewers: int,
+    top_users: int,
+    shared: bool,
 ) -> None:
-    """Events in any order, views at times going forward and back, prunes between them."""
-    log = ViewerLog(WINDOWS)
+    """Events in any order, views at times going forward and back, prunes between them; with
+    a user index shared with others (as the model's last-seen pairs share it), which give
+    users indexes before and between the log's own."""
+    people = UserIndex()
+    log = ViewerLog(WINDOWS, users=people if shared else None)
     kept: list[tuple[str, str, int, int]] = []
-    for added, hour in batches:
+    for n, (added, hour) in enumerate(batches):
+        people.of(f"elsewhere{n}")
         for e in added:
             log.add(*e)
             kept.append(e)
