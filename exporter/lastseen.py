@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from array import array
 from bisect import bisect_left
-from collections.abc import Iterable, Iterator
+from collections.abc import ItemsView, Iterable, Iterator, Mapping
 
 
 class UserIndex:
@@ -142,3 +142,48 @@ class PairLastSeen:
 
     def __bool__(self) -> bool:
         return bool(self._items)
+
+
+class PairTimes(Mapping[tuple[str, str], float]):
+    """(content, user) -> seconds for a view, as two lists of guids and an array of floats:
+    ~24 B a pair, where a dict of tuples to floats costs ~150 B (a view has tens of thousands,
+    and two views live while one replaces the other)."""
+
+    def __init__(self, rows: Iterable[tuple[str, str, float]] = ()) -> None:
+        self._contents: list[str] = []
+        self._users: list[str] = []
+        self._seconds = array("d")
+        for content, user, seconds in rows:
+            self._contents.append(content)
+            self._users.append(user)
+            self._seconds.append(seconds)
+        self._index: dict[tuple[str, str], float] | None = None  # made on the first lookup
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        return zip(self._contents, self._users, strict=True)
+
+    def __len__(self) -> int:
+        return len(self._seconds)
+
+    def rows(self) -> Iterator[tuple[tuple[str, str], float]]:
+        """Each pair and its seconds."""
+        return zip(self, self._seconds, strict=True)
+
+    def __getitem__(self, pair: tuple[str, str]) -> float:
+        if self._index is None:
+            self._index = dict(self.rows())
+        return self._index[pair]
+
+    def items(self) -> ItemsView[tuple[str, str], float]:
+        return _PairItems(self)
+
+
+class _PairItems(ItemsView[tuple[str, str], float]):
+    """`PairTimes.items()`: each pair with its seconds, no lookup per pair."""
+
+    def __init__(self, pairs: PairTimes) -> None:
+        super().__init__(pairs)
+        self._pairs = pairs
+
+    def __iter__(self) -> Iterator[tuple[tuple[str, str], float]]:
+        return self._pairs.rows()

@@ -24,7 +24,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from exporter.lastseen import PairLastSeen, UserIndex
+from exporter.lastseen import PairLastSeen, PairTimes, UserIndex
 from exporter.records import Hit, ShinySession, Visit, share
 from exporter.viewers import STARTED, VISITED, ViewerEvent, ViewerLog, ViewerView, top_pairs
 
@@ -251,10 +251,10 @@ class UsageView:
     usage_content: frozenset[str] = frozenset()  # every content item with usage
 
 
-def last_seen(pair_last: PairLastSeen, view: ViewerView) -> dict[tuple[str, str], float]:
+def last_seen(pair_last: PairLastSeen, view: ViewerView) -> PairTimes:
     """(content, user) -> latest activity in seconds, for each viewer in some window's top N."""
-    found = ((pair, pair_last.get(*pair)) for pair in top_pairs(view))
-    return {pair: when / US for pair, when in found if when is not None}
+    found = ((c, u, pair_last.get(c, u)) for c, u in top_pairs(view))
+    return PairTimes((c, u, when / US) for c, u, when in found if when is not None)
 
 
 class UsageModel:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from exporter.lastseen import PairLastSeen
+from exporter.lastseen import PairLastSeen, PairTimes
 
 CONTENT = ["c0", "c1", "c2"]
 USERS = [f"u{i}" for i in range(7)]
@@ -70,3 +70,11 @@ def test_loaded_pairs_keep_the_latest_time() -> None:
     assert pairs.as_dict() == {"c": {"u": 5, "v": 9}, "d": {"u": 1}}
     assert pairs.users_of("c") == {"u": 5, "v": 9}
     assert pairs.users_of("nothing") == {}
+
+
+def test_pair_times_are_a_mapping_of_pairs_to_seconds() -> None:
+    times = PairTimes([("c", "u", 1.5), ("c", "v", 2.0), ("d", "u", 0.25)])
+    want = {("c", "u"): 1.5, ("c", "v"): 2.0, ("d", "u"): 0.25}
+    assert times == want and dict(times.items()) == want and len(times) == 3
+    assert times[("d", "u")] == 0.25 and ("d", "v") not in times
+    assert PairTimes() == {} and list(PairTimes().items()) == []
