@@ -42,21 +42,24 @@ async def _each(
     concurrency: int,
 ) -> dict[str, Page[T]]:
     """`fetch` of each guid, `concurrency` at a time; one gone meanwhile (404) is left out. A
-    failure raises as itself, not as an exception group."""
-    limiter = anyio.CapacityLimiter(concurrency)
-    pages: dict[str, Page[T]] = {}
+    failure raises as itself, not as an exception group.
 
-    async def one(guid: str) -> None:
-        async with limiter:
+    `concurrency` workers take the guids in turn: a task per guid, waiting on a limiter, would
+    cost ~2.5 KB each while it waits (27 MB for 10,000 items' permissions)."""
+    pages: dict[str, Page[T]] = {}
+    todo = iter(guids)  # shared: each worker takes the next guid when it is free
+
+    async def worker() -> None:
+        for guid in todo:
             try:
                 pages[guid] = await fetch(guid)
             except NotFoundError:
-                return
+                continue
 
     try:
         async with anyio.create_task_group() as group:
-            for guid in guids:
-                group.start_soon(one, guid)
+            for _ in range(concurrency):
+                group.start_soon(worker)
     except BaseExceptionGroup as errors:
         raise first_error(errors) from None
     return pages

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import anyio.lowlevel
 import pytest
 
-from exporter.client import ConnectClient, ConnectError
-from exporter.metadata import read_metadata, user_state
+from exporter.client import ConnectClient, ConnectError, NotFoundError, Page
+from exporter.metadata import _each, read_metadata, user_state
 from exporter.records import User
 from exporter.snapshot import InfoRows
 from tests.support import Connect
@@ -37,6 +38,29 @@ def test_info_rows_are_a_mapping_of_rows_to_one_the_first_of_a_guid_winning() ->
     with pytest.raises(KeyError):
         rows[("u3", "carol", "viewer", "active")]
     assert InfoRows() == {} and not InfoRows() and list(InfoRows().items()) == []
+
+
+async def test_requests_per_item_run_at_most_the_concurrency_at_once() -> None:
+    running = most = 0
+
+    async def fetch(guid: str) -> Page[str]:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        await anyio.lowlevel.checkpoint()
+        running -= 1
+        if guid == "gone":
+            raise NotFoundError(404, None, "v1/content/{guid}/permissions")
+        if guid == "bad":
+            raise ConnectError("the server broke")
+        return Page([guid], [], None)
+
+    guids = [f"g{i}" for i in range(50)] + ["gone"]
+    pages = await _each(guids, fetch, 3)
+    assert most == 3
+    assert sorted(pages) == sorted(guids[:-1])
+    with pytest.raises(ConnectError, match="the server broke"):
+        await _each(["a", "bad", "b"], fetch, 2)
 
 
 async def test_read_metadata_counts_what_connect_lists(connect: Connect) -> None:
