@@ -163,9 +163,8 @@ class ViewerLog:
 
     def _user(self, guid: str) -> int:
         index = self._users.of(guid)
-        missing = index + 1 - len(self._totals[0])
-        if missing > 0:  # new, here or where the index is shared
-            for totals in self._totals:
+        for totals in self._totals:  # widened for users new here or where the index is shared
+            if (missing := index + 1 - len(totals)) > 0:
                 totals.frombytes(bytes(8 * missing))
         return index
 
