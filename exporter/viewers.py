@@ -163,8 +163,9 @@ class ViewerLog:
 
     def _user(self, guid: str) -> int:
         index = self._users.of(guid)
-        for totals in self._totals:  # widened for users new here or where the index is shared
-            if (missing := index + 1 - len(totals)) > 0:
+        every = self._totals  # all of one length: widened together for users new here or
+        if every and (missing := index + 1 - len(every[0])) > 0:  # where the index is shared
+            for totals in every:
                 totals.frombytes(bytes(8 * missing))
         return index
 
