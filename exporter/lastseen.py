@@ -12,6 +12,10 @@ from __future__ import annotations
 from array import array
 from bisect import bisect_left
 from collections.abc import ItemsView, Iterable, Iterator, Mapping
+from typing import Any
+
+# (content, user or None, µs, ...): what the model saw; any fields after the third are carried.
+Sighting = tuple[Any, ...]
 
 
 class UserIndex:
@@ -60,12 +64,16 @@ class PairLastSeen:
         """Note `user` on `content` at `when`; whether that is its latest time now."""
         return bool(self.seen_all([(content, user, when)]))
 
-    def seen_all(self, pairs: Iterable[tuple[str, str, int]]) -> list[tuple[str, str, int]]:
-        """`seen` of each (content, user, µs); those that are now the pair's latest."""
-        items, index, guids = self._items, self.users.ids, self.users.guids
-        latest: list[tuple[str, str, int]] = []
-        for pair in pairs:
-            content, user, when = pair
+    def seen_all(self, sightings: Iterable[Sighting]) -> list[Sighting]:
+        """`seen` of each (content, user, µs, ...) whose user is not None; those that are now
+        their pair's latest."""
+        items, index, guids, find = self._items, self.users.ids, self.users.guids, bisect_left
+        latest: list[Sighting] = []
+        note = latest.append
+        for sighting in sightings:
+            content, user, when = sighting[0], sighting[1], sighting[2]
+            if user is None:
+                continue
             item = items.get(content)
             if item is None:
                 item = items[content] = _Users()
@@ -74,15 +82,21 @@ class PairLastSeen:
                 i = index[user] = len(guids)
                 guids.append(user)
             users = item.users
-            at = bisect_left(users, i)
-            if at < len(users) and users[at] == i:
-                if item.times[at] < when:
-                    item.times[at] = when
-                    latest.append(pair)
+            if not users or users[-1] < i:  # a user new to the item, after all of its users
+                users.append(i)
+                item.times.append(when)
+                note(sighting)
+                continue
+            at = find(users, i)
+            if users[at] == i:
+                times = item.times
+                if times[at] < when:
+                    times[at] = when
+                    note(sighting)
             else:
                 users.insert(at, i)
                 item.times.insert(at, when)
-                latest.append(pair)
+                note(sighting)
         return latest
 
     def get(self, content: str, user: str) -> int | None:

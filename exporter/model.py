@@ -441,12 +441,11 @@ class UsageModel:
 
     # -- activity ---------------------------------------------------------------------------
 
-    def _seen(self, events: Iterable[tuple[str, str | None, int, bool]]) -> None:
+    def _seen(self, events: Sequence[tuple[str, str | None, int, bool]]) -> None:
         """Sessions and visits as (content, user, µs, new event?) on the last-seen maps."""
         content_last, user_last, pair_last = self.content_last, self.user_last, self.pair_last
         delta = self._delta
         changed_content, changed_users = delta.content_last, delta.user_last
-        pairs: list[tuple[str, str, int]] = []
         for content, user, when, _new in events:
             if content_last.get(content, -1) < when:
                 content_last[content] = changed_content[content] = when
@@ -456,9 +455,8 @@ class UsageModel:
                 if user not in user_last:
                     user = share(user)
                 user_last[user] = changed_users[user] = when
-            pairs.append((content, user, when))
         changed_pairs = delta.pair_last
-        for content, user, when in pair_last.seen_all(pairs):
+        for content, user, when, _new in pair_last.seen_all(events):
             changed_pairs[content, user] = when
 
     def _viewed(self, events: list[ViewerEvent]) -> None:

@@ -153,6 +153,7 @@ class ViewerLog:
         self.items: dict[str, _Item] = {}
         # Per window: user index -> packed sessions and visits over every item's events.
         self._totals: list[array[int]] = [array("q") for _ in self.windows]
+        self._width = 0  # the totals' length: the users they hold
         self._now = -(2**63)  # the `now` of the last view
         self._thresholds = [self._now - span for span in self._spans]
         for content, user, when, value in events:
@@ -162,11 +163,13 @@ class ViewerLog:
         return sum(len(item.times) for item in self.items.values())
 
     def _user(self, guid: str) -> int:
+        """`guid`'s index, the totals widened to hold it (for a user new here or where the
+        index is shared)."""
         index = self._users.of(guid)
-        every = self._totals  # all of one length: widened together for users new here or
-        if every and (missing := index + 1 - len(every[0])) > 0:  # where the index is shared
-            for totals in every:
+        if (missing := index + 1 - self._width) > 0:
+            for totals in self._totals:
                 totals.frombytes(bytes(8 * missing))
+            self._width = index + 1
         return index
 
     def add(self, content: str, user: str, when: int, value: int) -> None:
@@ -176,7 +179,9 @@ class ViewerLog:
         times = item.times
         at = len(times) if not times or times[-1] <= when else bisect_right(times, when)
         times.insert(at, when)
-        user_index = self._user(user)
+        user_index = self._users.ids.get(user, self._width)
+        if user_index >= self._width:
+            user_index = self._user(user)
         item.users.insert(at, user_index)
         item.values.insert(at, value)
         item.top = None
@@ -207,7 +212,8 @@ class ViewerLog:
     def _recount(self) -> None:
         """Every window's totals from scratch, all events counted (before a first view, or
         when time went back)."""
-        self._totals = [array("q", bytes(8 * len(self._users))) for _ in self._spans]
+        self._width = len(self._users)
+        self._totals = [array("q", bytes(8 * self._width)) for _ in self._spans]
         for item in self.items.values():
             item.starts = [0] * len(self._spans)
             item.top = None
