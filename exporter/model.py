@@ -24,7 +24,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from exporter.lastseen import PairLastSeen, PairTimes, UserIndex
+from exporter.lastseen import PairLastSeen, PairTimes, UserIndex, UserLastSeen
 from exporter.records import Hit, ShinySession, Visit, share
 from exporter.viewers import STARTED, VISITED, ViewerEvent, ViewerLog, ViewerView, top_pairs
 
@@ -280,8 +280,8 @@ class UsageModel:
         self._legacy = self.keys[LEGACY_SPACE]
         self._legacy_until = max((t for _n, t in self._legacy.values()), default=-1)
         intern = share
-        self.user_last = {intern(u): t for u, t in state.user_last.items()}
         people = UserIndex()
+        self.user_last = UserLastSeen(people, ((intern(u), t) for u, t in state.user_last.items()))
         self.pair_last = PairLastSeen(
             (
                 (intern(c), intern(u), t)
@@ -430,8 +430,7 @@ class UsageModel:
         cutoff = now_us - MAX_WINDOW_US - HOUR_US
         open_users = {k[1] for k, (state, _t) in self.sessions.items() if state == OPEN}
         delta = self._delta
-        for user in [u for u, t in self.user_last.items() if t < cutoff and u not in open_users]:
-            del self.user_last[user]
+        for user in self.user_last.forget_before(cutoff, open_users):
             delta.user_last[user] = None
         for pair in self.pair_last.forget_before(cutoff, open_users):
             delta.pair_last[pair] = None
@@ -446,15 +445,11 @@ class UsageModel:
         content_last, user_last, pair_last = self.content_last, self.user_last, self.pair_last
         delta = self._delta
         changed_content, changed_users = delta.content_last, delta.user_last
-        for content, user, when, _new in events:
+        for content, _user, when, _new in events:
             if content_last.get(content, -1) < when:
                 content_last[content] = changed_content[content] = when
-            if user is None:
-                continue
-            if user_last.get(user, -1) < when:
-                if user not in user_last:
-                    user = share(user)
-                user_last[user] = changed_users[user] = when
+        for _content, user, when, _new in user_last.seen_all(events):
+            changed_users[user] = when
         changed_pairs = delta.pair_last
         for content, user, when, _new in pair_last.seen_all(events):
             changed_pairs[content, user] = when
@@ -732,7 +727,7 @@ class UsageModel:
                 open_pairs.add((content, user))
         user_last = self.user_last
         everyone = sorted(user_last.values())
-        open_lasts = [user_last[u] for u in open_users if u in user_last]
+        open_lasts = [t for u in open_users if (t := user_last.get(u)) is not None]
         active_users = {}
         for window in USER_WINDOWS:
             threshold = now_us - WINDOW_SECONDS[window] * US

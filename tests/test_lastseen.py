@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from exporter.lastseen import PairLastSeen, PairTimes
+from exporter.lastseen import PairLastSeen, PairTimes, UserIndex, UserLastSeen
 
 CONTENT = ["c0", "c1", "c2"]
 USERS = [f"u{i}" for i in range(7)]
@@ -30,8 +30,12 @@ steps = st.lists(
 
 @given(steps)
 def test_pairs_hold_what_a_dict_of_dicts_holds(ops: list[tuple[object, ...]]) -> None:
-    pairs = PairLastSeen()
+    """And the users' last times what a dict does, on the index the pairs share."""
+    people = UserIndex()
+    pairs = PairLastSeen(users=people)
+    last = UserLastSeen(people)
     want: dict[str, dict[str, int]] = {}
+    want_users: dict[str, int] = {}
     for op in ops:
         if op[0] == "seen":
             _kind, content, user, when = op
@@ -41,6 +45,10 @@ def test_pairs_hold_what_a_dict_of_dicts_holds(ops: list[tuple[object, ...]]) ->
             if latest:
                 users[user] = when
             assert pairs.seen(content, user, when) == latest
+            newest = want_users.get(user, -1) < when
+            if newest:
+                want_users[user] = when
+            assert last.seen(user, when) == newest
         else:
             _kind, cutoff, keep = op
             assert isinstance(cutoff, int) and isinstance(keep, frozenset)
@@ -54,7 +62,13 @@ def test_pairs_hold_what_a_dict_of_dicts_holds(ops: list[tuple[object, ...]]) ->
                 del want[c][u]
             want = {c: users for c, users in want.items() if users}
             assert sorted(pairs.forget_before(cutoff, keep)) == gone
+            old = sorted(u for u, t in want_users.items() if t < cutoff and u not in keep)
+            want_users = {u: t for u, t in want_users.items() if u not in old}
+            assert sorted(last.forget_before(cutoff, keep)) == old
         assert pairs.as_dict() == want
+        assert last.as_dict() == want_users and len(last) == len(want_users)
+        assert sorted(last.values()) == sorted(want_users.values())
+        assert all(last.get(u) == want_users.get(u) for u in [*USERS, "never"])
         assert len(pairs) == sum(map(len, want.values()))
         assert bool(pairs) == bool(want)
         for content in CONTENT:

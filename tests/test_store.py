@@ -63,7 +63,7 @@ def comparable(m: UsageModel) -> tuple[object, ...]:
         m.duration_counts,
         m.duration_sums,
         {space: keys for space, keys in m.keys.items() if keys},
-        m.user_last,
+        m.user_last.as_dict(),
         m.pair_last.as_dict(),
         m.content_last,
         sorted(m.viewers.events()) if m.viewers is not None else None,
