@@ -234,56 +234,66 @@ class SqliteStore:
             self._db.close()
 
     def load(self) -> ModelState | None:
+        """The committed state, read in one transaction: a reader beside the writing exporter
+        (the demo's back-fill, `backfill` on a live file) sees one commit's tables, never the
+        guids of one and the rows of the next."""
         with self._lock:
             db = self._db
-            row = db.execute("SELECT value FROM meta WHERE key='counting_since'").fetchone()
-            if row is None:
-                return None
-            meta = dict(db.execute("SELECT key, value FROM meta"))
-            state = ModelState(
-                counting_since=int(row[0]),
-                takeover=int(meta["takeover"]) if "takeover" in meta else None,
-                server=meta.get("server"),
+            db.execute("BEGIN")
+            try:
+                return self._read(db)
+            finally:
+                db.execute("COMMIT")
+
+    def _read(self, db: sqlite3.Connection) -> ModelState | None:
+        row = db.execute("SELECT value FROM meta WHERE key='counting_since'").fetchone()
+        if row is None:
+            return None
+        meta = dict(db.execute("SELECT key, value FROM meta"))
+        state = ModelState(
+            counting_since=int(row[0]),
+            takeover=int(meta["takeover"]) if "takeover" in meta else None,
+            server=meta.get("server"),
+        )
+        state.marks = dict(db.execute("SELECT stream, value FROM marks"))
+        state.counters = {(n, lab): v for n, lab, v in db.execute("SELECT * FROM counters")}
+        state.durations = _durations(db, "durations")
+        if "baseline" in meta:
+            state.baseline = Baseline(
+                counters={
+                    (n, lab): v for n, lab, v in db.execute("SELECT * FROM baseline_counters")
+                },
+                durations=_durations(db, "baseline_durations"),
             )
-            state.marks = dict(db.execute("SELECT stream, value FROM marks"))
-            state.counters = {(n, lab): v for n, lab, v in db.execute("SELECT * FROM counters")}
-            state.durations = _durations(db, "durations")
-            if "baseline" in meta:
-                state.baseline = Baseline(
-                    counters={
-                        (n, lab): v for n, lab, v in db.execute("SELECT * FROM baseline_counters")
-                    },
-                    durations=_durations(db, "baseline_durations"),
-                )
-            # By time: a key with rows of several times takes its newest.
-            query = "SELECT space, key, value, time FROM keys ORDER BY space, time"
-            for space, key, value, time in db.execute(query):
-                state.keys.setdefault(space, {})[tuple(json.loads(key))] = (value, time)
-            names = dict(db.execute("SELECT id, guid FROM guids"))
-            user_last = state.user_last
-            for table in ("user_last", "user_last_log"):
-                for user_id, last in db.execute(f"SELECT user_id, last FROM {table}"):  # noqa: S608
-                    user = names[user_id]
-                    if user_last.get(user, -1) < last:
-                        user_last[user] = last
-            pair_last = state.pair_last
-            for table in ("pair_last", "pair_last_log"):
-                query = f"SELECT content_id, user_id, last FROM {table}"  # noqa: S608
-                for content_id, user_id, last in db.execute(query):
-                    users = pair_last.setdefault(names[content_id], {})
-                    user = names[user_id]
-                    if users.get(user, -1) < last:
-                        users[user] = last
-            state.content_last = dict(db.execute("SELECT * FROM content_last"))
-            # A file this exporter has not opened for writing yet (read-only) may lack it.
-            if db.execute(
-                "SELECT 1 FROM sqlite_master WHERE type='table' AND name='viewer_events'"
-            ).fetchone():
-                query = "SELECT content_id, user_id, time, value FROM viewer_events ORDER BY rowid"
-                state.viewer_events = [
-                    (names[c], names[u], time, value) for c, u, time, value in db.execute(query)
-                ]
-            return state
+        # By time: a key with rows of several times takes its newest.
+        query = "SELECT space, key, value, time FROM keys ORDER BY space, time"
+        for space, key, value, time in db.execute(query):
+            state.keys.setdefault(space, {})[tuple(json.loads(key))] = (value, time)
+        names = dict(db.execute("SELECT id, guid FROM guids"))
+        user_last = state.user_last
+        for table in ("user_last", "user_last_log"):
+            for user_id, last in db.execute(f"SELECT user_id, last FROM {table}"):  # noqa: S608
+                user = names[user_id]
+                if user_last.get(user, -1) < last:
+                    user_last[user] = last
+        pair_last = state.pair_last
+        for table in ("pair_last", "pair_last_log"):
+            query = f"SELECT content_id, user_id, last FROM {table}"  # noqa: S608
+            for content_id, user_id, last in db.execute(query):
+                users = pair_last.setdefault(names[content_id], {})
+                user = names[user_id]
+                if users.get(user, -1) < last:
+                    users[user] = last
+        state.content_last = dict(db.execute("SELECT * FROM content_last"))
+        # A file this exporter has not opened for writing yet (read-only) may lack it.
+        if db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type='table' AND name='viewer_events'"
+        ).fetchone():
+            query = "SELECT content_id, user_id, time, value FROM viewer_events ORDER BY rowid"
+            state.viewer_events = [
+                (names[c], names[u], time, value) for c, u, time, value in db.execute(query)
+            ]
+        return state
 
     def commit(self, delta: Delta) -> None:
         if self.read_only:
