@@ -11,6 +11,7 @@ one exporter job (``catchup`` or ``steady``) and prints its figures.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import subprocess
@@ -328,7 +329,13 @@ def _exporter_child(job_json: str) -> None:
 
     logging.disable(logging.CRITICAL)
     job = json.loads(job_json)
-    with tempfile.TemporaryDirectory(prefix="bench-exporter-") as tmp:
+    # A job's `state_dir` keeps the state file for the next job (a restart); else a temporary one.
+    kept = job.get("state_dir")
+    with (
+        contextlib.nullcontext(kept)
+        if kept
+        else tempfile.TemporaryDirectory(prefix="bench-exporter-") as tmp
+    ):
         runner = _steady if job["mode"] == "steady" else _catchup
         if job.get("profile"):
             from pyinstrument import Profiler

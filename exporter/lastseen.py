@@ -11,11 +11,49 @@ from __future__ import annotations
 
 from array import array
 from bisect import bisect_left
+from collections import deque
 from collections.abc import ItemsView, Iterable, Iterator, Mapping
 from typing import Any
 
 # (content, user or None, µs, ...): what the model saw; any fields after the third are carried.
 Sighting = tuple[Any, ...]
+_DISCARDED: deque[Sighting] = deque(maxlen=0)  # what loading notes: the latest are not wanted
+
+
+class GuidRows:
+    """Rows of guids and integers as a store reads them, held as columns: the guids as their
+    integer ids (resolved through `names` as the rows are iterated), 4 or 8 B a cell instead of
+    a tuple and an int object a row. Iterating yields the rows as tuples, guids first."""
+
+    __slots__ = ("_columns", "_guids", "_names")
+
+    def __init__(self, names: Mapping[int, str], typecodes: str, guids: int) -> None:
+        self._names = names
+        self._columns = [array(code) for code in typecodes]
+        self._guids = guids  # how many leading columns are guid ids
+
+    def extend(self, rows: Iterable[tuple[int, ...]]) -> None:
+        """Add rows of (guid ids..., integers...), as many cells as typecodes."""
+        batch: list[tuple[int, ...]] = []
+        for row in rows:
+            batch.append(row)
+            if len(batch) == 10_000:
+                self._add(batch)
+                batch = []
+        self._add(batch)
+
+    def _add(self, batch: list[tuple[int, ...]]) -> None:
+        if batch:
+            for column, cells in zip(self._columns, zip(*batch, strict=True), strict=True):
+                column.extend(cells)
+
+    def __iter__(self) -> Iterator[tuple[Any, ...]]:
+        names, n = self._names, self._guids
+        for row in zip(*self._columns, strict=True):
+            yield tuple(names[i] for i in row[:n]) + row[n:]
+
+    def __len__(self) -> int:
+        return len(self._columns[0])
 
 
 class UserIndex:
@@ -52,17 +90,18 @@ class UserLastSeen:
         self.users = users
         self._times = array("q")
         self._count = 0
-        self.seen_all((None, user, when) for user, when in last)
+        self.seen_all(((None, user, when) for user, when in last), collect=False)
 
     def seen(self, user: str, when: int) -> bool:
         """Note `user` at `when`; whether that is its latest time now."""
         return bool(self.seen_all([(None, user, when)]))
 
-    def seen_all(self, sightings: Iterable[Sighting]) -> list[Sighting]:
+    def seen_all(self, sightings: Iterable[Sighting], *, collect: bool = True) -> list[Sighting]:
         """`seen` of the user and µs of each (content, user, µs, ...) whose user is not None;
-        those that are now their user's latest."""
+        those that are now their user's latest (none kept unless `collect`)."""
         ids, times, of = self.users.ids, self._times, self.users.of
         latest: list[Sighting] = []
+        note = latest.append if collect else _DISCARDED.append
         for sighting in sightings:
             user, when = sighting[1], sighting[2]
             if user is None:
@@ -77,7 +116,7 @@ class UserLastSeen:
                 if last == _ABSENT:
                     self._count += 1
                 times[index] = when
-                latest.append(sighting)
+                note(sighting)
         return latest
 
     def get(self, user: str) -> int | None:
@@ -127,18 +166,18 @@ class PairLastSeen:
     ) -> None:
         self.users = UserIndex() if users is None else users
         self._items: dict[str, _Users] = {}
-        self.seen_all(pairs)
+        self.seen_all(pairs, collect=False)
 
     def seen(self, content: str, user: str, when: int) -> bool:
         """Note `user` on `content` at `when`; whether that is its latest time now."""
         return bool(self.seen_all([(content, user, when)]))
 
-    def seen_all(self, sightings: Iterable[Sighting]) -> list[Sighting]:
+    def seen_all(self, sightings: Iterable[Sighting], *, collect: bool = True) -> list[Sighting]:
         """`seen` of each (content, user, µs, ...) whose user is not None; those that are now
-        their pair's latest."""
+        their pair's latest (none kept unless `collect`)."""
         items, index, guids, find = self._items, self.users.ids, self.users.guids, bisect_left
         latest: list[Sighting] = []
-        note = latest.append
+        note = latest.append if collect else _DISCARDED.append
         for sighting in sightings:
             content, user, when = sighting[0], sighting[1], sighting[2]
             if user is None:

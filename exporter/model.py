@@ -130,10 +130,12 @@ class ModelState:
     counters: dict[CounterKey, int] = field(default_factory=dict)
     durations: dict[str, tuple[list[int], int]] = field(default_factory=dict)  # counts, sum µs
     keys: dict[str, dict[Key, KeyValue]] = field(default_factory=dict)  # space -> key -> value
-    user_last: dict[str, int] = field(default_factory=dict)
-    pair_last: dict[str, dict[str, int]] = field(default_factory=dict)  # content -> user -> µs
+    # Last-seen times as rows, the latest of a key's rows winning: (user, µs) and
+    # (content, user, µs). These and the viewer events are read once, into compact structures.
+    user_last: Iterable[tuple[str, int]] = field(default_factory=list)
+    pair_last: Iterable[tuple[str, str, int]] = field(default_factory=list)
     content_last: dict[str, int] = field(default_factory=dict)
-    viewer_events: list[ViewerEvent] = field(default_factory=list)  # see exporter.viewers
+    viewer_events: Iterable[ViewerEvent] = field(default_factory=list)  # see exporter.viewers
     # The counters when they were first shown, after a first start's first complete walks:
     # what a back-fill of the history before the takeover must not exceed.
     baseline: Baseline | None = None
@@ -281,14 +283,9 @@ class UsageModel:
         self._legacy_until = max((t for _n, t in self._legacy.values()), default=-1)
         intern = share
         people = UserIndex()
-        self.user_last = UserLastSeen(people, ((intern(u), t) for u, t in state.user_last.items()))
+        self.user_last = UserLastSeen(people, ((intern(u), t) for u, t in state.user_last))
         self.pair_last = PairLastSeen(
-            (
-                (intern(c), intern(u), t)
-                for c, users in state.pair_last.items()
-                for u, t in users.items()
-            ),
-            people,
+            ((intern(c), intern(u), t) for c, u, t in state.pair_last), people
         )
         self.content_last = state.content_last
         self.viewers = (

@@ -12,7 +12,7 @@ import json
 import os
 import sqlite3
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from operator import itemgetter
 from pathlib import Path
 from typing import Protocol
@@ -20,6 +20,7 @@ from typing import Protocol
 import msgspec
 
 from exporter import __version__
+from exporter.lastseen import GuidRows
 from exporter.model import DURATION_BUCKETS, Baseline, Delta, Key, ModelState
 
 SCHEMA_VERSION = 3
@@ -269,30 +270,30 @@ class SqliteStore:
         query = "SELECT space, key, value, time FROM keys ORDER BY space, time"
         for space, key, value, time in db.execute(query):
             state.keys.setdefault(space, {})[tuple(json.loads(key))] = (value, time)
-        names = dict(db.execute("SELECT id, guid FROM guids"))
-        user_last = state.user_last
+        # The writer's guids are those of its id map (one str each for the model and the
+        # store); a reader's are read here.
+        names: Mapping[int, str] = (
+            {i: guid for guid, i in self._ids.items()}
+            if self._ids
+            else dict(db.execute("SELECT id, guid FROM guids"))
+        )
+        user_last = GuidRows(names, "iq", guids=1)
+        pair_last = GuidRows(names, "iiq", guids=2)
         for table in ("user_last", "user_last_log"):
-            for user_id, last in db.execute(f"SELECT user_id, last FROM {table}"):  # noqa: S608
-                user = names[user_id]
-                if user_last.get(user, -1) < last:
-                    user_last[user] = last
-        pair_last = state.pair_last
+            user_last.extend(db.execute(f"SELECT user_id, last FROM {table}"))  # noqa: S608
         for table in ("pair_last", "pair_last_log"):
             query = f"SELECT content_id, user_id, last FROM {table}"  # noqa: S608
-            for content_id, user_id, last in db.execute(query):
-                users = pair_last.setdefault(names[content_id], {})
-                user = names[user_id]
-                if users.get(user, -1) < last:
-                    users[user] = last
+            pair_last.extend(db.execute(query))
+        state.user_last, state.pair_last = user_last, pair_last
         state.content_last = dict(db.execute("SELECT * FROM content_last"))
         # A file this exporter has not opened for writing yet (read-only) may lack it.
         if db.execute(
             "SELECT 1 FROM sqlite_master WHERE type='table' AND name='viewer_events'"
         ).fetchone():
+            events = GuidRows(names, "iiqq", guids=2)
             query = "SELECT content_id, user_id, time, value FROM viewer_events ORDER BY rowid"
-            state.viewer_events = [
-                (names[c], names[u], time, value) for c, u, time, value in db.execute(query)
-            ]
+            events.extend(db.execute(query))
+            state.viewer_events = events
         return state
 
     def commit(self, delta: Delta) -> None:

@@ -269,8 +269,8 @@ def state_rows(path: Path) -> dict[str, int]:
     return {
         "shiny_keys": len(state.keys.get("shiny", {})),
         "visit_keys": sum(len(keys) for space, keys in state.keys.items() if space != "shiny"),
-        "user_last": len(state.user_last),
-        "pair_last": sum(map(len, state.pair_last.values())),
+        "user_last": len({user for user, _ in state.user_last}),
+        "pair_last": len({(content, user) for content, user, _ in state.pair_last}),
     }
 
 

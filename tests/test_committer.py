@@ -51,14 +51,18 @@ class MemoryStore:
             keys = state.keys.get(space, {})
             for key in [k for k, (v, t) in keys.items() if t < horizon and space != "shiny"]:
                 del keys[key]
+        user_last = dict(state.user_last)
         for user, last in delta.user_last.items():
             if last is None:
-                state.user_last.pop(user, None)
+                user_last.pop(user, None)
             else:
-                state.user_last[user] = last
-        for (content, user), last in delta.pair_last.items():
+                user_last[user] = last
+        state.user_last = list(user_last.items())
+        pair_last = {(c, u): t for c, u, t in state.pair_last}
+        for pair, last in delta.pair_last.items():
             if last is not None:
-                state.pair_last.setdefault(content, {})[user] = last
+                pair_last[pair] = last
+        state.pair_last = [(c, u, t) for (c, u), t in pair_last.items()]
         state.content_last.update(delta.content_last)
         self.state = state
 

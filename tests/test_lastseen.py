@@ -1,11 +1,11 @@
-"""`PairLastSeen` against a plain dict of dicts, under any sequence of sightings and prunes."""
+"""The compact last-seen structures against plain dicts, and the rows a store loads them from."""
 
 from __future__ import annotations
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from exporter.lastseen import PairLastSeen, PairTimes, UserIndex, UserLastSeen
+from exporter.lastseen import GuidRows, PairLastSeen, PairTimes, UserIndex, UserLastSeen
 
 CONTENT = ["c0", "c1", "c2"]
 USERS = [f"u{i}" for i in range(7)]
@@ -92,3 +92,15 @@ def test_pair_times_are_a_mapping_of_pairs_to_seconds() -> None:
     assert times == want and dict(times.items()) == want and len(times) == 3
     assert times[("d", "u")] == 0.25 and ("d", "v") not in times
     assert PairTimes() == {} and list(PairTimes().items()) == []
+
+
+def test_guid_rows_give_back_the_rows_added_in_any_batches() -> None:
+    names = {i: f"g{i}" for i in range(30)}
+    rows = GuidRows(names, "iiq", guids=2)
+    added = [(i % 30, (i * 7) % 30, i * 1_000_000_007) for i in range(25_001)]  # > 2 batches
+    rows.extend(iter(added[:3]))
+    rows.extend(iter(added[3:]))
+    rows.extend(iter([]))
+    assert len(rows) == len(added)
+    assert list(rows) == [(f"g{c}", f"g{u}", t) for c, u, t in added]
+    assert list(rows) == list(rows)  # iterable again
