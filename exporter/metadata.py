@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Iterable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import anyio
 
 from exporter.client import ConnectClient, NotFoundError, Page, first_error
-from exporter.records import ContentItem, User
+from exporter.records import ContentItem, Permission, User
 from exporter.snapshot import ContentInfo, InfoRows, MetadataView
 
 log = logging.getLogger("exporter.metadata")
@@ -40,21 +40,23 @@ async def _each(
     guids: Iterable[str],
     fetch: Callable[[str], Awaitable[Page[T]]],
     concurrency: int,
-) -> dict[str, Page[T]]:
-    """`fetch` of each guid, `concurrency` at a time; one gone meanwhile (404) is left out. A
-    failure raises as itself, not as an exception group.
+    take: Callable[[str, Page[T]], None],
+) -> None:
+    """`take` of each guid and its page from `fetch`, `concurrency` requests at a time, as each
+    arrives; one gone meanwhile (404) is left out. A failure raises as itself, not as an
+    exception group.
 
     `concurrency` workers take the guids in turn: a task per guid, waiting on a limiter, would
     cost ~2.5 KB each while it waits (27 MB for 10,000 items' permissions)."""
-    pages: dict[str, Page[T]] = {}
     todo = iter(guids)  # shared: each worker takes the next guid when it is free
 
     async def worker() -> None:
         for guid in todo:
             try:
-                pages[guid] = await fetch(guid)
+                page = await fetch(guid)
             except NotFoundError:
                 continue
+            take(guid, page)
 
     try:
         async with anyio.create_task_group() as group:
@@ -62,7 +64,11 @@ async def _each(
                 group.start_soon(worker)
     except BaseExceptionGroup as errors:
         raise first_error(errors) from None
-    return pages
+
+
+def _log_malformed(page: Page[Any], what: str) -> None:
+    for error in page.malformed:
+        log.warning("skipped a malformed %s: %s", what, error)
 
 
 async def read_metadata(
@@ -76,48 +82,57 @@ async def read_metadata(
     (up to `group_members` memberships, 0: none) with one per group, `concurrency` at a time
     (an item or group deleted between the listing and its request is skipped)."""
     settings = await client.server_settings()
+    # Each listing is read into its view's terms before the next request, and let go: the
+    # records of 100,000 users (~33 MB) need not wait for 10,000 permission requests.
     content_page = await client.content()
+    content = {item.guid: content_info(item) for item in content_page.records}
+    _log_malformed(content_page, "metadata record")
+    del content_page
     users_page = await client.users()
-    groups_page = await client.groups()
-    for error in (*content_page.malformed, *users_page.malformed, *groups_page.malformed):
-        log.warning("skipped a malformed metadata record: %s", error)
-    content = {item.guid: item for item in content_page.records}
     users: dict[tuple[str, str], int] = {}
     for user in users_page.records:
         key = (user.role, user_state(user))
         users[key] = users.get(key, 0) + 1
+    user_info = InfoRows((u.guid, u.username, u.role, user_state(u)) for u in users_page.records)
+    _log_malformed(users_page, "metadata record")
+    del users_page
+    groups_page = await client.groups()
+    _log_malformed(groups_page, "metadata record")
     items: dict[tuple[str, str], int] = {}
-    for item in content.values():
-        key = (item.app_mode, item.access_type)
+    for info in content.values():
+        key = (info.app_mode, info.access_type)
         items[key] = items.get(key, 0) + 1
     grants: dict[tuple[str, str, str], int] = {}
     access: dict[tuple[str, str, str, str], int] = {}
+
+    def take_permissions(_guid: str, page: Page[Permission]) -> None:
+        for perm in page.records:
+            grant = (perm.content_guid, perm.principal_type, perm.role)
+            grants[grant] = grants.get(grant, 0) + 1
+            access[perm.content_guid, perm.principal_guid, perm.principal_type, perm.role] = 1
+
     if permissions:
-        pages = await _each(content, client.permissions, concurrency)
-        for page in pages.values():
-            for perm in page.records:
-                grant = (perm.content_guid, perm.principal_type, perm.role)
-                grants[grant] = grants.get(grant, 0) + 1
-                principal = (perm.content_guid, perm.principal_guid, perm.principal_type)
-                access[(*principal, perm.role)] = 1
+        await _each(content, client.permissions, concurrency, take_permissions)
     members: dict[tuple[str, str], int] = {}
     dropped: int | None = None
     if group_members > 0:
         guids = [g.guid for g in groups_page.records]
         found: list[tuple[str, str]] = []
-        for guid, listed in (await _each(guids, client.group_members, concurrency)).items():
-            for error in listed.malformed:
-                log.warning("skipped a malformed group member: %s", error)
+
+        def take_members(guid: str, listed: Page[User]) -> None:
+            _log_malformed(listed, "group member")
             found.extend((guid, member.guid) for member in listed.records)
+
+        await _each(guids, client.group_members, concurrency, take_members)
         # The cap keeps the same memberships from one refresh to the next: the first in order.
         ordered = sorted(set(found))
         members = dict.fromkeys(ordered[:group_members], 1)
         dropped = len(ordered) - len(members)
     return MetadataView(
-        content={guid: content_info(item) for guid, item in content.items()},
+        content=content,
         content_items=items,
         users=users,
-        user_info=InfoRows((u.guid, u.username, u.role, user_state(u)) for u in users_page.records),
+        user_info=user_info,
         group_info={(g.guid, g.name): 1 for g in groups_page.records},
         group_members=members,
         group_members_dropped=dropped,

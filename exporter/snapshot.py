@@ -47,9 +47,9 @@ class InfoRows(Mapping[tuple[str, ...], int]):
 
     def __init__(self, rows: Iterable[tuple[str, ...]] = (), key: int = 1) -> None:
         columns: list[list[str]] = []
-        seen: set[tuple[str, ...]] = set()
+        seen: set[object] = set()  # the rows' identities: the first value's own str for key 1
         for row in rows:
-            identity = row[:key]
+            identity = row[0] if key == 1 else row[:key]
             if identity in seen:
                 continue
             seen.add(identity)

@@ -5,7 +5,9 @@ with nothing lost or doubled."""
 
 from __future__ import annotations
 
+import ctypes
 import os
+import platform
 import random
 import re
 import signal
@@ -21,6 +23,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from exporter.service import tune_malloc
 from exporter.simulator import SimConfig, SimServer, Simulator
 from exporter.store import SqliteStore
 from tests.prometheus import executable
@@ -681,3 +684,28 @@ def test_backfill_interrupted_leaves_no_file_behind(
     assert proc.returncode == 128 + signum, err
     assert err.splitlines() == ["connect-usage-exporter: interrupted: nothing written"]
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
+def test_large_blocks_are_mapped_on_their_own_once_tuned() -> None:
+    # Freed, a block mapped on its own goes back to the system; glibc's default threshold rises
+    # with each large block freed, after which such blocks come from the heap instead.
+    class MallInfo(ctypes.Structure):
+        _fields_ = [
+            (name, ctypes.c_size_t)
+            for name in (
+                *("arena", "ordblks", "smblks", "hblks", "hblkhd"),
+                *("usmblks", "fsmblks", "uordblks", "fordblks", "keepcost"),
+            )
+        ]
+
+    mallinfo2 = ctypes.CDLL(None).mallinfo2
+    mallinfo2.restype = MallInfo
+    assert tune_malloc()
+    freed = bytearray(8 << 20)
+    del freed  # a large block freed: it would raise an untuned threshold
+    mapped = mallinfo2().hblks
+    block = bytearray(1 << 20)
+    assert mallinfo2().hblks == mapped + 1
+    del block
+    assert mallinfo2().hblks == mapped

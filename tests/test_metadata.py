@@ -56,11 +56,12 @@ async def test_requests_per_item_run_at_most_the_concurrency_at_once() -> None:
         return Page([guid], [], None)
 
     guids = [f"g{i}" for i in range(50)] + ["gone"]
-    pages = await _each(guids, fetch, 3)
+    taken: dict[str, list[str]] = {}
+    await _each(guids, fetch, 3, lambda guid, page: taken.setdefault(guid, page.records))
     assert most == 3
-    assert sorted(pages) == sorted(guids[:-1])
+    assert taken == {guid: [guid] for guid in guids[:-1]}  # each once, as fetched
     with pytest.raises(ConnectError, match="the server broke"):
-        await _each(["a", "bad", "b"], fetch, 2)
+        await _each(["a", "bad", "b"], fetch, 2, lambda _guid, _page: None)
 
 
 async def test_read_metadata_counts_what_connect_lists(connect: Connect) -> None:
