@@ -47,6 +47,7 @@ from exporter.records import (
     User,
     Visit,
     bound_shared_values,
+    decode_content,
     decode_hits,
     decode_shiny_page,
     decode_visit_page,
@@ -325,6 +326,15 @@ def _check_array(body: Any) -> list[Any]:
 
 def _checked_hits(body: Any) -> tuple[list[Hit], list[MalformedRecord]]:
     return _parse_all(_check_array(body), parse_hit)
+
+
+def _checked_content(body: Any) -> tuple[list[ContentItem], list[MalformedRecord]]:
+    return _parse_all(_check_array(body), parse_content_item)
+
+
+def _typed_content(body: bytes) -> tuple[list[ContentItem], list[MalformedRecord]] | None:
+    items = decode_content(body)
+    return None if items is None else (items, [])
 
 
 def _typed_hits(body: bytes) -> tuple[list[Hit], list[MalformedRecord]] | None:
@@ -795,10 +805,14 @@ class ConnectClient:
 
     async def content(self) -> Page[ContentItem]:
         """Every content item the key may see, owners embedded (one request, not paged)."""
-        raw, server_time = await self._request(
-            ENDPOINT_CONTENT, ENDPOINT_CONTENT, {"include": "owner"}, _check_array
+        (records, malformed), server_time = await self._request(
+            ENDPOINT_CONTENT,
+            ENDPOINT_CONTENT,
+            {"include": "owner"},
+            _checked_content,
+            _typed_content,
         )
-        return Page(*_parse_all(raw, parse_content_item), server_time)
+        return Page(records, malformed, server_time)
 
     async def users(self) -> Page[User]:
         return await self._offset_pages(ENDPOINT_USERS, parse_user)

@@ -39,6 +39,7 @@ from exporter.records import (
     ShinySession,
     User,
     Visit,
+    decode_content,
     decode_hits,
     decode_shiny_page,
     decode_visit_page,
@@ -144,6 +145,15 @@ GOOD: dict[str, Callable[[], st.SearchStrategy[tuple[Any, Any]]]] = {
             lambda pu: ({"path": pu[0][0], "user_agent": pu[1][0]}, (pu[0][1], pu[1][1]))
         )
     ),
+    # `app_mode`/`access_type`: null or empty read as "unknown"
+    "opt_mode": lambda: (st.none() | st.text(max_size=20)).map(lambda s: (s, s or "unknown")),
+    # a content item's embedded `owner`: null, or an object holding its username and guid
+    "opt_owner": lambda: (
+        st.none().map(lambda n: (n, (None, None)))
+        | st.tuples(GOOD["opt_str"](), GOOD["opt_str"]()).map(
+            lambda ug: ({"username": ug[0][0], "guid": ug[1][0]}, (ug[0][1], ug[1][1]))
+        )
+    ),
 }
 MISSING = object()  # the field is left out
 BAD: dict[str, st.SearchStrategy[Any]] = {
@@ -156,6 +166,8 @@ BAD: dict[str, st.SearchStrategy[Any]] = {
     "req_bool": st.just(MISSING) | st.none() | not_a(bool),
     "req_id": st.just(MISSING) | st.none() | not_a(str, int),
     "opt_data": not_a(dict),
+    "opt_mode": not_a(str),
+    "opt_owner": not_a(dict),
 }
 
 
@@ -209,6 +221,27 @@ SCHEMAS = {
         },
         {},
         lambda data, **attrs: Hit(**attrs, path=data[0], user_agent=data[1]),
+    ),
+    "content": Schema(
+        parse_content_item,
+        ContentItem,
+        {
+            "guid": "req_str",
+            "name": "req_str",
+            "title": "opt_str",
+            "app_mode": "opt_mode",
+            "access_type": "opt_mode",
+            "owner_guid": "opt_str",
+            "owner": "opt_owner",
+            "content_category": "opt_str",
+        },
+        {},
+        # The owner's guid stands in for a missing `owner_guid`.
+        lambda owner, owner_guid, **attrs: ContentItem(
+            **attrs,
+            owner_guid=owner[1] if owner_guid is None else owner_guid,
+            owner_username=owner[0],
+        ),
     ),
     "user": Schema(
         parse_user,
@@ -388,15 +421,25 @@ def _decode_hits(body: bytes, _limit: int) -> tuple[list[Any], str | None] | Non
     return None if hits is None else (hits, None)
 
 
+def _decode_content(body: bytes, _limit: int) -> tuple[list[Any], str | None] | None:
+    items = decode_content(body)
+    return None if items is None else (items, None)
+
+
+def _array(raws: list[Any], _cursor: str | None) -> Any:
+    return raws
+
+
+def _array_check(page: Any, _limit: int) -> tuple[list[Any], str | None]:
+    return client_module._check_array(page), None
+
+
 PAGE_DECODERS: dict[str, TypedReading] = {
     "shiny": TypedReading(decode_shiny_page, _cursor_page, _cursor_check),
     "visit": TypedReading(decode_visit_page, _cursor_page, _cursor_check),
-    # The hits endpoint is one unpaged array.
-    "hit": TypedReading(
-        _decode_hits,
-        lambda raws, _c: raws,
-        lambda page, _l: (client_module._check_array(page), None),
-    ),
+    # The hits and content endpoints are one unpaged array each.
+    "hit": TypedReading(_decode_hits, _array, _array_check),
+    "content": TypedReading(_decode_content, _array, _array_check),
 }
 
 

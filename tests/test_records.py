@@ -20,6 +20,7 @@ from exporter.records import (
     ShinySession,
     User,
     Visit,
+    decode_content,
     decode_shiny_page,
     decode_visit_page,
     format_query_time,
@@ -315,6 +316,8 @@ def test_the_fixture_pages_decode_typed_to_the_records_parsed_one_by_one() -> No
     good = [r for r in load("client_visits_page1.json")["results"] if r.get("content_guid")]
     assert decode_visit_page(page_body(good), 500) == ([parse_visit(r) for r in good], None)
     assert decode_visit_page((FIXTURES / "client_visits_page1.json").read_bytes(), 500) is None
+    content = (FIXTURES / "client_content.json").read_bytes()
+    assert decode_content(content) == [parse_content_item(r) for r in json.loads(content)]
 
 
 @pytest.mark.parametrize(
