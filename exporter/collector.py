@@ -124,7 +124,7 @@ def _escaped(value: str) -> str:
 
 
 _SMALL: tuple[str, ...] = tuple(f"{i}.0" for i in range(1024))
-_PIECE = 4096  # samples (histograms: series) a piece of `SnapshotRenderer.pieces`
+_PIECE = 4096  # samples a piece of `SnapshotRenderer.pieces` (a histogram's lines stay together)
 
 
 def sample_value(value: float) -> str:
@@ -163,8 +163,11 @@ class SnapshotRenderer:
         or writes them never holds the whole text (tens of MB on a big server)."""
         for family, header in zip(FAMILIES, self._headers[kind], strict=True):
             yield header
-            lines = self._lines(family, snap)
-            while batch := list(islice(lines, _PIECE)):
+            lines = self._lines(family, snap)  # a histogram's: one string a series
+            per_piece = _PIECE
+            if family.type == "histogram":
+                per_piece = max(1, _PIECE // (len(_le(family.buckets)) + 2))
+            while batch := list(islice(lines, per_piece)):
                 yield "".join(batch)
 
     def _label_text(self, names: tuple[str, ...], values: tuple[str, ...]) -> str:

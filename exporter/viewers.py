@@ -23,6 +23,7 @@ from array import array
 from bisect import bisect_left, bisect_right
 from collections.abc import ItemsView, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 
 from exporter.lastseen import UserIndex
 
@@ -105,6 +106,14 @@ class TopViewers(Mapping[ViewerKey, Figures]):
 
     def __iter__(self) -> Iterator[ViewerKey]:
         return (key for key, _figures in self.rows())
+
+    def pairs(self) -> Iterator[tuple[str, str]]:
+        """Each item and user in some window's top N, once."""
+        guids = self._guids
+        for content, tops in self._tops:
+            users = {rows[i] for rows, _left_out in tops for i in range(0, len(rows), _ROW)}
+            for user in users:
+                yield content, guids[user]
 
     def __len__(self) -> int:
         return sum(len(rows) for _c, tops in self._tops for rows, _l in tops) // _ROW
@@ -231,19 +240,19 @@ class ViewerLog:
         for start in item.starts:
             figures: dict[int, int] = {}
             get = figures.get
-            for user, value in zip(users[start:], values[start:], strict=True):
+            window = zip(islice(users, start, None), islice(values, start, None), strict=True)
+            for user, value in window:
                 figures[user] = get(user, 0) + _packed(value)
-            members = [
-                (-((f & _MASK) + (f >> _BITS & _MASK)), u)
-                for u, f in figures.items()
-                if f & _COUNTS
-            ]
-            top = heapq.nsmallest(n, members, key=lambda r: (r[0], guids[r[1]]))
+            # The members one at a time (an item with 60,000 viewers would hold ~9 MB of rows).
+            members = sum(1 for f in figures.values() if f & _COUNTS)
+            top = heapq.nsmallest(
+                n, (u for u, f in figures.items() if f & _COUNTS), key=_ViewerRank(figures, guids)
+            )
             rows = array("q")
-            for _weight, u in top:
+            for u in top:
                 rows.append(u)
                 rows.extend(_unpacked(figures[u]))
-            ranked.append((rows, max(0, len(members) - n)))
+            ranked.append((rows, max(0, members - n)))
         return tuple(ranked)
 
     def prune(self, before_us: int) -> None:
@@ -290,19 +299,48 @@ class ViewerLog:
         users_dropped = dict.fromkeys(windows, 0)
         if top_users > 0:
             for window, totals in zip(windows, self._totals, strict=True):
-                rows = [
-                    (-((t >> _TOTAL_BITS) + (t & _TOTAL_MASK)), u)
-                    for u, t in enumerate(totals)
-                    if t
-                ]
-                ranked = heapq.nsmallest(top_users, rows, key=lambda r: (r[0], guids[r[1]]))
-                for _weight, user in ranked:
+                # Over the users with any, one at a time: a row each would be ~14 MB at once
+                # on a 100,000-user server.
+                ranked = heapq.nsmallest(
+                    top_users, (u for u, t in enumerate(totals) if t), key=_UserRank(totals, guids)
+                )
+                for user in ranked:
                     total = totals[user]
                     users[guids[user], window] = (total >> _TOTAL_BITS, total & _TOTAL_MASK)
-                users_dropped[window] = max(0, len(rows) - top_users)
+                users_dropped[window] = max(0, len(totals) - totals.count(0) - top_users)
         return ViewerView(TopViewers(windows, guids, tops), dropped, users, users_dropped)
 
 
-def top_pairs(view: ViewerView) -> set[tuple[str, str]]:
-    """(content, user) of every viewer in some window's top N."""
-    return {(content, user) for content, user, _window in view.viewers}
+class _ViewerRank:
+    """A viewer's rank key among an item's packed figures: most sessions + visits, then guid."""
+
+    __slots__ = ("_figures", "_guids")
+
+    def __init__(self, figures: dict[int, int], guids: Sequence[str]) -> None:
+        self._figures, self._guids = figures, guids
+
+    def __call__(self, user: int) -> tuple[int, str]:
+        f = self._figures[user]
+        return -((f & _MASK) + (f >> _BITS & _MASK)), self._guids[user]
+
+
+class _UserRank:
+    """A user's rank key in one window's totals: most sessions + visits first, then guid."""
+
+    __slots__ = ("_guids", "_totals")
+
+    def __init__(self, totals: array[int], guids: Sequence[str]) -> None:
+        self._totals, self._guids = totals, guids
+
+    def __call__(self, user: int) -> tuple[int, str]:
+        total = self._totals[user]
+        return -((total >> _TOTAL_BITS) + (total & _TOTAL_MASK)), self._guids[user]
+
+
+def top_pairs(view: ViewerView) -> Iterator[tuple[str, str]]:
+    """(content, user) of every viewer in some window's top N, each once (from the log's view,
+    one item at a time: a set of every pair would be ~5 MB on a big server)."""
+    viewers = view.viewers
+    if isinstance(viewers, TopViewers):
+        return viewers.pairs()
+    return iter({(content, user) for content, user, _window in viewers})
