@@ -17,7 +17,7 @@ from typing import Any
 
 # (content, user or None, µs, ...): what the model saw; any fields after the third are carried.
 Sighting = tuple[Any, ...]
-_DISCARDED: deque[Sighting] = deque(maxlen=0)  # what loading notes: the latest are not wanted
+_DISCARDED: deque[Sighting] = deque(maxlen=0)  # a sink for sightings nobody collects
 
 
 class GuidRows:
@@ -44,7 +44,12 @@ class GuidRows:
 
     def _add(self, batch: list[tuple[int, ...]]) -> None:
         if batch:
-            for column, cells in zip(self._columns, zip(*batch, strict=True), strict=True):
+            # Each column made whole before any is extended: a bad cell leaves none longer.
+            made = [
+                array(column.typecode, cells)
+                for column, cells in zip(self._columns, zip(*batch, strict=True), strict=True)
+            ]
+            for column, cells in zip(self._columns, made, strict=True):
                 column.extend(cells)
 
     def __iter__(self) -> Iterator[tuple[Any, ...]]:

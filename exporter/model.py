@@ -130,7 +130,7 @@ class ModelState:
     counters: dict[CounterKey, int] = field(default_factory=dict)
     durations: dict[str, tuple[list[int], int]] = field(default_factory=dict)  # counts, sum µs
     keys: dict[str, dict[Key, KeyValue]] = field(default_factory=dict)  # space -> key -> value
-    # Last-seen times as rows, the latest of a key's rows winning: (user, µs) and
+    # Last-seen times as rows, the greatest time of a key's rows winning: (user, µs) and
     # (content, user, µs). These and the viewer events are read once, into compact structures.
     user_last: Iterable[tuple[str, int]] = field(default_factory=list)
     pair_last: Iterable[tuple[str, str, int]] = field(default_factory=list)

@@ -362,6 +362,7 @@ def parse_visit(raw: object) -> Visit:
 R = TypeVar("R")
 _Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
 _Guid = Annotated[str, msgspec.Meta(min_length=1)]
+_NonEmpty = _Guid  # any non-empty string, as `_str` takes it
 
 
 class _VisitRow(msgspec.Struct, kw_only=True, gc=False):
@@ -422,7 +423,7 @@ class _OwnerRow(msgspec.Struct, kw_only=True, gc=False):
 
 class _ContentRow(msgspec.Struct, kw_only=True, gc=False):
     guid: _Guid
-    name: _Guid  # non-empty, as a guid
+    name: _NonEmpty
     title: str | None = None
     app_mode: str | None = None
     access_type: str | None = None

@@ -271,10 +271,12 @@ class SqliteStore:
         for space, key, value, time in db.execute(query):
             state.keys.setdefault(space, {})[tuple(json.loads(key))] = (value, time)
         # The writer's guids are those of its id map (one str each for the model and the
-        # store); a reader's are read here.
+        # store) while the table holds just those; a reader's, or a table another process
+        # has added to, are read here.
+        count, top = db.execute("SELECT count(*), coalesce(max(id), 0) FROM guids").fetchone()
         names: Mapping[int, str] = (
             {i: guid for guid, i in self._ids.items()}
-            if self._ids
+            if self._ids and (count, top) == (len(self._ids), self._max_id)
             else dict(db.execute("SELECT id, guid FROM guids"))
         )
         user_last = GuidRows(names, "iq", guids=1)

@@ -243,7 +243,7 @@ class ViewerLog:
             window = zip(islice(users, start, None), islice(values, start, None), strict=True)
             for user, value in window:
                 figures[user] = get(user, 0) + _packed(value)
-            # The members one at a time (an item with 60,000 viewers would hold ~9 MB of rows).
+            # The members stream through the ranking, which holds only the top `n`.
             members = sum(1 for f in figures.values() if f & _COUNTS)
             top = heapq.nsmallest(
                 n, (u for u, f in figures.items() if f & _COUNTS), key=_ViewerRank(figures, guids)
@@ -299,8 +299,7 @@ class ViewerLog:
         users_dropped = dict.fromkeys(windows, 0)
         if top_users > 0:
             for window, totals in zip(windows, self._totals, strict=True):
-                # Over the users with any, one at a time: a row each would be ~14 MB at once
-                # on a 100,000-user server.
+                # The users with any stream through the ranking, which holds only the top N.
                 ranked = heapq.nsmallest(
                     top_users, (u for u, t in enumerate(totals) if t), key=_UserRank(totals, guids)
                 )
@@ -339,7 +338,7 @@ class _UserRank:
 
 def top_pairs(view: ViewerView) -> Iterator[tuple[str, str]]:
     """(content, user) of every viewer in some window's top N, each once (from the log's view,
-    one item at a time: a set of every pair would be ~5 MB on a big server)."""
+    made one item at a time)."""
     viewers = view.viewers
     if isinstance(viewers, TopViewers):
         return viewers.pairs()

@@ -51,14 +51,18 @@ class MemoryStore:
             keys = state.keys.get(space, {})
             for key in [k for k, (v, t) in keys.items() if t < horizon and space != "shiny"]:
                 del keys[key]
-        user_last = dict(state.user_last)
+        user_last: dict[str, int] = {}
+        for user, last in state.user_last:  # the greatest time of a user's rows
+            user_last[user] = max(last, user_last.get(user, last))
         for user, last in delta.user_last.items():
             if last is None:
                 user_last.pop(user, None)
             else:
                 user_last[user] = last
         state.user_last = list(user_last.items())
-        pair_last = {(c, u): t for c, u, t in state.pair_last}
+        pair_last: dict[tuple[str, str], int] = {}
+        for c, u, t in state.pair_last:
+            pair_last[c, u] = max(t, pair_last.get((c, u), t))
         for pair, last in delta.pair_last.items():
             if last is not None:
                 pair_last[pair] = last

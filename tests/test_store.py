@@ -82,6 +82,32 @@ def reopened_equals(path: Path, m: UsageModel) -> UsageModel:
     return again
 
 
+def test_a_load_reads_the_guids_another_writer_added_since_this_store_opened(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "state.sqlite"
+    first = SqliteStore(path)
+    m = UsageModel(rules())
+    m.start_counting(T0, ("shiny", "visits"))
+    m.apply_visits(
+        [Visit("d", "u1", T0 + 1 * US, None, None, None, None, None, 1)],
+        WalkTally(start_us=m.walk_start("visits")),
+    )
+    first.commit(m.take_delta())
+    second = SqliteStore(path)  # its id map: the guids as of now
+    m.apply_visits(
+        [Visit("e", "u2", T0 + 2 * US, None, None, None, None, None, 1)],
+        WalkTally(start_us=m.walk_start("visits")),
+    )
+    first.commit(m.take_delta())  # new guids, ids the second store has not seen
+    state = second.load()
+    assert state is not None
+    again = UsageModel(rules(), state)
+    assert comparable(again) == comparable(m)
+    first.close()
+    second.close()
+
+
 def test_round_trip(tmp_path: Path) -> None:
     path = tmp_path / "state.sqlite"
     store = SqliteStore(path)
