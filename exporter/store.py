@@ -22,12 +22,13 @@ import msgspec
 from exporter import __version__
 from exporter.lastseen import GuidRows
 from exporter.model import DURATION_BUCKETS, Baseline, Delta, Key, ModelState
+from exporter.records import share
 
 SCHEMA_VERSION = 3
 _PAGE_SIZE = 1024
 _CHECKPOINT_BYTES = 64 * 1024 * 1024  # of WAL between automatic checkpoints
 _WAL_SIZE_LIMIT = 16 * 1024 * 1024  # bytes the WAL keeps on disk after a checkpoint
-_CACHE_KIB = 8_192
+_CACHE_KIB = 2_048
 _JSON_ROWS = 2_000  # rows per statement of a commit (see _rows)
 # Log rows that trigger a fold into the last-seen tables (or the tables' size, if larger: each
 # row is then folded O(1) times).
@@ -122,8 +123,6 @@ class SqliteStore:
         self._lock = threading.Lock()
         # Keys whose rows outlive the horizon (open sessions), with their row's time.
         self._pinned: dict[tuple[str, Key], int] = {}
-        self._ids: dict[str, int] = {}  # guid -> id of the last-seen tables, as committed
-        self._max_id = 0
         self._log_rows = 0  # rows in the last-seen logs
         self._table_rows = 0  # rows in the last-seen tables
         self._identity: tuple[int, int] | None = None  # (device, inode) of the file opened
@@ -211,11 +210,9 @@ class SqliteStore:
         db.execute(f"PRAGMA cache_size=-{_CACHE_KIB}")
         _write_schema(db, found)
         self._pinned = {
-            (space, tuple(json.loads(key))): time
+            (space, _key(key)): time
             for space, time, key in db.execute("SELECT space, time, key FROM keys WHERE pinned")
         }
-        self._ids = {guid: i for i, guid in db.execute("SELECT id, guid FROM guids")}
-        self._max_id = max(self._ids.values(), default=0)
         self._table_rows = _count(db, "user_last", "pair_last")
         self._log_rows = _count(db, "user_last_log", "pair_last_log")
 
@@ -267,18 +264,17 @@ class SqliteStore:
                 durations=_durations(db, "baseline_durations"),
             )
         # By time: a key with rows of several times takes its newest.
-        query = "SELECT space, key, value, time FROM keys ORDER BY space, time"
-        for space, key, value, time in db.execute(query):
-            state.keys.setdefault(space, {})[tuple(json.loads(key))] = (value, time)
-        # The writer's guids are those of its id map (one str each for the model and the
-        # store) while the table holds just those; a reader's, or a table another process
-        # has added to, are read here.
-        count, top = db.execute("SELECT count(*), coalesce(max(id), 0) FROM guids").fetchone()
-        names: Mapping[int, str] = (
-            {i: guid for guid, i in self._ids.items()}
-            if self._ids and (count, top) == (len(self._ids), self._max_id)
-            else dict(db.execute("SELECT id, guid FROM guids"))
-        )
+        # The writer's pinned keys are read again with them: one tuple for the model and it.
+        pinned: dict[tuple[str, Key], int] = {}
+        query = "SELECT space, key, value, time, pinned FROM keys ORDER BY space, time"
+        for space, text, value, time, pin in db.execute(query):
+            key = _key(text)
+            state.keys.setdefault(space, {})[key] = (value, time)
+            if pin:
+                pinned[(space, key)] = time
+        if not self.read_only:
+            self._pinned = pinned
+        names: Mapping[int, str] = dict(db.execute("SELECT id, guid FROM guids"))
         user_last = GuidRows(names, "iq", guids=1)
         pair_last = GuidRows(names, "iiq", guids=2)
         for table in ("user_last", "user_last_log"):
@@ -307,7 +303,6 @@ class SqliteStore:
                 return
             db = self._db
             pinned = dict(self._pinned)
-            new_ids: dict[str, int] = {}
             try:
                 db.execute("BEGIN IMMEDIATE")
                 meta = {
@@ -329,9 +324,10 @@ class SqliteStore:
                     ),
                 )
                 self._write_keys(db, delta, pinned)
-                log_rows = self._write_last_seen(db, delta, new_ids)
+                ids = _guid_ids(db, delta)
+                log_rows = self._write_last_seen(db, delta, ids)
                 _upsert(db, "content_last", delta.content_last.items())
-                get = self._ids.__getitem__
+                get = ids.__getitem__
                 _rows(
                     db,
                     "INSERT INTO viewer_events",
@@ -343,9 +339,6 @@ class SqliteStore:
             except BaseException:
                 if db.in_transaction:
                     db.execute("ROLLBACK")
-                for guid in new_ids:  # their rows went with the transaction
-                    del self._ids[guid]
-                self._max_id -= len(new_ids)
                 raise
             self._pinned = pinned
             self._log_rows = log_rows
@@ -376,20 +369,9 @@ class SqliteStore:
             )
         raise StateFileGoneError(self._gone)
 
-    def _write_last_seen(
-        self, db: sqlite3.Connection, delta: Delta, new_ids: dict[str, int]
-    ) -> int:
+    def _write_last_seen(self, db: sqlite3.Connection, delta: Delta, ids: dict[str, int]) -> int:
         """Append the changed last-seen times to the logs, delete the forgotten ones, and fold
         the logs into the tables once they are long; the log rows left."""
-        ids = self._ids
-        first, second = itemgetter(0), itemgetter(1)
-        met = set(delta.user_last)
-        met.update(map(first, delta.pair_last), map(second, delta.pair_last))
-        met.update(map(first, delta.viewer_events), map(second, delta.viewer_events))
-        for guid in sorted(met.difference(ids)):  # sorted: the same file from the same data
-            self._max_id += 1
-            ids[guid] = new_ids[guid] = self._max_id  # taken back if the transaction fails
-        _rows(db, "INSERT INTO guids", [(i, g) for g, i in new_ids.items()])
         get = ids.__getitem__
         users = [(get(u), t) for u, t in delta.user_last.items() if t is not None]
         pairs = [(get(c), get(u), t) for (c, u), t in delta.pair_last.items() if t is not None]
@@ -445,6 +427,31 @@ class SqliteStore:
             "DELETE FROM keys WHERE space = ? AND time < ? AND NOT pinned",
             delta.horizons.items(),
         )
+
+
+def _key(text: str) -> Key:
+    """A de-dup key from its JSON text, its strings the shared ones (one object per guid)."""
+    return tuple([share(v) if type(v) is str else v for v in json.loads(text)])
+
+
+def _guid_ids(db: sqlite3.Connection, delta: Delta) -> dict[str, int]:
+    """The id of each guid the delta's last-seen times and viewer events name, the new ones
+    added to `guids` (in this transaction) in sorted order: the same file from the same data.
+    SQLite's unique index on the guids is the map; the process keeps none between commits."""
+    first, second = itemgetter(0), itemgetter(1)
+    met = set(delta.user_last)
+    met.update(map(first, delta.pair_last), map(second, delta.pair_last))
+    met.update(map(first, delta.viewer_events), map(second, delta.viewer_events))
+    if not met:
+        return {}
+    ids: dict[str, int] = {}
+    guids = sorted(met)
+    for at in range(0, len(guids), _JSON_ROWS):
+        text = msgspec.json.encode(guids[at : at + _JSON_ROWS])
+        db.execute("INSERT OR IGNORE INTO guids (guid) SELECT value FROM json_each(?)", (text,))
+        query = "SELECT j.value, g.id FROM json_each(?) AS j JOIN guids AS g ON g.guid = j.value"
+        ids.update(db.execute(query, (text,)))
+    return ids
 
 
 def _identity(path: Path) -> tuple[int, int] | None:
