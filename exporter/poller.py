@@ -51,8 +51,9 @@ COMMIT_EVERY = 0.5
 SLICE_BUFFER_PAGES = 64
 # Records a walk's readers may hold in the slices after the one being applied, the nearest slices
 # first (see `_Walk._full`). A catch-up's transient memory is mostly this read-ahead (~200 B a
-# record); 160 pages keep the readers busy against a Connect 20 ms away.
-READ_AHEAD_RECORDS = 80_000
+# record, for each stream walked at once); 40 pages keep the readers ahead of the apply against a
+# Connect 20 ms away.
+READ_AHEAD_RECORDS = 20_000
 
 
 def _when(seconds: float) -> str:
