@@ -70,6 +70,12 @@ def _scalar(value: float | None) -> Samples:
     return () if value is None else (((), value),)
 
 
+def _whole(samples: Callable[[Snapshot], Samples]) -> Callable[[Snapshot], Samples]:
+    """A usage gauge's samples, none while the counters are not whole: before a first start's
+    replay of the history is complete, its windows would show part of it."""
+    return lambda snap: samples(snap) if snap.counters_shown else ()
+
+
 _NO_DURATIONS = HistogramValue((0,) * (len(DURATION_BUCKETS) + 1), 0.0)
 
 
@@ -168,7 +174,11 @@ FAMILIES: tuple[Family, ...] = (
         "gauge",
         f"Shiny sessions started but not yet ended, as seen {_POLL}.",
         ("content_guid",),
-        lambda s: _one({**dict.fromkeys(_sessions_content(s), 0), **s.usage.shiny_sessions_active}),
+        _whole(
+            lambda s: _one(
+                {**dict.fromkeys(_sessions_content(s), 0), **s.usage.shiny_sessions_active}
+            )
+        ),
     ),
     Family(
         PREFIX + "shiny_sessions_abandoned_total",
@@ -199,21 +209,21 @@ FAMILIES: tuple[Family, ...] = (
         "Distinct known users with a visit or Shiny session in the trailing window, evaluated "
         f"{_POLL}.",
         ("window",),
-        lambda s: _one(_zeros(USER_WINDOWS, s.usage.active_users)),
+        _whole(lambda s: _one(_zeros(USER_WINDOWS, s.usage.active_users))),
     ),
     Family(
         PREFIX + "content_active_users",
         "gauge",
         f"Distinct known users of a content item in the trailing window, evaluated {_POLL}.",
         ("content_guid", "window"),
-        _content_active_users,
+        _whole(_content_active_users),
     ),
     Family(
         PREFIX + "content_last_activity_timestamp_seconds",
         "gauge",
         f"Unix time of the latest visit or Shiny session of a content item, as seen {_POLL}.",
         ("content_guid",),
-        lambda s: _one(s.usage.content_last_activity),
+        _whole(lambda s: _one(s.usage.content_last_activity)),
     ),
     Family(
         PREFIX + "content_info",
@@ -297,7 +307,7 @@ FAMILIES: tuple[Family, ...] = (
         "Shiny sessions a user started on a content item in the trailing window, for the item's "
         f"top viewers (CONNECT_EXPORTER_TOP_VIEWERS), evaluated {_POLL}.",
         ("content_guid", "user_guid", "window"),
-        lambda s: _viewer(s, 0),
+        _whole(lambda s: _viewer(s, 0)),
     ),
     Family(
         PREFIX + "content_viewer_session_seconds",
@@ -305,7 +315,7 @@ FAMILIES: tuple[Family, ...] = (
         "Summed duration of a user's Shiny sessions on a content item that ended in the trailing "
         f"window (whole sessions), for the item's top viewers, evaluated {_POLL}.",
         ("content_guid", "user_guid", "window"),
-        lambda s: _viewer(s, 1),
+        _whole(lambda s: _viewer(s, 1)),
     ),
     Family(
         PREFIX + "content_viewer_visits",
@@ -313,7 +323,7 @@ FAMILIES: tuple[Family, ...] = (
         "Visits of a user to a content item in the trailing window, for the item's top viewers, "
         f"evaluated {_POLL}.",
         ("content_guid", "user_guid", "window"),
-        lambda s: _viewer(s, 2),
+        _whole(lambda s: _viewer(s, 2)),
     ),
     Family(
         PREFIX + "content_viewer_last_seen_timestamp_seconds",
@@ -321,14 +331,14 @@ FAMILIES: tuple[Family, ...] = (
         "Connect time of a user's latest visit or Shiny session on a content item (its end, or "
         f"its start while it runs), for the item's top viewers in any window, as seen {_POLL}.",
         ("content_guid", "user_guid"),
-        lambda s: _many(s.usage.viewer_last_seen),
+        _whole(lambda s: _many(s.usage.viewer_last_seen)),
     ),
     Family(
         PREFIX + "content_viewer_series_dropped",
         "gauge",
         "Viewers of content items left out of the viewer series by the top-N cap, now, by window.",
         ("window",),
-        lambda s: _one(_zeros(VIEWER_WINDOWS, s.usage.viewers.viewers_dropped)),
+        _whole(lambda s: _one(_zeros(VIEWER_WINDOWS, s.usage.viewers.viewers_dropped))),
     ),
     Family(
         PREFIX + "user_sessions",
@@ -336,7 +346,7 @@ FAMILIES: tuple[Family, ...] = (
         "Shiny sessions a user started in the trailing window, for the server's top users "
         f"(CONNECT_EXPORTER_TOP_USERS, by sessions + visits), evaluated {_POLL}.",
         ("user_guid", "window"),
-        lambda s: ((k, v[0]) for k, v in s.usage.viewers.users.items()),
+        _whole(lambda s: ((k, v[0]) for k, v in s.usage.viewers.users.items())),
     ),
     Family(
         PREFIX + "user_visits",
@@ -344,14 +354,14 @@ FAMILIES: tuple[Family, ...] = (
         "Content visits of a user in the trailing window, for the server's top users, evaluated "
         f"{_POLL}.",
         ("user_guid", "window"),
-        lambda s: ((k, v[1]) for k, v in s.usage.viewers.users.items()),
+        _whole(lambda s: ((k, v[1]) for k, v in s.usage.viewers.users.items())),
     ),
     Family(
         PREFIX + "user_series_dropped",
         "gauge",
         "Users left out of the per-user series by the top-N cap, now, by window.",
         ("window",),
-        lambda s: _one(_zeros(VIEWER_WINDOWS, s.usage.viewers.users_dropped)),
+        _whole(lambda s: _one(_zeros(VIEWER_WINDOWS, s.usage.viewers.users_dropped))),
     ),
     Family(
         PREFIX + "high_water_mark_timestamp_seconds",

@@ -29,7 +29,7 @@ from exporter.client import ConnectClient, ConnectError, first_error
 from exporter.committer import CommitError, Committer, WalkAbandonedError
 from exporter.health import METADATA, Health
 from exporter.metadata import read_metadata
-from exporter.model import US, UsageModel, WalkTally
+from exporter.model import US, UsageModel, UsageView, WalkTally
 from exporter.planner import SLICE_MIN_SPAN_US, Plan, Slice
 from exporter.snapshot import DELETED, ContentInfo, MetadataView, Snapshot
 from exporter.store import Store
@@ -155,7 +155,9 @@ class Poller:
             now = self._published_now
         self._published_now = now
         model = self.model
-        view = model.view(now)
+        # Until a first start's replay of the history is complete its windows hold part of it,
+        # and the usage families show nothing (`metrics._whole`): nothing is evaluated.
+        view = model.view(now) if model.counters_shown else UsageView()
         meta = self.metadata
         # A stream some servers lack shows once walked to the end since the start: its first
         # walk after an upgrade counts from the origin, and partial totals must not be seen.

@@ -781,11 +781,12 @@ async def poll_hostile(generated: list[Body], path: Path) -> tuple[bool, dict[st
             assert await poller.poll_once("visits")
             current["date"] = next(times)
             ok = await poller.poll_once("visits")
-        snap = poller.snapshot
+        # Only visits are walked, so the snapshot shows no usage yet: the model says it.
+        usage = poller.model.view(float(current["date"]))
         return (
             ok,
-            dict(snap.usage.content_visits_total),
-            snap.usage.excluded_events_total.get(("visits", "malformed"), 0),
+            dict(usage.content_visits_total),
+            usage.excluded_events_total.get(("visits", "malformed"), 0),
             poller.health.poll_errors()["visits"],
         )
     finally:

@@ -754,12 +754,34 @@ async def test_a_first_start_counts_the_history_since_the_origin(
     await stop(client, store)
 
 
+# The usage gauges: their windows would hold part of the history, zeros included.
+_WINDOWED = (
+    "connect_usage_shiny_sessions_active",
+    "connect_usage_active_users",
+    "connect_usage_content_active_users",
+    "connect_usage_content_last_activity_timestamp_seconds",
+    "connect_usage_content_viewer_sessions",
+    "connect_usage_content_viewer_session_seconds",
+    "connect_usage_content_viewer_visits",
+    "connect_usage_content_viewer_last_seen_timestamp_seconds",
+    "connect_usage_content_viewer_series_dropped",
+    "connect_usage_user_sessions",
+    "connect_usage_user_visits",
+    "connect_usage_user_series_dropped",
+)
+
+
 async def test_counters_stay_hidden_until_every_stream_has_been_walked_once(
     connect: Connect, tmp_path: Path
 ) -> None:
     # Partial counts would be scraped, then the whole ones: a counter seen to go up by the
-    # history at once, or (after a back-fill of that history) to go down.
-    client, poller, store = make_poller(connect, tmp_path / "s.sqlite", history_days=1)
+    # history at once, or (after a back-fill of that history) to go down. The windowed gauges
+    # wait with them: partway through the replay their windows hold part of the history.
+    sim = connect.sim
+    sim.clock.advance(600)  # traffic up to now, in every window
+    client, poller, store = make_poller(
+        connect, tmp_path / "s.sqlite", history_days=1, top_viewers=5, top_users=5
+    )
     await poller.load()
     assert await poller.poll_once("metadata")
     families = {f.name: f for f in SnapshotCollector(lambda: poller.snapshot).collect()}
@@ -768,11 +790,16 @@ async def test_counters_stay_hidden_until_every_stream_has_been_walked_once(
     assert families["connect_usage_content_info"].samples  # labels are not counters
     assert await poller.poll_once("shiny")
     assert not poller.snapshot.counters_shown
+    families = {f.name: f for f in SnapshotCollector(lambda: poller.snapshot).collect()}
+    assert [name for name in _WINDOWED if families[name].samples] == []
     assert await poller.poll_once("visits")
     assert poller.snapshot.counters_shown
     # Hits, a stream older servers lack, are not waited for: they show once walked themselves.
     families = {f.name: f for f in SnapshotCollector(lambda: poller.snapshot).collect()}
     assert families["connect_usage_shiny_sessions"].samples
+    assert all(families[name].samples for name in _WINDOWED), [
+        name for name in _WINDOWED if not families[name].samples
+    ]
     assert families["connect_usage_content_hits"].samples == []
     assert "hits" not in poller.snapshot.high_water_mark
     assert await poller.poll_once("hits")
