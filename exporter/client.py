@@ -817,6 +817,10 @@ class ConnectClient:
     async def users(self) -> Page[User]:
         return await self._offset_pages(ENDPOINT_USERS, parse_user)
 
+    def user_pages(self) -> AsyncIterator[Page[User]]:
+        """The users a page at a time: 100,000 user records are ~33 MB at once."""
+        return self._offset_page_iter(ENDPOINT_USERS, parse_user)
+
     async def groups(self) -> Page[Group]:
         return await self._offset_pages(ENDPOINT_GROUPS, parse_group)
 
@@ -916,6 +920,16 @@ class ConnectClient:
         records: list[T] = []
         malformed: list[MalformedRecord] = []
         server_time: float | None = None
+        async for page in self._offset_page_iter(template, parse, path=path):
+            records.extend(page.records)
+            malformed.extend(page.malformed)
+            server_time = page.server_time
+        return Page(records, malformed, server_time)
+
+    async def _offset_page_iter(
+        self, template: str, parse: Callable[[object], T], *, path: str | None = None
+    ) -> AsyncIterator[Page[T]]:
+        """An offset-paged listing, a Page per page read (none for an empty listing)."""
         collected = 0
         previous: tuple[object, ...] | None = None
         for page_number in range(1, MAX_OFFSET_PAGES + 1):
@@ -936,9 +950,7 @@ class ConnectClient:
                     "the server ignores page_number"
                 )
             previous = fingerprint
-            page_records, page_malformed = _parse_all(raw, parse)
-            records.extend(page_records)
-            malformed.extend(page_malformed)
+            yield Page(*_parse_all(raw, parse), server_time)
             collected += len(raw)
             if total is not None and collected >= total:
                 break
@@ -946,7 +958,6 @@ class ConnectClient:
                 break  # a short page is the last one when the server gives no total
         else:
             raise PagingError(f"{template}: still paging after {MAX_OFFSET_PAGES} pages")
-        return Page(records, malformed, server_time)
 
     # --- one request, with retries ----------------------------------------------------------
 

@@ -544,6 +544,20 @@ async def test_users_offset_paging_stops_at_total(
 
 
 @pytest.mark.anyio
+async def test_user_pages_yields_each_page_before_asking_for_the_next(
+    client: ConnectClient, mock: respx.MockRouter
+) -> None:
+    # The metadata folds each page into its rows and lets it go: 100,000 users are ~33 MB.
+    route = mock.get("v1/users").mock(
+        side_effect=[ok(load("client_users_page1.json")), ok(load("client_users_page2.json"))]
+    )
+    seen = []
+    async for page in client.user_pages():
+        seen.append((route.call_count, [u.username for u in page.records]))
+    assert seen == [(1, ["dana", "eli"]), (2, ["root"])]
+
+
+@pytest.mark.anyio
 async def test_offset_paging_without_total_stops_on_an_empty_page(
     client: ConnectClient, mock: respx.MockRouter
 ) -> None:
