@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any, TypeVar
 
 from exporter.model import (
@@ -115,8 +116,10 @@ def content_with_windows(snap: Snapshot) -> dict[str, None]:
 def _content_active_users(snap: Snapshot) -> Samples:
     """Every content item known from usage or metadata gets every window, at 0 if absent."""
     values = snap.usage.content_active_users
-    known = {(g, w): 0 for g in content_with_windows(snap) for w in CONTENT_WINDOWS}
-    return {**known, **values}.items()
+    get = values.get
+    known = ((g, w) for g in content_with_windows(snap) for w in CONTENT_WINDOWS)
+    others = [k for k in values if k[1] not in CONTENT_WINDOWS]  # none from the model
+    return ((k, get(k, 0)) for k in chain(known, others))
 
 
 def _content_info(snap: Snapshot) -> Samples:

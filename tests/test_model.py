@@ -122,6 +122,35 @@ def test_synthetic_and_anonymous_visits() -> None:
     assert view.content_active_users == {("doc", "24h"): 1, ("doc", "7d"): 1, ("doc", "30d"): 1}
 
 
+def test_views_share_an_items_histogram_until_a_session_of_it_ends() -> None:
+    m = model()
+    m.apply_shiny(
+        [session("app", "u1", T0, T0 + 30 * US), session("other", "u1", T0, T0 + 5 * US)],
+        walk(m, "shiny"),
+        T0 + 60 * US,
+    )
+    first = m.view((T0 + 60 * US) / US).shiny_session_duration
+    m.apply_shiny(
+        [session("app", "u2", T0 + 40 * US, T0 + 50 * US)], walk(m, "shiny"), T0 + 60 * US
+    )
+    second = m.view((T0 + 61 * US) / US).shiny_session_duration
+    assert second["other"] is first["other"]  # unchanged: one object for both snapshots
+    assert second["app"] is not first["app"]
+    assert (first["app"].count, first["app"].sum) == (1, 30.0)
+    assert (second["app"].count, second["app"].sum) == (2, 40.0)
+
+
+def test_content_active_users_are_a_mapping_of_the_windows_above_zero() -> None:
+    m = model()
+    m.apply_visits([visit("doc", "u1", T0 - 2 * 86400 * US)], walk(m, "visits"))
+    active = m.view((T0 + 10 * US) / US).content_active_users
+    assert dict(active) == {("doc", "7d"): 1, ("doc", "30d"): 1}
+    assert len(active) == 2 and ("doc", "24h") not in active
+    assert active.get(("doc", "24h"), 0) == 0 and active[("doc", "7d")] == 1
+    with pytest.raises(KeyError):
+        active[("doc", "90d")]
+
+
 def test_records_before_walk_start_are_ignored_and_keys_prune() -> None:
     m = model()
     v = visit("doc", "u1", T0 + 5 * US)
