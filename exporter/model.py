@@ -756,16 +756,14 @@ class UsageModel:
                 open_users.add(user)
                 open_pairs.add((content, user))
         user_last = self.user_last
-        everyone = sorted(user_last.values())
         open_lasts = [t for u in open_users if (t := user_last.get(u)) is not None]
+        thresholds = [now_us - WINDOW_SECONDS[window] * US for window in USER_WINDOWS]
         active_users = {}
-        for window in USER_WINDOWS:
-            threshold = now_us - WINDOW_SECONDS[window] * US
-            active_users[window] = (
-                len(everyone)
-                - bisect_left(everyone, threshold)
-                + sum(1 for last in open_lasts if last < threshold)  # open sessions: active now
-            )
+        for window, threshold, recent in zip(
+            USER_WINDOWS, thresholds, user_last.count_since(thresholds), strict=True
+        ):
+            # open sessions: their users are active now
+            active_users[window] = recent + sum(1 for last in open_lasts if last < threshold)
         content_thresholds = [(w, now_us - WINDOW_SECONDS[w] * US) for w in CONTENT_WINDOWS]
         open_by_content: dict[str, list[str]] = {}
         for content, user in open_pairs:

@@ -104,3 +104,16 @@ def test_guid_rows_give_back_the_rows_added_in_any_batches() -> None:
     assert len(rows) == len(added)
     assert list(rows) == [(f"g{c}", f"g{u}", t) for c, u, t in added]
     assert list(rows) == list(rows)  # iterable again
+
+
+@given(
+    st.dictionaries(st.sampled_from("abcdefgh"), st.integers(-(2**62), 2**62)),
+    st.lists(st.integers(-(2**62), 2**62), min_size=1, max_size=5),
+)
+def test_users_counted_since_each_threshold_are_those_a_sorted_list_gives(
+    last: dict[str, int], thresholds: list[int]
+) -> None:
+    users = UserLastSeen(UserIndex(), last.items())
+    users.forget_before(thresholds[0] // 2)  # some slots made absent
+    times = users.values()
+    assert users.count_since(thresholds) == [sum(t >= th for t in times) for th in thresholds]
