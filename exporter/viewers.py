@@ -256,9 +256,11 @@ class ViewerLog:
         return tuple(ranked)
 
     def prune(self, before_us: int) -> None:
-        """Forget the events before `before_us` that every window has let go (a view has
-        taken them out of its totals; the others go at a later prune)."""
+        """Forget the events before `before_us`, taken out of every window's totals first: they
+        lie before every window from now on, whether or not a view has been made since."""
+        self._thresholds = floor = [max(t, before_us) for t in self._thresholds]
         for content, item in list(self.items.items()):
+            self._advance(item, floor)
             times = item.times
             cut = min(bisect_left(times, before_us), *item.starts)
             if cut == 0:

@@ -99,3 +99,33 @@ def test_figures_equal_a_brute_force_count_as_events_come_and_time_moves(
     if batches:
         now = batches[-1][1] * HOUR
         assert again.view(now, top_viewers, top_users) == log.view(now, top_viewers, top_users)
+
+
+@given(
+    events=st.lists(event, max_size=30),
+    cut_hours=st.integers(0, 8 * 24),
+    later_hours=st.integers(0, 3 * 24),
+    viewed_first=st.booleans(),
+)
+def test_a_prune_forgets_the_events_before_it_with_or_without_a_view_made(
+    events: list[tuple[str, str, int, int]], cut_hours: int, later_hours: int, viewed_first: bool
+) -> None:
+    # A first start's catch-up makes no views (nothing windowed is shown until it is complete),
+    # yet its walks prune: the events before the cut go, and the figures stay right.
+    log = ViewerLog(WINDOWS)
+    for e in events:
+        log.add(*e)
+    cut = cut_hours * HOUR
+    if viewed_first:
+        log.view(cut, 3, 3)
+    log.prune(cut)
+    kept = [e for e in events if e[2] >= cut]
+    assert len(log) == len(kept)
+    # Any later view (the largest window from the cut on, as the model prunes) sees what a log
+    # of only the kept events sees.
+    now = cut + max(WINDOWS.values()) * US + later_hours * HOUR
+    fresh = ViewerLog(WINDOWS)
+    for e in kept:
+        fresh.add(*e)
+    got, want = log.view(now, 3, 3), fresh.view(now, 3, 3)
+    assert dict(got.viewers) == dict(want.viewers) and got.users == want.users
