@@ -93,7 +93,9 @@ class Poller:
         self.clock = clock
         self._offset = 0.0  # Connect's clock minus ours, when they differ by more than Date's 1 s
         self._clock_known = False  # whether a Date from Connect has been seen since the start
-        self._snapshot = Snapshot(streams=tuple(s.name for s in self.streams))
+        # Nothing usage-wise until the state is loaded: zeros now would read as a dip (a reset,
+        # for the counters) on a restart.
+        self._snapshot = Snapshot(streams=tuple(s.name for s in self.streams), counters_shown=False)
         self.published_at = 0.0
         self._published_now = -math.inf  # Connect's now of the last snapshot
         self._loaded = False
@@ -178,7 +180,7 @@ class Poller:
             metadata=meta,
             content_info=info,
             counting_since=None if model.counting_since is None else model.counting_since / US,
-            windows_evaluated_at=now,
+            windows_evaluated_at=now if model.counters_shown else None,
             high_water_mark={s: v / US for s, v in model.hwm.items() if s in shown},
             streams=shown,
             taken_at=now,

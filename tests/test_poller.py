@@ -782,6 +782,11 @@ async def test_counters_stay_hidden_until_every_stream_has_been_walked_once(
     client, poller, store = make_poller(
         connect, tmp_path / "s.sqlite", history_days=1, top_viewers=5, top_users=5
     )
+    # Before the state is loaded (HTTP serves from the start): no usage at all, no zeros.
+    families = {f.name: f for f in SnapshotCollector(lambda: poller.snapshot).collect()}
+    shown = [n for n in (*_WINDOWED, "connect_usage_excluded_events") if families[n].samples]
+    assert shown == []
+    assert families["connect_usage_windows_evaluated_timestamp_seconds"].samples == []
     await poller.load()
     assert await poller.poll_once("metadata")
     families = {f.name: f for f in SnapshotCollector(lambda: poller.snapshot).collect()}
@@ -792,6 +797,7 @@ async def test_counters_stay_hidden_until_every_stream_has_been_walked_once(
     assert not poller.snapshot.counters_shown
     families = {f.name: f for f in SnapshotCollector(lambda: poller.snapshot).collect()}
     assert [name for name in _WINDOWED if families[name].samples] == []
+    assert families["connect_usage_windows_evaluated_timestamp_seconds"].samples == []
     assert await poller.poll_once("visits")
     assert poller.snapshot.counters_shown
     # Hits, a stream older servers lack, are not waited for: they show once walked themselves.
