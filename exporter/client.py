@@ -414,28 +414,33 @@ async def _anyio_sleep(seconds: float) -> None:
 
 
 class _NotText:
-    """A JSON string the stdlib decoded into a str no UTF-8 can hold (an unpaired surrogate,
-    `"\\ud800"`). Kept as a str, it failed the visit key and the state file on every poll, so
-    the stream stuck; as this, the parsers refuse it like any value of the wrong type."""
+    """A JSON string the stdlib decoded into a str no state file can hold: an unpaired
+    surrogate (`"\\ud800"`, which no UTF-8 encodes) or a NUL (`"\\u0000"`, where SQLite's JSON
+    functions end text). Kept as a str, it failed the visit key and the state file on every poll,
+    so the stream stuck; as this, the parsers refuse it like any value of the wrong type."""
 
-    __slots__ = ("text",)
+    __slots__ = ("text", "what")
 
-    def __init__(self, text: str) -> None:
+    def __init__(self, text: str, what: str) -> None:
         self.text = text
+        self.what = what
 
     def __repr__(self) -> str:
-        return f"text with an unpaired surrogate: {self.text!a}"
+        return f"text with {self.what}: {self.text!a}"
 
 
 def _checked_text(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """`object_pairs_hook` for the checked reading of a page."""
     out: dict[str, Any] = {}
     for key, value in pairs:
-        if type(value) is str and not value.isascii():
-            try:
-                value.encode()
-            except UnicodeEncodeError:
-                value = _NotText(value)
+        if type(value) is str:
+            if "\x00" in value:
+                value = _NotText(value, "a NUL character")
+            elif not value.isascii():
+                try:
+                    value.encode()
+                except UnicodeEncodeError:
+                    value = _NotText(value, "an unpaired surrogate")
         out[key] = value
     return out
 
@@ -940,6 +945,8 @@ class ConnectClient:
             if current is not None and current != page_number:
                 raise PagingError(f"{template}: asked for page {page_number}, got page {current}")
             if not raw:
+                if page_number == 1:
+                    yield Page([], [], server_time)  # an empty listing: still its Date
                 break
             fingerprint = tuple(
                 r["guid"] if isinstance(r, dict) and "guid" in r else repr(r) for r in raw

@@ -266,6 +266,8 @@ class WindowCounts(Mapping[tuple[str, str], int]):
         self._counts = counts
 
     def __getitem__(self, key: tuple[str, str]) -> int:
+        if type(key) is not tuple or len(key) != 2:
+            raise KeyError(key)
         row = self._counts.get(key[0])
         at = self._at.get(key[1])
         if row is None or at is None or not row[at]:

@@ -462,6 +462,8 @@ def _decoded(decode: Callable[[bytes], T], body: bytes) -> T | None:
             body.decode()
         except UnicodeDecodeError:
             return None
+    if b"\\u0000" in body:
+        return None  # a NUL is not text the state file can hold: see `client._NotText`
     try:
         return decode(body)
     except (msgspec.MsgspecError, UnicodeDecodeError, RecursionError):
