@@ -522,13 +522,18 @@ async def test_wrong_cursor_page_shapes_are_format_errors(
 # --- offset paging --------------------------------------------------------------------------
 
 
+def _two_user_pages(mock: respx.MockRouter) -> respx.Route:
+    """The users listing as Posit's fixtures give it: two pages, three users, a total."""
+    return mock.get("v1/users").mock(
+        side_effect=[ok(load("client_users_page1.json")), ok(load("client_users_page2.json"))]
+    )
+
+
 @pytest.mark.anyio
 async def test_users_offset_paging_stops_at_total(
     client: ConnectClient, mock: respx.MockRouter
 ) -> None:
-    route = mock.get("v1/users").mock(
-        side_effect=[ok(load("client_users_page1.json")), ok(load("client_users_page2.json"))]
-    )
+    route = _two_user_pages(mock)
     page = await client.users()
     assert params(route) == [
         {"page_number": "1", "page_size": "500"},
@@ -548,9 +553,7 @@ async def test_user_pages_yields_each_page_before_asking_for_the_next(
     client: ConnectClient, mock: respx.MockRouter
 ) -> None:
     # The metadata folds each page into its rows and lets it go: 100,000 users are ~33 MB.
-    route = mock.get("v1/users").mock(
-        side_effect=[ok(load("client_users_page1.json")), ok(load("client_users_page2.json"))]
-    )
+    route = _two_user_pages(mock)
     seen = []
     async for page in client.user_pages():
         seen.append((route.call_count, [u.username for u in page.records]))
