@@ -408,13 +408,24 @@ class Poller:
         return all(results.values())
 
     async def run(self) -> None:
-        """Poll forever; a failing stream backs off alone and never stops the others."""
+        """Poll forever; a failing stream backs off alone and never stops the others.
+
+        The metadata is first read once every stream's first poll has ended (succeeded or
+        failed): on a first start or after a long downtime that poll is the catch-up, and
+        the two side by side would hold both at their largest at once (the counters are
+        shown no later for it, the catch-up having the connections to itself)."""
+        first_polls = {name: anyio.Event() for name in self._polls if name != METADATA}
 
         async def loop(name: str, interval: float) -> None:
             failures = 0
+            if name == METADATA:
+                for ended in first_polls.values():
+                    await ended.wait()
             while True:
                 started = time.monotonic()
                 ok = await self.poll_once(name)
+                if name in first_polls:
+                    first_polls[name].set()
                 failures = 0 if ok else failures + 1
                 if ok:
                     delay = interval - (time.monotonic() - started)

@@ -693,8 +693,10 @@ async def test_connect_down_longer_than_the_overlap(
         errors = r.poller.health.poll_errors()
         streams = sorted(w for w in loop.waits if w < 60)
         meta = sorted(w for w in loop.waits if w >= 60)
-        assert len(streams) == errors["shiny"] + errors["visits"] + errors["hits"]
-        assert len(meta) == errors["metadata"]
+        # Each failure is followed by its wait, but for a loop whose failed poll was still
+        # publishing when the stop came (at most one per loop, the stopping one excepted).
+        assert 0 <= errors["shiny"] + errors["visits"] + errors["hits"] - len(streams) <= 3
+        assert 0 <= errors["metadata"] - len(meta) <= 1
         for waits, ladder, loops in (
             (streams, [1.0, 2.0, 4.0, 8.0, 16.0], 3),
             (meta, [60.0, 120.0, 240.0, 300.0], 1),

@@ -814,6 +814,44 @@ async def test_counters_stay_hidden_until_every_stream_has_been_walked_once(
     await stop(client, store)
 
 
+async def test_the_first_metadata_read_waits_for_every_streams_first_poll_to_end(
+    connect: Connect, tmp_path: Path
+) -> None:
+    # A first start's catch-up and the metadata read side by side would hold both at their
+    # largest at once; a stream whose first poll fails must not keep the metadata waiting.
+    sim = connect.sim
+    sim.clock.advance(600)
+    client, poller, store = make_poller(
+        connect, tmp_path / "s.sqlite", history_days=1, max_retries=0
+    )
+    listings: list[str] = []
+    content = client.content
+
+    async def counted_content():  # type: ignore[no-untyped-def]
+        listings.append("content")
+        return await content()
+
+    client.content = counted_content  # type: ignore[method-assign]
+    gate = PageGate(client, "shiny_usage_pages", after=1)
+    sim.faults.configure({"error_rate": {"503": 1.0}, "paths": ["content/visits"]})
+    await poller.load()
+    async with anyio.create_task_group() as group:
+        group.start_soon(poller.run)
+        await gate.held.wait()
+        await eventually(lambda: poller.health.poll_errors()["visits"] >= 1)
+        await eventually(lambda: "hits" in poller.health.last_success)
+        assert listings == []  # shiny's first poll is still reading its history
+        assert "metadata" not in poller.health.last_success
+        gate.release()
+        await eventually(lambda: "metadata" in poller.health.last_success)
+        assert listings == ["content"]
+        assert "shiny" in poller.health.last_success
+        assert "visits" not in poller.health.last_success  # failed, and still backing off
+        group.cancel_scope.cancel()
+    sim.faults.clear()
+    await stop(client, store)
+
+
 async def test_every_item_has_its_counters_at_zero_from_the_first_scrape_that_knows_it(
     connect: Connect, tmp_path: Path
 ) -> None:
