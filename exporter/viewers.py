@@ -24,6 +24,7 @@ from bisect import bisect_left, bisect_right
 from collections.abc import ItemsView, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
+from typing import TypeAlias
 
 from exporter.lastseen import UserIndex
 
@@ -60,11 +61,20 @@ def _total(value: int) -> int:
 Figures = tuple[int, int, int]
 ViewerEvent = tuple[str, str, int, int]  # (content_guid, user_guid, time µs, value)
 ViewerKey = tuple[str, str, str]  # (content_guid, user_guid, window)
-# An item's top N in one window, in rank order: user index, sessions, µs and visits for each,
-# in one array (the same object from one view to the next while the item does not change); and
-# how many the cap left out.
-Top = tuple["array[int]", int]
+# An item's top N in every window, in one array (the same object from one view to the next
+# while the item does not change): per window its row count and how many the cap left out, then
+# each window's rows in rank order, a row being user index, sessions, µs and visits.
+Top: TypeAlias = "array[int]"
 _ROW = 4  # numbers a row of a `Top`
+
+
+def _windows_of(top: Top, windows: int) -> Iterator[tuple[int, int, int]]:
+    """Each window's rows in `top` as (first number, end, how many the cap left out)."""
+    at = 2 * windows
+    for w in range(windows):
+        end = at + top[2 * w] * _ROW
+        yield at, end, top[2 * w + 1]
+        at = end
 
 
 @dataclass(slots=True)
@@ -76,8 +86,8 @@ class _Item:
     values: array[int] = field(default_factory=lambda: array("q"))
     # Per window (in the log's order): the index of its first event in the totals.
     starts: list[int] = field(default_factory=list)
-    # Per window: its top viewers as last counted, and how many it left out; None: count again.
-    top: tuple[Top, ...] | None = None
+    # Its top viewers per window as last counted; None: count again.
+    top: Top | None = None
 
 
 class TopViewers(Mapping[ViewerKey, Figures]):
@@ -85,7 +95,7 @@ class TopViewers(Mapping[ViewerKey, Figures]):
     rows are shared with the log (an item counted again gets new ones), read as a mapping."""
 
     def __init__(
-        self, windows: Sequence[str], guids: Sequence[str], tops: list[tuple[str, tuple[Top, ...]]]
+        self, windows: Sequence[str], guids: Sequence[str], tops: list[tuple[str, Top]]
     ) -> None:
         self._windows = windows
         self._guids = guids  # the log's user index: only ever appended to
@@ -98,10 +108,11 @@ class TopViewers(Mapping[ViewerKey, Figures]):
     def rows(self) -> Iterator[tuple[ViewerKey, Figures]]:
         """Each row, made as it is read."""
         guids, windows = self._guids, self._windows
-        for content, tops in self._tops:
-            for window, (rows, _left_out) in zip(windows, tops, strict=True):
-                for i in range(0, len(rows), _ROW):
-                    user, sessions, micros, visits = rows[i : i + _ROW]
+        for content, top in self._tops:
+            spans = _windows_of(top, len(windows))
+            for window, (at, end, _left_out) in zip(windows, spans, strict=True):
+                for i in range(at, end, _ROW):
+                    user, sessions, micros, visits = top[i : i + _ROW]
                     yield (content, guids[user], window), (sessions, micros, visits)
 
     def __iter__(self) -> Iterator[ViewerKey]:
@@ -109,14 +120,14 @@ class TopViewers(Mapping[ViewerKey, Figures]):
 
     def pairs(self) -> Iterator[tuple[str, str]]:
         """Each item and user in some window's top N, once."""
-        guids = self._guids
-        for content, tops in self._tops:
-            users = {rows[i] for rows, _left_out in tops for i in range(0, len(rows), _ROW)}
-            for user in users:
+        guids, windows = self._guids, len(self._windows)
+        for content, top in self._tops:
+            for user in {top[i] for i in range(2 * windows, len(top), _ROW)}:
                 yield content, guids[user]
 
     def __len__(self) -> int:
-        return sum(len(rows) for _c, tops in self._tops for rows, _l in tops) // _ROW
+        header = 2 * len(self._windows)
+        return sum(len(top) - header for _content, top in self._tops) // _ROW
 
     def __getitem__(self, key: ViewerKey) -> Figures:
         if self._index is None:
@@ -232,10 +243,11 @@ class ViewerLog:
                     for totals in self._totals:
                         totals[user] += share
 
-    def _rank(self, item: _Item, n: int) -> tuple[Top, ...]:
+    def _rank(self, item: _Item, n: int) -> Top:
         """Each window's top `n` viewers of `item`, counted from its events in the window."""
         guids = self._users.guids
-        ranked: list[Top] = []
+        header = array("q")
+        rows = array("q")
         users, values = item.users, item.values
         for start in item.starts:
             figures: dict[int, int] = {}
@@ -248,12 +260,12 @@ class ViewerLog:
             top = heapq.nsmallest(
                 n, (u for u, f in figures.items() if f & _COUNTS), key=_ViewerRank(figures, guids)
             )
-            rows = array("q")
+            header.extend((len(top), max(0, members - n)))
             for u in top:
                 rows.append(u)
                 rows.extend(_unpacked(figures[u]))
-            ranked.append((rows, max(0, members - n)))
-        return tuple(ranked)
+        header.extend(rows)
+        return header
 
     def prune(self, before_us: int) -> None:
         """Forget the events before `before_us`, taken out of every window's totals first: they
@@ -286,7 +298,7 @@ class ViewerLog:
         thresholds = self._thresholds = [now_us - span for span in self._spans]
         guids = self._users.guids
         windows = list(self.windows)
-        tops: list[tuple[str, tuple[Top, ...]]] = []
+        tops: list[tuple[str, Top]] = []
         dropped = dict.fromkeys(windows, 0)
         for content, item in self.items.items():
             self._advance(item, thresholds)
@@ -295,7 +307,9 @@ class ViewerLog:
             if item.top is None:
                 item.top = self._rank(item, top_viewers)
             tops.append((content, item.top))
-            for window, (_rows, left_out) in zip(windows, item.top, strict=True):
+            for window, (_at, _end, left_out) in zip(
+                windows, _windows_of(item.top, len(windows)), strict=True
+            ):
                 dropped[window] += left_out
         users: dict[tuple[str, str], tuple[int, int]] = {}
         users_dropped = dict.fromkeys(windows, 0)
