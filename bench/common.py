@@ -161,6 +161,70 @@ def run_exporter(job: dict[str, Any], checkout: Path | None = None) -> dict[str,
     return result
 
 
+def run_service(
+    url: str, key: str, settings: dict[str, Any], *, after: int = 3, interval: float = 5.0
+) -> dict[str, Any]:
+    """The real `run` command (this checkout) on a fresh state file, scraped every `interval`
+    seconds from its start as Prometheus scrapes it (OpenMetrics, gzip), until the counters
+    and the metadata are both shown and `after` scrapes more: its peak and final RSS."""
+    import os
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    headers = {
+        "Accept": "application/openmetrics-text;version=1.0.0,text/plain;q=0.5",
+        "Accept-Encoding": "gzip",
+    }
+    with tempfile.TemporaryDirectory(prefix="bench-service-") as state_dir:
+        env = {
+            **os.environ,
+            "CONNECT_SERVER": url,
+            "CONNECT_API_KEY": key,
+            "CONNECT_EXPORTER_STATE_PATH": f"{state_dir}/state.sqlite",
+            "CONNECT_EXPORTER_LISTEN_ADDRESS": f"127.0.0.1:{port}",
+            "CONNECT_EXPORTER_LOG_LEVEL": "WARNING",
+            **{f"CONNECT_EXPORTER_{name.upper()}": str(v) for name, v in settings.items()},
+        }
+        proc = subprocess.Popen([sys.executable, "-m", "exporter", "run"], env=env, cwd=ROOT)
+        started = time.monotonic()
+        shown: dict[str, float] = {}
+        scrapes = 0
+        try:
+            while len(shown) < 2 or scrapes < after:
+                if proc.poll() is not None or time.monotonic() - started > 900:
+                    raise RuntimeError(f"the exporter stopped or never showed {shown}")
+                time.sleep(interval)
+                try:
+                    body = httpx.get(
+                        f"http://127.0.0.1:{port}/metrics", headers=headers, timeout=120
+                    ).content
+                except httpx.TransportError:
+                    continue  # not listening yet
+                for what, marker in (
+                    ("counters", b"connect_usage_shiny_sessions_total{"),
+                    ("metadata", b"connect_usage_content_info{"),
+                ):
+                    if what not in shown and marker in body:
+                        shown[what] = time.monotonic() - started
+                scrapes += len(shown) == 2
+                size = len(body)
+                del body
+            status = Path(f"/proc/{proc.pid}/status").read_text().splitlines()
+        finally:
+            proc.terminate()
+            proc.wait(60)
+    kb = {line.split(":")[0]: int(line.split()[1]) for line in status if line.startswith("Vm")}
+    return {
+        "peak_rss_kb": kb["VmHWM"],
+        "rss_kb": kb["VmRSS"],
+        "counters_s": shown["counters"],
+        "metadata_s": shown["metadata"],
+        "exposition_bytes": size,
+    }
+
+
 def _build(job: dict[str, Any], state_dir: Path) -> Any:
     """The exporter as the service builds it, from default settings plus the job's overrides."""
     from exporter import service
