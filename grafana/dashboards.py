@@ -55,11 +55,12 @@ def dedup(expr: str) -> str:
     return f"max without (instance, pod) ({expr})"
 
 
-def with_names(expr: str) -> str:
-    """Join content names from the _info metric onto a vector labelled by content_guid."""
+def with_names(expr: str, where: str = "") -> str:
+    """Join content names from the _info metric onto a vector labelled by content_guid (only
+    the items `where` selects, e.g. `, app_mode!="deleted"`)."""
     return (
         f"({expr}) * on (content_guid) group_left (content_name) "
-        f"topk by (content_guid) (1, connect_usage_content_info{{{SEL}}})"
+        f"topk by (content_guid) (1, connect_usage_content_info{{{SEL}{where}}})"
     )
 
 
@@ -449,7 +450,8 @@ def usage_overview() -> db.Dashboard:
                 "sort_desc(("
                 + with_names(
                     f"({CONNECT_NOW} - max by (content_guid) "
-                    f"(connect_usage_content_last_activity_timestamp_seconds{{{SEL}}})) / 86400"
+                    f"(connect_usage_content_last_activity_timestamp_seconds{{{SEL}}})) / 86400",
+                    ', app_mode!="deleted"',  # a deleted item keeps its usage, not its place here
                 )
                 + " > $unused_days) or "
                 + with_names(

@@ -235,6 +235,39 @@ def test_group_members_with_access_by_name(tmp_path: Path) -> None:
     assert_promql(tmp_path, expr, series, rows)
 
 
+def test_unused_content_lists_live_items_unused_for_n_days_and_never_used_ones(
+    tmp_path: Path,
+) -> None:
+    """Days since each live item's last use, above N, in Connect's clock (the windows' time);
+    items never used at 0; a deleted item, which keeps its last activity, is not listed."""
+    expr, labels = panel_query("Content unused for")  # N: the dashboard's default, 30
+    day = 86400
+    now = 60 * day  # Connect's clock, whatever Prometheus's says
+    series = {
+        f"connect_usage_windows_evaluated_timestamp_seconds{{{labels}}}": f"{now}x3",
+        **{
+            f'connect_usage_content_info{{{labels}, content_guid="{guid}", content_name="{guid}", '
+            f'title="", app_mode="{mode}", access_type="acl", owner="bob"}}': "1x3"
+            for guid, mode in (
+                ("old", "shiny"),
+                ("recent", "shiny"),
+                ("never", "rmd-static"),
+                ("gone", "deleted"),
+            )
+        },
+        **{
+            f"connect_usage_content_last_activity_timestamp_seconds{{{labels}, "
+            f'content_guid="{guid}"}}': f"{now - days * day}x3"
+            for guid, days in (("old", 45), ("recent", 3), ("gone", 50))
+        },
+    }
+    rows = {
+        '{content_guid="old", content_name="old"}': 45.0,
+        '{content_guid="never", content_name="never"}': 0.0,
+    }
+    assert_promql(tmp_path, expr, series, rows)
+
+
 def panel_query(title: str) -> tuple[str, str]:
     """The query of the one panel whose title starts so, for item c1; the target's labels."""
     (expr,) = [e for _, t, e in all_queries() if t.startswith(title)]
@@ -243,8 +276,12 @@ def panel_query(title: str) -> tuple[str, str]:
     )
 
 
-def assert_promql(tmp_path: Path, expr: str, series: dict[str, str], rows: list[str]) -> None:
-    """promtool evaluates `expr` over `series` at 2m: exactly `rows`, each of value 1."""
+def assert_promql(
+    tmp_path: Path, expr: str, series: dict[str, str], rows: list[str] | dict[str, float]
+) -> None:
+    """promtool evaluates `expr` over `series` at 2m: exactly `rows`, each of value 1 (or of
+    its value, given a mapping)."""
+    expected = rows if isinstance(rows, dict) else dict.fromkeys(rows, 1.0)
     test = {
         "rule_files": [],
         "evaluation_interval": "1m",
@@ -256,7 +293,7 @@ def assert_promql(tmp_path: Path, expr: str, series: dict[str, str], rows: list[
                     {
                         "expr": expr,
                         "eval_time": "2m",
-                        "exp_samples": [{"labels": row, "value": 1} for row in rows],
+                        "exp_samples": [{"labels": k, "value": v} for k, v in expected.items()],
                     }
                 ],
             }
