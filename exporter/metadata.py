@@ -11,7 +11,13 @@ from typing import Any, TypeVar
 
 import anyio
 
-from exporter.client import ConnectClient, NotFoundError, Page, first_error
+from exporter.client import (
+    ConnectClient,
+    NotFoundError,
+    Page,
+    PermissionDeniedError,
+    first_error,
+)
 from exporter.records import ContentItem, Permission, User
 from exporter.snapshot import ContentInfo, InfoRows, MetadataView
 
@@ -41,20 +47,25 @@ async def _each(
     fetch: Callable[[str], Awaitable[Page[T]]],
     concurrency: int,
     take: Callable[[str, Page[T]], None],
-) -> None:
+) -> list[PermissionDeniedError]:
     """`take` of each guid and its page from `fetch`, `concurrency` requests at a time, as each
-    arrives; one gone meanwhile (404) is left out. A failure raises as itself, not as an
-    exception group.
+    arrives; one gone meanwhile (404) is left out, and one the key may not read (403: a
+    publisher's key and another's content) too, its error returned. Any other failure raises
+    as itself, not as an exception group.
 
     `concurrency` workers take the guids in turn: a task per guid, waiting on a limiter, would
     cost ~2.5 KB each while it waits (27 MB for 10,000 items' permissions)."""
     todo = iter(guids)  # shared: each worker takes the next guid when it is free
+    denied: list[PermissionDeniedError] = []
 
     async def worker() -> None:
         for guid in todo:
             try:
                 page = await fetch(guid)
             except NotFoundError:
+                continue
+            except PermissionDeniedError as exc:
+                denied.append(exc)
                 continue
             take(guid, page)
 
@@ -64,6 +75,20 @@ async def _each(
                 group.start_soon(worker)
     except BaseExceptionGroup as errors:
         raise first_error(errors) from None
+    return denied
+
+
+def _log_denied(denied: list[PermissionDeniedError], what: str, of: int, whole: str) -> None:
+    """One line a refresh for the requests the key may not make (not one per item)."""
+    if denied:
+        log.warning(
+            "%s %d of %d %s are not readable with this key and are left out: %s",
+            what,
+            len(denied),
+            of,
+            whole,
+            denied[0],
+        )
 
 
 def _log_malformed(page: Page[Any], what: str) -> None:
@@ -115,7 +140,8 @@ async def read_metadata(
             access[perm.content_guid, perm.principal_guid, perm.principal_type, perm.role] = 1
 
     if permissions:
-        await _each(content, client.permissions, concurrency, take_permissions)
+        denied = await _each(content, client.permissions, concurrency, take_permissions)
+        _log_denied(denied, "the access lists of", len(content), "content items")
     members: dict[tuple[str, str], int] = {}
     dropped: int | None = None
     if group_members > 0:
@@ -126,7 +152,8 @@ async def read_metadata(
             _log_malformed(listed, "group member")
             found.extend((guid, member.guid) for member in listed.records)
 
-        await _each(guids, client.group_members, concurrency, take_members)
+        denied = await _each(guids, client.group_members, concurrency, take_members)
+        _log_denied(denied, "the members of", len(guids), "groups")
         # The cap keeps the same memberships from one refresh to the next: the first in order.
         ordered = sorted(set(found))
         members = dict.fromkeys(ordered[:group_members], 1)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import anyio.lowlevel
 import pytest
 
@@ -62,6 +64,30 @@ async def test_requests_per_item_run_at_most_the_concurrency_at_once() -> None:
     assert taken == {guid: [guid] for guid in guids[:-1]}  # each once, as fetched
     with pytest.raises(ConnectError, match="the server broke"):
         await _each(["a", "bad", "b"], fetch, 2, lambda _guid, _page: None)
+
+
+async def test_a_publisher_key_reads_the_access_of_its_own_content_and_leaves_out_the_rest(
+    connect: Connect, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Connect answers 403 for another's content: the refresh succeeds without those access
+    # lists (one line says how many), rather than failing for good.
+    sim = connect.sim
+    publisher = sim.world.users[sim.world.content[0].owner]
+    async with ConnectClient(connect.url, sim.keys["publisher"]) as client:
+        meta = await read_metadata(client, permissions=True, concurrency=3)
+    owned = {c.guid for c in sim.world.content if c.owner == sim.world.content[0].owner}
+    listed = set(meta.content)
+    assert owned and owned < listed
+    assert {guid for guid, *_ in meta.access} == owned & {
+        sim.world.content[p.content].guid for p in sim.world.permissions
+    }
+    (line,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert line.startswith(
+        f"the access lists of {len(listed - owned)} of {len(listed)} content items are not "
+        "readable with this key and are left out: "
+    ), line
+    assert "HTTP 403" in line and sim.keys["publisher"] not in line
+    assert publisher.role == "publisher"
 
 
 async def test_read_metadata_counts_what_connect_lists(connect: Connect) -> None:
