@@ -209,9 +209,23 @@ def run_service(
                     if what not in shown and marker in body:
                         shown[what] = time.monotonic() - started
                 scrapes += len(shown) == 2
-                size = len(body)
                 del body
             status = Path(f"/proc/{proc.pid}/status").read_text().splitlines()
+            # What Prometheus scrapes now: the cached rendering, with gzip and plain.
+            url = f"http://127.0.0.1:{port}/metrics"
+            timings: dict[str, float] = {}
+            sizes: dict[str, int] = {}
+            for name, encoding in (("gzip", "gzip"), ("plain", "identity")):
+                asked = {**headers, "Accept-Encoding": encoding}
+                times = []
+                for _ in range(5):
+                    t0 = time.perf_counter()
+                    with httpx.stream("GET", url, headers=asked, timeout=120) as response:
+                        size = sum(len(chunk) for chunk in response.iter_raw())
+                    times.append(time.perf_counter() - t0)
+                sizes[name] = size
+                timings[name] = sorted(times)[len(times) // 2] * 1000
+            families = family_sizes(httpx.get(url, headers=headers, timeout=120).text)
         finally:
             proc.terminate()
             proc.wait(60)
@@ -221,8 +235,23 @@ def run_service(
         "rss_kb": kb["VmRSS"],
         "counters_s": shown["counters"],
         "metadata_s": shown["metadata"],
-        "exposition_bytes": size,
+        "scrape_ms": timings,
+        "bytes": sizes,
+        "families": families,
     }
+
+
+def family_sizes(exposition: str) -> dict[str, tuple[int, int]]:
+    """Samples and bytes of each family of an OpenMetrics exposition (its TYPE lines name them)."""
+    families: dict[str, tuple[int, int]] = {}
+    family = ""
+    for line in exposition.splitlines():
+        if line.startswith("# TYPE "):
+            family = line.split()[2]
+        elif line and not line.startswith("#"):
+            samples, size = families.get(family, (0, 0))
+            families[family] = (samples + 1, size + len(line) + 1)
+    return families
 
 
 def _build(job: dict[str, Any], state_dir: Path) -> Any:
