@@ -636,8 +636,11 @@ def viewers_table(title: str, sel: str, window: str) -> table.Panel:
             by_username(f"connect_usage_content_viewer_sessions{{{viewer}}}"),
             by_username(f"connect_usage_content_viewer_session_seconds{{{viewer}}}"),
             by_username(f"connect_usage_content_viewer_visits{{{viewer}}}"),
+            # Last seen is one series a viewer in any window's top: this window's viewers only.
             by_username(
-                f"{CONNECT_NOW} - connect_usage_content_viewer_last_seen_timestamp_seconds{{{sel}}}"
+                f"({CONNECT_NOW} - connect_usage_content_viewer_last_seen_timestamp_seconds"
+                f"{{{sel}}}) and on (user_guid) (connect_usage_content_viewer_sessions{{{viewer}}}"
+                f" or connect_usage_content_viewer_visits{{{viewer}}})"
             ),
         ],
     ).description(

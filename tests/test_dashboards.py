@@ -268,6 +268,38 @@ def test_unused_content_lists_live_items_unused_for_n_days_and_never_used_ones(
     assert_promql(tmp_path, expr, series, rows)
 
 
+def test_a_windows_viewer_table_shows_last_seen_for_its_own_viewers_only(tmp_path: Path) -> None:
+    """Last seen is one series for a viewer in any window's top N: the 7-day table shows it for
+    its 7-day viewers (Shiny or not), not for one in the 30-day top only."""
+    (expr,) = [e for _, t, e in all_queries() if t == "Viewers, last 7 days" and "last_seen" in e]
+    expr = gen.substitute(expr, {"job": ".+", "instance": ".+", "content": "c1"})
+    labels = 'job="e", instance="e:9741", content_guid="c1"'
+    now = 1_000_000
+    series = {
+        'connect_usage_windows_evaluated_timestamp_seconds{job="e", instance="e:9741"}': (
+            f"{now}x3"
+        ),
+        f'connect_usage_content_viewer_sessions{{{labels}, user_guid="u1", window="7d"}}': "2x3",
+        f'connect_usage_content_viewer_visits{{{labels}, user_guid="u2", window="7d"}}': "1x3",
+        f'connect_usage_content_viewer_visits{{{labels}, user_guid="u3", window="30d"}}': "4x3",
+        **{
+            f"connect_usage_content_viewer_last_seen_timestamp_seconds{{{labels}, "
+            f'user_guid="{u}"}}': f"{now - ago}x3"
+            for u, ago in (("u1", 60), ("u2", 600), ("u3", 5))
+        },
+        **{
+            f'connect_usage_user_info{{job="e", instance="e:9741", user_guid="{u}", '
+            f'username="{name}", role="viewer", state="active"}}': "1x3"
+            for u, name in (("u1", "alice"), ("u2", "bob"), ("u3", "carol"))
+        },
+    }
+    rows = {
+        '{user_guid="u1", username="alice"}': 60.0,
+        '{user_guid="u2", username="bob"}': 600.0,
+    }
+    assert_promql(tmp_path, expr, series, rows)
+
+
 def panel_query(title: str) -> tuple[str, str]:
     """The query of the one panel whose title starts so, for item c1; the target's labels."""
     (expr,) = [e for _, t, e in all_queries() if t.startswith(title)]
