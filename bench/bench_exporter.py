@@ -290,7 +290,7 @@ def memory(args: argparse.Namespace) -> list[Row]:
                         f"({real['bytes']['gzip'] / 1e6:.1f} / {real['bytes']['plain'] / 1e6:.1f}"
                         " MB; median of 5)",
                         f"{gzip_ms:.1f} / {plain_ms:.0f} ms",
-                        "",
+                        f"peak {real['scraped_peak_rss_kb'] / 1024:.0f} MB after",
                         f"{gzip_ms / 100:.2f}x of 100 ms",
                         "< 100 ms (gzip)",
                         gzip_ms < 100,

@@ -226,12 +226,15 @@ def run_service(
                 sizes[name] = size
                 timings[name] = sorted(times)[len(times) // 2] * 1000
             families = family_sizes(httpx.get(url, headers=headers, timeout=120).text)
+            after = Path(f"/proc/{proc.pid}/status").read_text().splitlines()
         finally:
             proc.terminate()
             proc.wait(60)
     kb = {line.split(":")[0]: int(line.split()[1]) for line in status if line.startswith("Vm")}
+    scraped = {line.split(":")[0]: int(line.split()[1]) for line in after if line.startswith("Vm")}
     return {
         "peak_rss_kb": kb["VmHWM"],
+        "scraped_peak_rss_kb": scraped["VmHWM"],
         "rss_kb": kb["VmRSS"],
         "counters_s": shown["counters"],
         "metadata_s": shown["metadata"],

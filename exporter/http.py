@@ -16,8 +16,9 @@ import logging
 import re
 import threading
 import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import chain
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
@@ -139,9 +140,29 @@ class _Rendered:
         out.append(compressor.flush(zlib.Z_SYNC_FLUSH))
         return cls(out, compressor, length)
 
-    def plain(self) -> list[bytes]:
+    def plain(self) -> Iterator[bytes]:
+        """The plain text a piece at a time, decompressed as it is read: on a big server it is
+        ten times the gzip, and a plain scrape must not hold it whole."""
         decompressor = zlib.decompressobj(31)
-        return [decompressor.decompress(chunk) for chunk in self.gzip_prefix]
+        for chunk in self.gzip_prefix:
+            if piece := decompressor.decompress(chunk):
+                yield piece
+
+
+@dataclass(frozen=True, slots=True)
+class Body:
+    """A response body: its pieces (a list, or made as they are read) and its length in bytes,
+    known before they are made."""
+
+    pieces: Iterable[bytes]
+    length: int
+
+    @classmethod
+    def whole(cls, pieces: list[bytes]) -> Body:
+        return cls(pieces, sum(map(len, pieces)))
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self.pieces)
 
 
 class MetricsEndpoint:
@@ -163,8 +184,8 @@ class MetricsEndpoint:
         self._lock = threading.Lock()
         self._state: tuple[Snapshot | None, dict[str, _Rendered]] = (None, {})
 
-    def __call__(self, environ: WSGIEnvironment) -> tuple[list[tuple[str, str]], list[bytes]]:
-        """Headers and body chunks of one scrape."""
+    def __call__(self, environ: WSGIEnvironment) -> tuple[list[tuple[str, str]], Body]:
+        """Headers and body of one scrape."""
         encoder, content_type = choose_encoder(environ.get("HTTP_ACCEPT", ""))
         gzipped = gzip_wanted(environ.get("HTTP_ACCEPT_ENCODING", ""))
         params = parse_qs(environ.get("QUERY_STRING", ""))
@@ -177,13 +198,15 @@ class MetricsEndpoint:
             if "name[]" in params:
                 source = self._registry.restricted_registry(params["name[]"])
             output = encoder(source)
-            return headers, [gzip.compress(output, _GZIP_LEVEL) if gzipped else output]
+            return headers, Body.whole([gzip.compress(output, _GZIP_LEVEL) if gzipped else output])
         rendered = self.rendered(kind)
         tail = encoder(self._exporter.runtime)
         if not gzipped:
-            return headers, [*rendered.plain(), tail]
+            return headers, Body(chain(rendered.plain(), (tail,)), rendered.length + len(tail))
         compressor = rendered.gzip_state.copy()
-        return headers, [*rendered.gzip_prefix, compressor.compress(tail) + compressor.flush()]
+        return headers, Body.whole(
+            [*rendered.gzip_prefix, compressor.compress(tail) + compressor.flush()]
+        )
 
     def rendered(self, kind: str) -> _Rendered:
         """The current snapshot in `kind`, rendered and compressed at most once."""
@@ -255,10 +278,10 @@ def make_app(
                 "405 Method Not Allowed", b"method not allowed\n", extra=[("Allow", _ALLOWED)]
             )
         if path == "/metrics":
-            headers, chunks = metrics(environ)
-            length = sum(map(len, chunks))
-            start_response("200 OK", [*headers, ("Content-Length", str(length)), *common])
-            return [] if head else chunks
+            headers, body = metrics(environ)
+            start_response("200 OK", [*headers, ("Content-Length", str(body.length)), *common])
+            # A list is sent as it is; the pieces of a plain scrape are made as they are sent.
+            return [] if head else body.pieces
         if path == "/healthz":
             return reply("200 OK", b"ok\n")
         if path == "/readyz":

@@ -37,10 +37,11 @@ import ssl
 import sys
 import threading
 import time
-from collections.abc import Collection
+from collections.abc import AsyncIterator, Callable, Collection, Iterator
 from dataclasses import dataclass
 from email.utils import formatdate
 from http import HTTPStatus
+from itertools import islice
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import unquote
 
@@ -118,16 +119,20 @@ def _http_date(second: int) -> str:
 
 @dataclass(slots=True)
 class _Reply:
-    """What the application answered: status line, headers and body pieces."""
+    """What the application answered: status line, headers and body pieces; for a body that
+    is not a list, the pieces after the first are made as the client takes them (`rest`)."""
 
     status: int
     reason: bytes
     headers: list[tuple[bytes, bytes]]
     body: list[bytes]
+    rest: Iterator[bytes] | None = None
+    close: Callable[[], object] | None = None
 
 
 def _call_app(app: WSGIApplication, environ: WSGIEnvironment) -> _Reply:
-    """Run the WSGI application to completion (our responses are bodies held in memory)."""
+    """Run the WSGI application: a list body whole; any other iterable up to its first piece
+    (the rest is pulled as it is sent: a large body made on the fly is never held whole)."""
     started: list[Any] = []
 
     def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
@@ -135,12 +140,21 @@ def _call_app(app: WSGIApplication, environ: WSGIEnvironment) -> _Reply:
         return _no_write
 
     result = app(environ, start_response)
+    close = getattr(result, "close", None)
+    rest: Iterator[bytes] | None = None
     try:
-        body = [bytes(chunk) if not isinstance(chunk, bytes) else chunk for chunk in result]
-    finally:
-        close = getattr(result, "close", None)
+        if isinstance(result, list | tuple):
+            body = [bytes(chunk) if not isinstance(chunk, bytes) else chunk for chunk in result]
+        else:
+            rest = iter(result)
+            body = [bytes(first) for first in islice(rest, 1)]
+    except BaseException:
         if close is not None:
             close()
+        raise
+    if rest is None and close is not None:
+        close()
+        close = None
     if not started:
         raise RuntimeError("the application did not call start_response")
     status, headers = started
@@ -150,6 +164,8 @@ def _call_app(app: WSGIApplication, environ: WSGIEnvironment) -> _Reply:
         reason.encode("latin-1"),
         [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers],
         body,
+        rest,
+        close,
     )
 
 
@@ -380,6 +396,11 @@ class WSGIServer:
         assert self._loop is not None
         return await self._loop.run_in_executor(self._pool, self._answer, environ)
 
+    async def pull(self, chunks: Iterator[bytes]) -> bytes | None:
+        """The next piece of a body made on the fly, made on a worker thread (None: the end)."""
+        assert self._loop is not None
+        return await self._loop.run_in_executor(self._pool, next, chunks, None)
+
     def _answer(self, environ: WSGIEnvironment) -> _Reply:
         try:
             return _call_app(self.app, environ)
@@ -569,7 +590,14 @@ class _Connection(asyncio.Protocol):
         try:
             async with asyncio.timeout(limits.response_timeout):
                 reply = await self.server.reply(self.server.environ(request, self.peer))
-                await self._send(reply)
+                try:
+                    await self._send(reply)
+                finally:
+                    if reply.close is not None:
+                        # ValueError: a generator still running a pull the deadline abandoned
+                        # is closed by its collection instead.
+                        with contextlib.suppress(ValueError):
+                            reply.close()
         except (TimeoutError, ConnectionError):
             self.drop()
             return
@@ -587,14 +615,14 @@ class _Connection(asyncio.Protocol):
             headers=self.server.finish_headers(reply.headers),
         )
         head = b"".join(self._framed(response))
-        if sum(map(len, reply.body)) <= PIECE:  # one write for a small answer
+        if reply.rest is None and sum(map(len, reply.body)) <= PIECE:  # one write, small
             parts = [head]
             for chunk in reply.body:
                 parts += self._framed(h11.Data(data=chunk))
             self.transport.write(b"".join(parts))
         else:
             self.transport.write(head)
-            for chunk in reply.body:
+            async for chunk in self._pieces(reply):
                 view = memoryview(chunk)
                 for start in range(0, len(view), PIECE):
                     # h11 takes only the length of the data and hands the object back, so a
@@ -606,6 +634,14 @@ class _Connection(asyncio.Protocol):
         for part in self._framed(h11.EndOfMessage()):
             self.transport.write(part)
         await self._drain()
+
+    async def _pieces(self, reply: _Reply) -> AsyncIterator[bytes]:
+        """The body's pieces: those in hand, then each made in turn once the last is taken."""
+        for chunk in reply.body:
+            yield chunk
+        if reply.rest is not None:
+            while (made := await self.server.pull(reply.rest)) is not None:
+                yield made if isinstance(made, bytes) else bytes(made)
 
     def _framed(self, event: h11.Response | h11.Data | h11.EndOfMessage) -> list[bytes]:
         """The bytes h11 frames `event` into (the data itself passed through uncopied)."""

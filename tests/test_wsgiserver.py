@@ -296,6 +296,44 @@ def test_a_client_that_stops_reading_is_dropped_at_the_response_timeout() -> Non
         assert 0 < len(received) < len(big)
 
 
+def test_a_body_made_on_the_fly_is_made_as_the_client_reads_it_and_closed() -> None:
+    # A plain scrape of a big server decompresses ~65 MB: pulled a piece at a time as the
+    # client takes them, never held whole. Here 64 MB in 256 pieces of 256 KiB: while the
+    # client has read 1 MB, at most what the socket buffers hold more can have been made.
+    piece = b"x" * (256 * 1024)
+    made: list[int] = []
+    closed = threading.Event()
+
+    class Pieces:
+        def __iter__(self) -> Iterator[bytes]:
+            for i in range(256):
+                made.append(i)
+                yield piece
+
+        def close(self) -> None:
+            closed.set()
+
+    def large(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        start_response("200 OK", [("Content-Length", str(256 * len(piece)))])
+        return Pieces()
+
+    with serving(large) as server, dial(server) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        sock.sendall(get())
+        received = 0
+        while received < 1024 * 1024:
+            received += len(sock.recv(65536))
+        assert len(made) < 128, len(made)  # a body held whole would be all 256 by now
+        assert not closed.is_set()
+        while received < 256 * len(piece):
+            chunk = sock.recv(1 << 20)
+            assert chunk
+            received += len(chunk)
+        eventually(closed.is_set)
+        assert len(made) == 256
+        assert still_open(sock)  # and kept alive for the next request
+
+
 def test_an_application_error_is_a_500_and_the_server_goes_on(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
