@@ -4,6 +4,7 @@ traffic, and the exporter polling it. One command shows what the exporter does."
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import threading
 import time
@@ -11,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from exporter.service import EXIT_SETTINGS, fail, run_backfill_command, run_service
-from exporter.settings import Settings, SettingsError, load_settings
+from exporter.settings import Settings, SettingsError, env_name, load_settings
 from exporter.simulator import SimConfig, SimServer, Simulator
 from exporter.simulator.timefmt import parse_instant
 from exporter.store import SqliteStore, StateError
@@ -47,9 +48,13 @@ def run_demo(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     if overrides.get("state_path") is None:
         state_dir = tempfile.TemporaryDirectory(prefix="connect-usage-demo-")
         overrides["state_path"] = str(Path(state_dir.name) / "state.sqlite")
-    overrides.setdefault("poll_interval", None)
-    overrides["poll_interval"] = overrides["poll_interval"] or DEMO_POLL_INTERVAL
-    overrides["metadata_interval"] = overrides.get("metadata_interval") or DEMO_METADATA_INTERVAL
+    # The demo's quicker cadences, unless a flag or the environment sets one (then checked).
+    for field, quick in (
+        ("poll_interval", DEMO_POLL_INTERVAL),
+        ("metadata_interval", DEMO_METADATA_INTERVAL),
+    ):
+        if overrides.get(field) is None and env_name(field) not in os.environ:
+            overrides[field] = quick
     overrides["server"] = url
     overrides["api_key"] = sim.keys["admin"]
     try:
@@ -60,7 +65,11 @@ def run_demo(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
 
     def listening(metrics_url: str) -> None:
         print(f"Connect simulator: {url}  (admin key: {sim.keys['admin']})", flush=True)
-        print(f"Ground truth: {url}/__sim__/truth", flush=True)
+        print(
+            f"Ground truth: {url}/__sim__/truth?from=<connect_usage_counting_since_timestamp_"
+            "seconds> (to: now by default)",
+            flush=True,
+        )
         print(f"Exporter metrics: {metrics_url}", flush=True)
         print(f"Exporter landing page: {metrics_url.removesuffix('metrics')}", flush=True)
         print("Press Ctrl-C to stop.", flush=True)

@@ -420,6 +420,28 @@ def test_demo_shows_usage_within_seconds(tmp_path: Path) -> None:
         assert proc.wait(timeout=15) == 0
 
 
+def test_help_shows_each_default_as_the_environment_takes_it() -> None:
+    wide = env_for(None, None, COLUMNS="1000")  # argparse wraps at the terminal width
+    out = " ".join(cli("run", "--help", env=wide).stdout.split())
+    for shown in (
+        "CONNECT_EXPORTER_STATE_PATH; default connect-usage-exporter.sqlite)",
+        "CONNECT_EXPORTER_HISTORY_DAYS; default 30)",
+        "CONNECT_EXPORTER_CA_FILE; default unset)",
+        "CONNECT_EXPORTER_HITS_ENABLED; default true)",
+    ):
+        assert shown in out, shown
+    assert "PosixPath" not in out and "None" not in out
+
+
+def test_the_demo_checks_its_intervals_from_the_environment_too(tmp_path: Path) -> None:
+    # The demo's quicker cadences apply only where neither a flag nor the environment says.
+    env = env_for(None, None, CONNECT_EXPORTER_POLL_INTERVAL="abc")
+    args = ("--sim-history-days", "0.01", "--start", str(TUESDAY_AFTERNOON))
+    proc = cli("demo", "--listen-address", "127.0.0.1:0", *args, env=env)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "CONNECT_EXPORTER_POLL_INTERVAL (--poll-interval)" in proc.stderr
+
+
 def _demo(tmp_path: Path, *extra: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [
