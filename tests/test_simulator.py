@@ -490,6 +490,13 @@ def test_truth_equals_a_recount_of_the_api(server: Any, window: tuple[int, int])
     assert anonymous > 0
 
 
+def test_truth_without_bounds_is_the_whole_history_up_to_now(server: Any) -> None:
+    sim, client = server
+    whole = client.get("/__sim__/truth").json()
+    assert whole == client.get("/__sim__/truth", params={"from": 0, "to": sim.clock.now()}).json()
+    assert whole["totals"]["visits"] > 0
+
+
 # -- faults ------------------------------------------------------------------------------------
 def test_fault_status_with_retry_after_and_count(server: Any) -> None:
     _, client = server

@@ -202,8 +202,9 @@ class _Handler(BaseHTTPRequestHandler):
         payload: Any = json.loads(body) if body.strip() else {}
         name = path.removeprefix("/__sim__/")
         if name == "truth" and method == "GET":
-            start = float(query["from"][-1])
-            end = float(query["to"][-1])
+            # Defaults: the whole history, up to the simulator's now.
+            start = float(query.get("from", ["0"])[-1])
+            end = float(query.get("to", [repr(sim.clock.now())])[-1])
             return 200, sim.truth(start, end)
         if name == "faults":
             if method == "POST":
