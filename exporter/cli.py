@@ -22,12 +22,25 @@ def _is_bool(field: str) -> bool:
     return Settings.model_fields[field].annotation is bool
 
 
+def _shown(default: object) -> str:
+    """A default as one would write it in the environment."""
+    if default is None:
+        return "unset"
+    if isinstance(default, bool):
+        return str(default).lower()
+    if isinstance(default, float):
+        return f"{default:g}"
+    if isinstance(default, tuple):
+        return ",".join(map(str, default)) or '""'
+    return str(default)
+
+
 def _add_setting_flags(parser: argparse.ArgumentParser, *, skip: set[str] = frozenset()) -> None:  # type: ignore[assignment]
     for field, info in Settings.model_fields.items():
         if field == "api_key" or field in skip:
             continue  # the key only from the environment: a flag would show it in `ps`
         help_text = (
-            f"(env {env_name(field)}; default {info.default!r})"
+            f"(env {env_name(field)}; default {_shown(info.default)})"
             if not info.is_required()
             else f"(env {env_name(field)}; required)"
         )
