@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -150,3 +151,23 @@ class StampedTarget:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+# Timestamps in the exporter's clock, the one Prometheus's time() shares; every other
+# `*_timestamp_seconds` family is in Connect's clock (its events, marks and windows).
+EXPORTER_CLOCK = {
+    "connect_usage_last_successful_poll_timestamp_seconds",
+    "process_start_time_seconds",
+}
+
+
+def mixed_clocks(expr: str) -> str | None:
+    """Why `expr` compares two clocks, or None: time() or an exporter-clock timestamp beside a
+    Connect-clock one."""
+    timestamps = set(re.findall(r"\b[a-z_:]+_timestamp_seconds\b|process_start_time_seconds", expr))
+    ours = timestamps & EXPORTER_CLOCK
+    connect = timestamps - EXPORTER_CLOCK
+    if connect and ("time()" in expr or ours):
+        other = "time()" if "time()" in expr else str(sorted(ours))
+        return f"{sorted(connect)} (Connect's clock) beside {other}"
+    return None

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from exporter.metrics import contract
-from tests.prometheus import executable
+from tests.prometheus import executable, mixed_clocks
 
 ROOT = Path(__file__).resolve().parent.parent
 GRAFANA = ROOT / "grafana"
@@ -340,3 +340,12 @@ def assert_promql(
         text=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_no_query_compares_connects_clock_with_prometheus_or_the_exporters() -> None:
+    mixed = {
+        f"{name} / {title}": why
+        for name, title, expr in all_queries()
+        if (why := mixed_clocks(expr))
+    }
+    assert mixed == {}

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.prometheus import executable
+from tests.prometheus import executable, mixed_clocks
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "prometheus" / "rules.yml"
@@ -102,3 +102,11 @@ def test_authentication_failures_is_its_own_alert_on_401_and_403() -> None:
     assert 'status=~"401|403"' in auth["expr"]
     (unreachable,) = [a for a in alerts() if a["alert"] == "ConnectUsageConnectUnreachable"]
     assert "401" not in unreachable["expr"]
+
+
+def test_no_rule_compares_connects_clock_with_prometheus_or_the_exporters() -> None:
+    groups = yaml.safe_load(RULES.read_text(encoding="utf-8"))["groups"]
+    rules = [(r.get("alert") or r["record"], r["expr"]) for g in groups for r in g["rules"]]
+    mixed = {name: why for name, expr in rules if (why := mixed_clocks(expr))}
+    assert mixed == {}
+    assert mixed_clocks("time() - connect_usage_high_water_mark_timestamp_seconds")  # the check
