@@ -39,6 +39,7 @@ def content_info(item: ContentItem) -> ContentInfo:
         app_mode=item.app_mode,
         access_type=item.access_type,
         owner=item.owner_username or item.owner_guid or "",
+        created=None if item.created_us is None else item.created_us / 1_000_000,
     )
 
 

@@ -237,6 +237,15 @@ FAMILIES: tuple[Family, ...] = (
         _content_info,
     ),
     Family(
+        PREFIX + "content_created_timestamp_seconds",
+        "gauge",
+        f"Unix time a content item was created, in Connect's clock, {_META}.",
+        ("content_guid",),
+        lambda s: (
+            ((guid,), i.created) for guid, i in s.content_info.items() if i.created is not None
+        ),
+    ),
+    Family(
         PREFIX + "content_items",
         "gauge",
         f"Content items by app mode and access type, {_META}.",

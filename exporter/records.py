@@ -108,6 +108,7 @@ class ContentItem:
     owner_guid: str | None
     owner_username: str | None
     content_category: str | None
+    created_us: int | None = None  # Connect's `created_time`
 
 
 @dataclass(frozen=True, slots=True)
@@ -433,6 +434,7 @@ class _ContentRow(msgspec.Struct, kw_only=True, gc=False):
     owner_guid: str | None = None
     owner: _OwnerRow | None = None
     content_category: str | None = None
+    created_time: str | None = None
 
 
 _visit_page = msgspec.json.Decoder(_VisitPage).decode
@@ -601,23 +603,27 @@ def decode_content(body: bytes) -> list[ContentItem] | None:
         return None
     bound_shared_values()
     items = []
-    for row in rows:
-        owner = row.owner
-        owner_guid = row.owner_guid
-        if owner_guid is None and owner is not None:
-            owner_guid = owner.guid
-        items.append(
-            ContentItem(
-                guid=share(row.guid),
-                name=row.name,
-                title=row.title,
-                app_mode=share(row.app_mode or "unknown"),
-                access_type=share(row.access_type or "unknown"),
-                owner_guid=_share_opt(owner_guid),
-                owner_username=None if owner is None else _share_opt(owner.username),
-                content_category=row.content_category,
+    try:
+        for row in rows:
+            owner = row.owner
+            owner_guid = row.owner_guid
+            if owner_guid is None and owner is not None:
+                owner_guid = owner.guid
+            items.append(
+                ContentItem(
+                    guid=share(row.guid),
+                    name=row.name,
+                    title=row.title,
+                    app_mode=share(row.app_mode or "unknown"),
+                    access_type=share(row.access_type or "unknown"),
+                    owner_guid=_share_opt(owner_guid),
+                    owner_username=None if owner is None else _share_opt(owner.username),
+                    content_category=row.content_category,
+                    created_us=None if row.created_time is None else _us(row.created_time),
+                )
             )
-        )
+    except _Refused:
+        return None
     return items
 
 
@@ -671,6 +677,7 @@ def parse_content_item(raw: object) -> ContentItem:
         owner_guid=_share_opt(owner_guid),
         owner_username=_share_opt(owner_username),
         content_category=_opt_str(record, "content_category", ep),
+        created_us=_opt_time(record, "created_time", ep),
     )
 
 

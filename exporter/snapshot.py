@@ -35,6 +35,7 @@ class ContentInfo:
     app_mode: str
     access_type: str
     owner: str
+    created: float | None = None  # Unix time in Connect's clock; not a label
 
 
 DELETED = ContentInfo(DELETED_NAME, DELETED_NAME, DELETED_APP_MODE, "", "")  # gone from Connect

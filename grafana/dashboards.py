@@ -446,20 +446,23 @@ def usage_overview() -> db.Dashboard:
         )
         .with_panel(
             tbl(
-                "Content unused for $unused_days days (days since its last use; 0: never used)",
+                "Content unused for $unused_days days (days since its last use, or since its "
+                "creation if never used)",
                 "sort_desc(("
                 + with_names(
                     f"({CONNECT_NOW} - max by (content_guid) "
                     f"(connect_usage_content_last_activity_timestamp_seconds{{{SEL}}})) / 86400",
                     ', app_mode!="deleted"',  # a deleted item keeps its usage, not its place here
                 )
-                + " > $unused_days) or "
+                + " > $unused_days) or ("
                 + with_names(
-                    "0 * max by (content_guid) "
-                    f'(connect_usage_content_info{{{SEL}, app_mode!="deleted"}}) unless on '
-                    f"(content_guid) connect_usage_content_last_activity_timestamp_seconds{{{SEL}}}"
+                    f"({CONNECT_NOW} - max by (content_guid) "
+                    f"(connect_usage_content_created_timestamp_seconds{{{SEL}}})) / 86400 unless "
+                    "on (content_guid) "
+                    f"connect_usage_content_last_activity_timestamp_seconds{{{SEL}}}",
+                    ', app_mode!="deleted"',
                 )
-                + ")",
+                + " > $unused_days))",
             )
         )
         .with_row(db.Row("Week over week"))

@@ -239,7 +239,8 @@ def test_unused_content_lists_live_items_unused_for_n_days_and_never_used_ones(
     tmp_path: Path,
 ) -> None:
     """Days since each live item's last use, above N, in Connect's clock (the windows' time);
-    items never used at 0; a deleted item, which keeps its last activity, is not listed."""
+    for one never used, days since its creation, above N; a deleted item, which keeps its last
+    activity, is not listed."""
     expr, labels = panel_query("Content unused for")  # N: the dashboard's default, 30
     day = 86400
     now = 60 * day  # Connect's clock, whatever Prometheus's says
@@ -252,6 +253,7 @@ def test_unused_content_lists_live_items_unused_for_n_days_and_never_used_ones(
                 ("old", "shiny"),
                 ("recent", "shiny"),
                 ("never", "rmd-static"),
+                ("new", "rmd-static"),
                 ("gone", "deleted"),
             )
         },
@@ -260,10 +262,15 @@ def test_unused_content_lists_live_items_unused_for_n_days_and_never_used_ones(
             f'content_guid="{guid}"}}': f"{now - days * day}x3"
             for guid, days in (("old", 45), ("recent", 3), ("gone", 50))
         },
+        **{
+            f"connect_usage_content_created_timestamp_seconds{{{labels}, "
+            f'content_guid="{guid}"}}': f"{now - days * day}x3"
+            for guid, days in (("old", 55), ("recent", 55), ("never", 40), ("new", 10))
+        },
     }
     rows = {
         '{content_guid="old", content_name="old"}': 45.0,
-        '{content_guid="never", content_name="never"}': 0.0,
+        '{content_guid="never", content_name="never"}': 40.0,
     }
     assert_promql(tmp_path, expr, series, rows)
 

@@ -38,6 +38,7 @@ FROZEN: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("connect_usage_active_users", "gauge", ("window",)),
     ("connect_usage_content_active_users", "gauge", ("content_guid", "window")),
     ("connect_usage_content_last_activity_timestamp_seconds", "gauge", ("content_guid",)),
+    ("connect_usage_content_created_timestamp_seconds", "gauge", ("content_guid",)),
     (
         "connect_usage_content_info",
         "gauge",
@@ -128,7 +129,7 @@ def fully_populated() -> Snapshot:
             access={(G, "u", "user", "viewer"): 1},
             server_version="2025.04.0",
         ),
-        content_info={G: ContentInfo("n", "t", "shiny", "acl", "o")},
+        content_info={G: ContentInfo("n", "t", "shiny", "acl", "o", created=0.5)},
         counting_since=1.0,
         windows_evaluated_at=2.0,
         high_water_mark=dict.fromkeys(STREAMS, 5.0),

@@ -462,6 +462,7 @@ def test_content_items_owner_from_embedded_owner() -> None:
             owner_guid="c0ffee00-1111-4222-8333-444455556666",
             owner_username="dana",
             content_category="",
+            created_us=1_609_459_200_000_000,
         ),
         ContentItem(
             guid="2a3b4c5d-6e7f-4081-9263-a4b5c6d7e8f9",
@@ -482,6 +483,11 @@ def test_content_item_defaults_and_refusals() -> None:
     with pytest.raises(MalformedRecord) as caught:
         parse_content_item({"guid": "g", "name": "n", "owner": "someone"})
     assert (caught.value.endpoint, caught.value.field) == ("v1/content", "owner")
+    with pytest.raises(MalformedRecord) as caught:
+        parse_content_item({"guid": "g", "name": "n", "created_time": "yesterday"})
+    assert (caught.value.endpoint, caught.value.field) == ("v1/content", "created_time")
+    # The fast reading of a list leaves such a list to the checked one, which counts it.
+    assert decode_content(b'[{"guid": "g", "name": "n", "created_time": "yesterday"}]') is None
     with pytest.raises(MalformedRecord) as caught:
         parse_content_item({"guid": "g"})
     assert (caught.value.field, caught.value.reason) == ("name", "missing")
