@@ -54,6 +54,7 @@ _HOST_NAME = re.compile(
 
 # Settings whose environment names do not carry the exporter's prefix.
 _UNPREFIXED = {"server": "CONNECT_SERVER", "api_key": "CONNECT_API_KEY"}
+MIN_API_KEY_LENGTH = 8
 
 
 class SettingsError(Exception):
@@ -182,6 +183,13 @@ class Settings(BaseSettings):
             raise ValueError(
                 "holds characters an HTTP header cannot carry "
                 "(a stray newline or non-ASCII character in the secret?)"
+            )
+        if len(key) < MIN_API_KEY_LENGTH:
+            # Connect's keys are 32 characters; a short one would also be redacted wherever
+            # its few characters happen to appear in the logs, mangling them.
+            raise ValueError(
+                f"is shorter than {MIN_API_KEY_LENGTH} characters: not a Connect API key "
+                "(Connect's are 32)"
             )
         return SecretStr(key)
 

@@ -38,6 +38,7 @@ from tests.support import (
 )
 
 EXE = [sys.executable, "-m", "exporter"]
+KEY = "a-key-of-32-characters-000000000"  # as long as a Connect API key
 
 
 def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -125,16 +126,16 @@ def live_connect() -> Iterator[tuple[Simulator, str]]:
     [
         ({}, [], "CONNECT_SERVER"),
         ({"CONNECT_SERVER": "http://127.0.0.1:1"}, [], "CONNECT_API_KEY"),
-        ({"CONNECT_SERVER": "ftp://x", "CONNECT_API_KEY": "k"}, [], "CONNECT_SERVER"),
+        ({"CONNECT_SERVER": "ftp://x", "CONNECT_API_KEY": KEY}, [], "CONNECT_SERVER"),
         (
-            {"CONNECT_SERVER": "http://x", "CONNECT_API_KEY": "k"},
+            {"CONNECT_SERVER": "http://x", "CONNECT_API_KEY": KEY},
             ["--poll-interval", "-1"],
             "--poll-interval",
         ),
         (
             {
                 "CONNECT_SERVER": "http://x",
-                "CONNECT_API_KEY": "k",
+                "CONNECT_API_KEY": KEY,
                 "CONNECT_EXPORTER_LISTEN_ADDRESS": "nope",
             },
             [],
@@ -143,7 +144,7 @@ def live_connect() -> Iterator[tuple[Simulator, str]]:
         (
             {
                 "CONNECT_SERVER": "http://x",
-                "CONNECT_API_KEY": "k",
+                "CONNECT_API_KEY": KEY,
                 "CONNECT_EXPORTER_LOG_FORMAT": "xml",
             },
             [],
@@ -199,9 +200,7 @@ def test_run_once_with_a_bad_value_exits_2_naming_the_setting(
     if value == "NOT_PEM":
         value = str(tmp_path / "ca.txt")
         Path(value).write_text("not a certificate\n")
-    env = env_for(
-        "http://127.0.0.1:9", "a-key", CONNECT_EXPORTER_STATE_PATH=str(tmp_path / "s.sqlite")
-    )
+    env = env_for("http://127.0.0.1:9", KEY, CONNECT_EXPORTER_STATE_PATH=str(tmp_path / "s.sqlite"))
     env[name] = value
     line = _one_line_exit_2(["run", "--once"], env)
     assert line.startswith(f"connect-usage-exporter: invalid setting {name}")
@@ -226,7 +225,7 @@ def test_an_address_the_service_cannot_listen_on_exits_2_naming_the_setting(
             address = f"127.0.0.1:{taken.getsockname()[1]}"
         env = env_for(
             "http://127.0.0.1:9",
-            "a-key",
+            KEY,
             CONNECT_EXPORTER_STATE_PATH=str(tmp_path / "s.sqlite"),
             CONNECT_EXPORTER_LISTEN_ADDRESS=address,
         )

@@ -18,7 +18,9 @@ from hypothesis import strategies as st
 
 from exporter.settings import Settings, SettingsError, env_name, load_settings
 
-REQUIRED = {"CONNECT_SERVER": "http://127.0.0.1:9", "CONNECT_API_KEY": "a-key"}
+KEY = "a-key-of-32-characters-000000000"  # as long as a Connect API key
+
+REQUIRED = {"CONNECT_SERVER": "http://127.0.0.1:9", "CONNECT_API_KEY": KEY}
 # Values an environment or a careless template hands over.
 HOSTILE = [
     "inf", "-inf", "+inf", "Infinity", "nan", "NaN", "-nan", "1e300", "-1e300", "1e309", "1e-400",
@@ -109,6 +111,7 @@ def test_every_numeric_setting_has_an_upper_bound_and_no_infinity() -> None:
         ("state_path", "/", "/ is a directory"),
         ("ca_file", "a" * 5000, "File name too long"),
         ("api_key", "caf\u00e9", "holds characters an HTTP header cannot carry"),
+        ("api_key", "x", "is shorter than 8 characters: not a Connect API key"),
     ],
 )
 def test_the_message_says_what_is_wrong(field: str, value: str, message: str) -> None:

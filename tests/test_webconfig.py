@@ -206,7 +206,7 @@ def test_service_exits_2_on_a_bad_web_config(
     text: str,
     problem: str,
 ) -> None:
-    monkeypatch.setenv("CONNECT_API_KEY", "k")
+    monkeypatch.setenv("CONNECT_API_KEY", "a-key-of-32-characters-000000000")
     bad = _write(tmp_path, text)
     settings = load_settings(
         {
