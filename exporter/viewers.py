@@ -8,7 +8,9 @@ window. Figures per window: sessions started in it, the summed duration of sessi
 in it, visits in it; a viewer belongs to a window when its sessions plus visits there are above
 zero. Ranked by sessions + visits, ties by user guid.
 
-Only the events are kept (in time order per item, ~20 B each), not figures per (item, user): an
+Only the events are kept (in time order per item, ~12 B each and 16 B more for a session's
+end: its user and kind in one 32-bit code, the ends' durations and times in arrays of their
+own, in the same order), not figures per (item, user): an
 item's top viewers are counted again from its events when it has changed (an event added, or
 one that has left a window), and kept until it changes again. The server-wide totals per user
 are kept running in arrays indexed by user: an event is added as it comes and taken out when a
@@ -31,6 +33,11 @@ from exporter.lastseen import UserIndex
 STARTED = -1  # a session started (the value of its event)
 VISITED = -2  # a visit; any value >= 0 is a session's end and its duration in µs
 US = 1_000_000
+# An event's code: its user's index shifted left, its kind in the low bits.
+_KIND_BITS = 2
+_KIND = (1 << _KIND_BITS) - 1
+_STARTED, _VISITED, _ENDED = 0, 1, 2
+_MAX_USERS = 1 << (31 - _KIND_BITS)  # user indexes a code can hold (an `i` array's 31 bits)
 # An item's figures while they are counted, packed in one int: sessions, visits (24 bits each),
 # then µs above them.
 _BITS = 24
@@ -43,11 +50,6 @@ _TOTAL_BITS = 32
 _TOTAL_MASK = (1 << _TOTAL_BITS) - 1
 
 
-def _packed(value: int) -> int:
-    """An event's figures, packed."""
-    return 1 if value == STARTED else _VISIT if value == VISITED else value << _MICROS
-
-
 def _unpacked(figures: int) -> tuple[int, int, int]:
     return figures & _MASK, figures >> _MICROS, (figures >> _BITS) & _MASK
 
@@ -55,6 +57,23 @@ def _unpacked(figures: int) -> tuple[int, int, int]:
 def _total(value: int) -> int:
     """An event's share of a user's totals (a session's end has none)."""
     return 1 << _TOTAL_BITS if value == STARTED else 1 if value == VISITED else 0
+
+
+# By kind: an event's share of a user's totals, and its packed figures (a start, a visit).
+_KIND_TOTAL = (1 << _TOTAL_BITS, 1, 0, 0)
+_KIND_PACKED = (1, _VISIT, 0, 0)
+_KIND_VALUE = (STARTED, VISITED)  # an event's value from its kind, a session's end excepted
+
+
+def _kind(value: int) -> int:
+    return _STARTED if value == STARTED else _VISITED if value == VISITED else _ENDED
+
+
+def _ends_before(item: _Item, at: int) -> int:
+    """How many session ends come before event `at`: events before a window's start or a
+    prune's cut are all older than those after it, so the ends' times tell."""
+    times = item.times
+    return len(item.end_times) if at >= len(times) else bisect_left(item.end_times, times[at])
 
 
 # (sessions started, µs of sessions ended, visits) in one window
@@ -82,8 +101,11 @@ class _Item:
     """One content item's events in time order, and its top viewers as last counted."""
 
     times: array[int] = field(default_factory=lambda: array("q"))
-    users: array[int] = field(default_factory=lambda: array("i"))
-    values: array[int] = field(default_factory=lambda: array("q"))
+    codes: array[int] = field(default_factory=lambda: array("i"))  # user << 2 | kind
+    # The session ends among them, in the same order: their durations and their times (the
+    # times find a new end's place, and how many ends come before an event, by bisection).
+    ends: array[int] = field(default_factory=lambda: array("q"))
+    end_times: array[int] = field(default_factory=lambda: array("q"))
     # Per window (in the log's order): the index of its first event in the totals.
     starts: list[int] = field(default_factory=list)
     # Its top viewers per window as last counted; None: count again.
@@ -198,12 +220,18 @@ class ViewerLog:
             item = self.items[content] = _Item(starts=[0] * len(self._spans))
         times = item.times
         at = len(times) if not times or times[-1] <= when else bisect_right(times, when)
-        times.insert(at, when)
         user_index = self._users.ids.get(user, self._width)
         if user_index >= self._width:
             user_index = self._user(user)
-        item.users.insert(at, user_index)
-        item.values.insert(at, value)
+        if user_index >= _MAX_USERS:
+            raise OverflowError(f"more than {_MAX_USERS:,} users")
+        kind = _kind(value)
+        if kind == _ENDED:  # after the ends of its time, as the event after the events of its time
+            rank = bisect_right(item.end_times, when)
+            item.ends.insert(rank, value)
+            item.end_times.insert(rank, when)
+        times.insert(at, when)
+        item.codes.insert(at, user_index << _KIND_BITS | kind)
         item.top = None
         starts = item.starts
         share = _total(value)
@@ -218,13 +246,14 @@ class ViewerLog:
 
     def _advance(self, item: _Item, thresholds: list[int]) -> None:
         """Take out of each window's totals the events that have left it."""
-        times, users, values, starts = item.times, item.users, item.values, item.starts
+        times, codes, starts = item.times, item.codes, item.starts
         for w, threshold in enumerate(thresholds):
             end = starts[w]
             if end < len(times) and times[end] < threshold:
                 totals = self._totals[w]
                 while end < len(times) and times[end] < threshold:
-                    totals[users[end]] -= _total(values[end])
+                    code = codes[end]
+                    totals[code >> _KIND_BITS] -= _KIND_TOTAL[code & _KIND]
                     end += 1
                 starts[w] = end
                 item.top = None
@@ -237,24 +266,26 @@ class ViewerLog:
         for item in self.items.values():
             item.starts = [0] * len(self._spans)
             item.top = None
-            for user, value in zip(item.users, item.values, strict=True):
-                share = _total(value)
+            for code in item.codes:
+                share = _KIND_TOTAL[code & _KIND]
                 if share:
                     for totals in self._totals:
-                        totals[user] += share
+                        totals[code >> _KIND_BITS] += share
 
     def _rank(self, item: _Item, n: int) -> Top:
         """Each window's top `n` viewers of `item`, counted from its events in the window."""
         guids = self._users.guids
         header = array("q")
         rows = array("q")
-        users, values = item.users, item.values
+        codes, ends = item.codes, item.ends
         for start in item.starts:
             figures: dict[int, int] = {}
             get = figures.get
-            window = zip(islice(users, start, None), islice(values, start, None), strict=True)
-            for user, value in window:
-                figures[user] = get(user, 0) + _packed(value)
+            durations = iter(ends[_ends_before(item, start) :])
+            for code in islice(codes, start, None):
+                user, kind = code >> _KIND_BITS, code & _KIND
+                packed = next(durations) << _MICROS if kind == _ENDED else _KIND_PACKED[kind]
+                figures[user] = get(user, 0) + packed
             # The members stream through the ranking, which holds only the top `n`.
             members = sum(1 for f in figures.values() if f & _COUNTS)
             top = heapq.nsmallest(
@@ -277,7 +308,9 @@ class ViewerLog:
             cut = min(bisect_left(times, before_us), *item.starts)
             if cut == 0:
                 continue
-            del times[:cut], item.users[:cut], item.values[:cut]
+            ended = _ends_before(item, cut)
+            del item.ends[:ended], item.end_times[:ended]
+            del times[:cut], item.codes[:cut]
             item.starts = [max(0, s - cut) for s in item.starts]
             if not times:
                 del self.items[content]
@@ -285,8 +318,11 @@ class ViewerLog:
     def events(self) -> Iterator[ViewerEvent]:
         guids = self._users.guids
         for content, item in self.items.items():
-            for when, user, value in zip(item.times, item.users, item.values, strict=True):
-                yield content, guids[user], when, value
+            durations = iter(item.ends)
+            for when, code in zip(item.times, item.codes, strict=True):
+                kind = code & _KIND
+                value = next(durations) if kind == _ENDED else _KIND_VALUE[kind]
+                yield content, guids[code >> _KIND_BITS], when, value
 
     # -- the view ---------------------------------------------------------------------------
 
