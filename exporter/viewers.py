@@ -328,10 +328,14 @@ class ViewerLog:
 
     def view(self, now_us: int, top_viewers: int, top_users: int) -> ViewerView:
         """Each item's top `top_viewers` per window and the server's top `top_users`."""
-        if now_us < self._now:
+        thresholds = [now_us - span for span in self._spans]
+        # Time went back, or a prune's floor stands above a window's new start (the events it
+        # passed over may be inside again): count from scratch.
+        held = self._thresholds
+        if now_us < self._now or any(t < h for t, h in zip(thresholds, held, strict=True)):
             self._recount()
         self._now = now_us
-        thresholds = self._thresholds = [now_us - span for span in self._spans]
+        self._thresholds = thresholds
         guids = self._users.guids
         windows = list(self.windows)
         tops: list[tuple[str, Top]] = []

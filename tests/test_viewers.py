@@ -129,3 +129,17 @@ def test_a_prune_forgets_the_events_before_it_with_or_without_a_view_made(
         fresh.add(*e)
     got, want = log.view(now, 3, 3), fresh.view(now, 3, 3)
     assert dict(got.viewers) == dict(want.viewers) and got.users == want.users
+
+
+def test_a_window_reaching_back_past_a_prune_floor_counts_each_end_for_its_own_session() -> None:
+    # A prune's floor stands above the next view's window start: events added in between are
+    # inside again, and each session's end keeps its own duration (found by the ends' times).
+    log = ViewerLog({"w": 10})
+    log.view(100 * US, 5, 5)
+    log.prune(95 * US)
+    log.add("c", "a", 92 * US, 500)
+    log.view(101 * US, 5, 5)
+    log.add("c", "b", 92 * US, STARTED)
+    log.add("c", "b", 95 * US, 700)
+    view = log.view(102 * US, 5, 5)
+    assert dict(view.viewers) == {("c", "b", "w"): (1, 700, 0)}  # a's end alone: no viewer
