@@ -605,6 +605,11 @@ class _Connection(asyncio.Protocol):
             log.exception("cannot send the response to %s", request.target.decode("latin-1"))
             self.drop()
             return
+        except Exception:
+            # A body made on the fly failed after its head was sent: no status can say so.
+            log.exception("%s failed while its answer was sent", request.target.decode("latin-1"))
+            self.drop()
+            return
         self._next_cycle()
 
     async def _send(self, reply: _Reply) -> None:

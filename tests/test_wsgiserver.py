@@ -334,6 +334,26 @@ def test_a_body_made_on_the_fly_is_made_as_the_client_reads_it_and_closed() -> N
         assert still_open(sock)  # and kept alive for the next request
 
 
+def test_a_body_failing_after_its_head_closes_the_connection_and_is_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def failing(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        start_response("200 OK", [("Content-Length", "10")])
+
+        def pieces() -> Iterator[bytes]:
+            yield b"12345"
+            raise RuntimeError("the body broke")
+
+        return pieces()
+
+    with serving(failing) as server, dial(server) as sock:
+        sock.sendall(get())
+        received = closed_by_server(sock)
+        assert received.startswith(b"HTTP/1.1 200 OK") and received.endswith(b"12345")
+        eventually(lambda: server.connections == 0)
+    assert any("failed while its answer was sent" in r.getMessage() for r in caplog.records)
+
+
 def test_an_application_error_is_a_500_and_the_server_goes_on(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
