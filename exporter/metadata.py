@@ -48,16 +48,17 @@ async def _each(
     fetch: Callable[[str], Awaitable[Page[T]]],
     concurrency: int,
     take: Callable[[str, Page[T]], None],
-) -> list[PermissionDeniedError]:
+) -> tuple[int, str]:
     """`take` of each guid and its page from `fetch`, `concurrency` requests at a time, as each
     arrives; one gone meanwhile (404) is left out, and one the key may not read (403: a
-    publisher's key and another's content) too, its error returned. Any other failure raises
-    as itself, not as an exception group.
+    publisher's key and another's content) too: how many, and the first one's error (its text
+    only: 10,000 exceptions would hold their tracebacks' requests). Any other failure raises as
+    itself, not as an exception group.
 
     `concurrency` workers take the guids in turn: a task per guid, waiting on a limiter, would
     cost ~2.5 KB each while it waits (27 MB for 10,000 items' permissions)."""
     todo = iter(guids)  # shared: each worker takes the next guid when it is free
-    denied: list[PermissionDeniedError] = []
+    denied: list[str] = []
 
     async def worker() -> None:
         for guid in todo:
@@ -66,7 +67,7 @@ async def _each(
             except NotFoundError:
                 continue
             except PermissionDeniedError as exc:
-                denied.append(exc)
+                denied.append(str(exc) if not denied else "")
                 continue
             take(guid, page)
 
@@ -76,19 +77,20 @@ async def _each(
                 group.start_soon(worker)
     except BaseExceptionGroup as errors:
         raise first_error(errors) from None
-    return denied
+    return len(denied), denied[0] if denied else ""
 
 
-def _log_denied(denied: list[PermissionDeniedError], what: str, of: int, whole: str) -> None:
+def _log_denied(denied: tuple[int, str], what: str, of: int, whole: str) -> None:
     """One line a refresh for the requests the key may not make (not one per item)."""
-    if denied:
+    count, first = denied
+    if count:
         log.warning(
             "%s %d of %d %s are not readable with this key and are left out: %s",
             what,
-            len(denied),
+            count,
             of,
             whole,
-            denied[0],
+            first,
         )
 
 

@@ -677,8 +677,17 @@ def parse_content_item(raw: object) -> ContentItem:
         owner_guid=_share_opt(owner_guid),
         owner_username=_share_opt(owner_username),
         content_category=_opt_str(record, "content_category", ep),
-        created_us=_opt_time(record, "created_time", ep),
+        created_us=_created(record),
     )
+
+
+def _created(record: dict[str, Any]) -> int | None:
+    """`created_time`, or None where it is missing or unreadable: an item is not refused (nor
+    shown as deleted) for a field only the unused-content alert reads."""
+    try:
+        return _opt_time(record, "created_time", ENDPOINT_CONTENT)
+    except MalformedRecord:
+        return None
 
 
 def parse_user(raw: object) -> User:
