@@ -54,6 +54,9 @@ SLICE_BUFFER_PAGES = 64
 # record, for each stream walked at once); 40 pages keep the readers ahead of the apply against a
 # Connect 20 ms away.
 READ_AHEAD_RECORDS = 20_000
+# The first metadata read waits for the streams' first polls at most this long (s): a catch-up
+# of months must not leave the items without names (nor deleted ones unmarked) all that time.
+FIRST_METADATA_WAIT = 300.0
 
 
 def _when(seconds: float) -> str:
@@ -411,16 +414,18 @@ class Poller:
         """Poll forever; a failing stream backs off alone and never stops the others.
 
         The metadata is first read once every stream's first poll has ended (succeeded or
-        failed): on a first start or after a long downtime that poll is the catch-up, and
-        the two side by side would hold both at their largest at once (the counters are
-        shown no later for it, the catch-up having the connections to itself)."""
+        failed), or after FIRST_METADATA_WAIT: on a first start or after a long downtime that
+        poll is the catch-up, and the two side by side would hold both at their largest at
+        once (the counters are shown no later for it, the catch-up having the connections to
+        itself)."""
         first_polls = {name: anyio.Event() for name in self._polls if name != METADATA}
 
         async def loop(name: str, interval: float) -> None:
             failures = 0
             if name == METADATA:
-                for ended in first_polls.values():
-                    await ended.wait()
+                with anyio.move_on_after(FIRST_METADATA_WAIT):
+                    for ended in first_polls.values():
+                        await ended.wait()
             while True:
                 started = time.monotonic()
                 ok = await self.poll_once(name)

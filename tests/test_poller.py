@@ -852,6 +852,26 @@ async def test_the_first_metadata_read_waits_for_every_streams_first_poll_to_end
     await stop(client, store)
 
 
+async def test_a_long_first_poll_keeps_the_metadata_waiting_only_so_long(
+    connect: Connect, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sim = connect.sim
+    sim.clock.advance(600)
+    monkeypatch.setattr(poller_module, "FIRST_METADATA_WAIT", 0.05)
+    client, poller, store = make_poller(connect, tmp_path / "s.sqlite", history_days=1)
+    gate = PageGate(client, "shiny_usage_pages", after=1)
+    await poller.load()
+    async with anyio.create_task_group() as group:
+        group.start_soon(poller.run)
+        await gate.held.wait()
+        # Shiny's first poll is held for good: the metadata is read all the same.
+        await eventually(lambda: "metadata" in poller.health.last_success)
+        assert "shiny" not in poller.health.last_success
+        gate.release()
+        group.cancel_scope.cancel()
+    await stop(client, store)
+
+
 async def test_every_item_has_its_counters_at_zero_from_the_first_scrape_that_knows_it(
     connect: Connect, tmp_path: Path
 ) -> None:
